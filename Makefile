@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make train` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13 lies on this project's machines; elsewhere pick the build you need.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test train lint format bench
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q
+
+train: $(VENV)/.installed
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train_pfgm.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_field_target.py

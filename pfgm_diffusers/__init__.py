@@ -1,0 +1,37 @@
+"""Poisson flow generative models (PFGM and PFGM++) for diffusers.
+
+The public classes are imported eagerly: diffusers resolves the library name saved in `model_index.json`
+(`pfgm_diffusers`) by looking for already-imported modules when a pipeline is reloaded.
+"""
+
+from .field import field_dx_dz, ideal_denoiser, poisson_field_target, split_field_output
+from .perturbation import (
+    kernel_noise,
+    pfgm_perturb,
+    pfgm_prior_from_noise,
+    pfgmpp_prior_from_noise,
+    prior_log_prob,
+    sample_kernel_noise,
+    sample_pfgm_prior,
+    sample_pfgmpp_prior,
+)
+from .scheduling_pfgm import PFGMScheduler, PFGMSchedulerOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PFGMScheduler",
+    "PFGMSchedulerOutput",
+    "field_dx_dz",
+    "ideal_denoiser",
+    "kernel_noise",
+    "pfgm_perturb",
+    "pfgm_prior_from_noise",
+    "pfgmpp_prior_from_noise",
+    "poisson_field_target",
+    "prior_log_prob",
+    "sample_kernel_noise",
+    "sample_pfgm_prior",
+    "sample_pfgmpp_prior",
+    "split_field_output",
+]

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pfgm_diffusers",
+    version="0.1.0",
+    description="Poisson flow generative models (PFGM and PFGM++) for diffusers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["pfgm_diffusers", "pfgm_diffusers.*"]),
+    package_data={"pfgm_diffusers": ["data/*.npz"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "diffusers>=0.32",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "huggingface_hub>=0.26",
+        "einops",
+        "numpy",
+        # scipy: exact Beta/chi-square quantiles for the PFGM++ kernel and the RK45 sampler of the original PFGM
+        "scipy",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "ruff"],
+        "train": ["tensorboard"],
+        "xformers": ["xformers"],
+    },
+)
