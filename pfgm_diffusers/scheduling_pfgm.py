@@ -322,8 +322,9 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type == "poisson_field":
             if model_output.ndim != sample.ndim or model_output.shape[1] != sample.shape[1] + 1:
                 raise ValueError(
-                    f"Field mode needs a model output with C+1 = {sample.shape[1] + 1} channels (the extra one is the"
-                    f" z-component), got shape {tuple(model_output.shape)} for a sample of shape {tuple(sample.shape)}."
+                    f"Field mode needs a model output with C+1 = {sample.shape[1] + 1} channels (the extra one is"
+                    f" the z-component), got shape {tuple(model_output.shape)} for a sample of shape"
+                    f" {tuple(sample.shape)}."
                 )
             dx_dz = field_dx_dz(model_output, sigma, self.config.gamma, self.config.z_exp, self.config.vz_eps)
             return sample - self._per_sample(sigma, sample) * dx_dz

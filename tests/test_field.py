@@ -1,0 +1,201 @@
+"""The Poisson field target (Algorithm 1) and the ideal denoiser against the official code and float64 references."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pfgm_diffusers import field_dx_dz, ideal_denoiser, pfgm_perturb, poisson_field_target, split_field_output
+
+ORACLE = Path(__file__).resolve().parents[2] / "shared" / "oracle"
+
+
+def reference_target(y, z, data, gamma):
+    """Algorithm 1 in float64 from explicit differences (affordable at test sizes)."""
+    y = y.reshape(y.shape[0], -1).double()
+    x = data.reshape(data.shape[0], -1).double()
+    z = z.double()
+    N = y.shape[1]
+    diff = x[None] - y[:, None]  # (B, L, N)
+    dist_sq = diff.pow(2).sum(-1) + z[:, None] ** 2
+    c = torch.softmax(-(N + 1) / 2 * torch.log(dist_sq), dim=1)
+    g = torch.cat([(c[..., None] * diff).sum(1), -z[:, None]], dim=1)
+    return math.sqrt(N) * g / (g.norm(dim=1, keepdim=True) + gamma)
+
+
+def ours(y, z, data, gamma):
+    tx, tz = poisson_field_target(y, z, data, gamma)
+    return torch.cat([tx.reshape(tx.shape[0], -1), tz[:, None]], dim=1).double()
+
+
+def row_relative_error(a, b):
+    return ((a - b).abs().amax(1) / b.abs().amax(1)).max().item()
+
+
+@pytest.mark.parametrize("gamma", [5, 0])
+def test_official_field_target_values(gamma):
+    ref = np.load(ORACLE / "pfgm_field_target_N192.npz")
+    C, H, W = ref["shape_CHW"]
+    y = torch.tensor(ref["y"], dtype=torch.float32).reshape(-1, C, H, W)
+    z = torch.tensor(ref["z"], dtype=torch.float32)
+    data = torch.tensor(ref["large_batch"], dtype=torch.float32).reshape(-1, C, H, W)
+    target = ours(y, z, data, float(gamma))
+    assert row_relative_error(target, torch.tensor(ref[f"gamma{gamma}__target"])) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("query", "gamma", "expected"),
+    [
+        ((0.3, 0.2, 0.5), 5.0, (0.021620, 0.041608, -0.127808)),
+        ((0.3, 0.2, 0.5), 0.0, (0.224586, 0.432231, -1.327682)),
+        ((0.0, 0.0, 1.0), 5.0, (0.0, 0.077865, -0.233596)),
+    ],
+)
+def test_math_md_reference_values(query, gamma, expected):
+    data = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]).reshape(3, 2, 1, 1)
+    y = torch.tensor(query[:2]).reshape(1, 2, 1, 1)
+    target = ours(y, torch.tensor([query[2]]), data, gamma)[0]
+    np.testing.assert_allclose(target.numpy(), expected, atol=2e-6)
+
+
+def test_near_ties_at_N_3072_are_exact():
+    """Queries almost equidistant from two charges, norms far larger than distances: float32 expansion fails here."""
+    g = torch.Generator().manual_seed(0)
+    N, L = 3072, 32
+    data = torch.rand(L, N, generator=g) * 2 - 1
+    data[:, :] += 3.0  # a large common offset: |x|^2 ~ 3e4 while neighbour distances are ~1
+    data[1] = data[0] + 0.02 * torch.randn(N, generator=g)  # two charges close together
+    midpoint, axis = (data[0] + data[1]) / 2, data[1] - data[0]
+    noise = 0.003 * torch.randn(8, N, generator=g)
+    noise -= (noise @ axis)[:, None] * axis / axis.dot(axis)  # keep the queries on the bisecting hyperplane...
+    y = midpoint + noise + torch.linspace(-2e-4, 2e-4, 8)[:, None] * axis  # ... up to a tiny shift along the axis
+    z = torch.full((8,), 0.01)
+    data, y = data.reshape(L, 3, 32, 32), y.reshape(8, 3, 32, 32)
+    ref = reference_target(y, z, data, 5.0)
+    assert row_relative_error(ours(y, z, data, 5.0), ref) < 1e-5
+    # the weights really are split between the two charges (the case is a tie, not a single nearest charge)
+    d = (y.reshape(8, -1, 1).double() - data.reshape(L, -1).T.double()[None]).pow(2).sum(1) + 1e-4
+    log_w = -(N + 1) / 2 * torch.log(d)
+    w = torch.softmax(log_w, 1)
+    assert ((w[:, 0] > 0.01) & (w[:, 1] > 0.01)).sum() >= 4
+
+
+def test_random_batches_match_reference_over_all_z():
+    g = torch.Generator().manual_seed(1)
+    data = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
+    y, z = pfgm_perturb(data[:32], generator=g)
+    ref = reference_target(y, z, data, 5.0)
+    assert row_relative_error(ours(y, z, data, 5.0), ref) < 1e-5
+    assert z.min() < 0.1 and z.max() > 10  # both regimes are covered
+
+
+def test_stable_for_large_N():
+    g = torch.Generator().manual_seed(2)
+    N = 196608
+    data = torch.rand(6, 3, 256, 256, generator=g) * 2 - 1
+    y = data[:2] + 0.01 * torch.randn(2, 3, 256, 256, generator=g)
+    z = torch.tensor([0.05, 30.0])
+    target = ours(y, z, data, 5.0)
+    assert torch.isfinite(target).all()
+    assert row_relative_error(target, reference_target(y, z, data, 5.0)) < 1e-5
+    assert target.shape == (2, N + 1)
+
+
+class MaxTensorSize(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_never_builds_the_difference_tensor():
+    B, L, N = 32, 512, 3072
+    data = torch.rand(L, N)
+    y, z = data[:B] + 0.1, torch.rand(B)
+    with MaxTensorSize() as probe:
+        poisson_field_target(y, z, data)
+    assert probe.max_numel < B * L * N / 20
+    assert probe.max_numel <= max(L * N, 16 * B * N)
+
+
+def test_zero_network_loss_is_N_over_2_with_gamma_0():
+    data = torch.rand(16, 2, 4, 4) * 2 - 1
+    y, z = pfgm_perturb(data[:8], generator=torch.Generator().manual_seed(3))
+    target = ours(y, z, data, 0.0)
+    loss = 0.5 * (0 - target).pow(2).sum(1)
+    torch.testing.assert_close(loss, torch.full((8,), 32 / 2, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_target_points_toward_the_data():
+    data = torch.zeros(1, 1, 2, 2)
+    y = torch.ones(1, 1, 2, 2)
+    tx, tz = poisson_field_target(y, torch.tensor([2.0]), data, gamma=0.0)
+    g = torch.tensor([-1.0, -1, -1, -1, -2])  # (x - y, -z)
+    expected = 2 * g / g.norm()
+    torch.testing.assert_close(torch.cat([tx.flatten(), tz]), expected)
+
+
+def test_field_target_bad_input():
+    with pytest.raises(ValueError, match="data"):
+        poisson_field_target(torch.rand(2, 1, 2, 2), torch.rand(2), torch.rand(4, 1, 3, 3))
+    with pytest.raises(ValueError, match="z"):
+        poisson_field_target(torch.rand(2, 1, 2, 2), torch.rand(3), torch.rand(4, 1, 2, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        poisson_field_target(torch.rand(2, 1, 2, 2), torch.tensor([1.0, float("nan")]), torch.rand(4, 1, 2, 2))
+
+
+def reference_denoiser(x, sigma, data, D):
+    x = x.reshape(x.shape[0], -1).double()
+    charges = data.reshape(data.shape[0], -1).double()
+    N = x.shape[1]
+    d = (x[:, None] - charges[None]).pow(2).sum(-1)
+    log_w = -d / (2 * sigma**2) if D is None else -(N + D) / 2 * torch.log(d + sigma**2 * D)
+    return torch.softmax(log_w, 1) @ charges
+
+
+@pytest.mark.parametrize("D", [1, 8, 128, None])
+def test_ideal_denoiser_matches_reference(D):
+    g = torch.Generator().manual_seed(4)
+    data = torch.randn(40, 3, 4, 4, generator=g)
+    x = data[:6] + 0.8 * torch.randn(6, 3, 4, 4, generator=g)
+    for sigma in (0.05, 0.8, 20.0):
+        out = ideal_denoiser(x, sigma, data, D)
+        assert out.shape == x.shape
+        ref = reference_denoiser(x, sigma, data, D).reshape(x.shape).float()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ideal_denoiser_tends_to_edm_as_D_grows():
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    edm = ideal_denoiser(x, 0.7, data, None)
+    assert (ideal_denoiser(x, 0.7, data, 10**8) - edm).abs().max() < 1e-5
+    assert (ideal_denoiser(x, 0.7, data, 4) - edm).abs().max() > 1e-2
+
+
+def test_field_split_and_safeguards():
+    out = torch.randn(2, 4, 3, 3)
+    v_x, v_z = split_field_output(out)
+    assert v_x.shape == (2, 3, 3, 3) and torch.equal(v_z, out[:, 3].mean((1, 2)))
+    raw = field_dx_dz(out, 2.0, vz_eps=0.0)
+    torch.testing.assert_close(raw, v_x / v_z[:, None, None, None])
+    with_eps = field_dx_dz(out, 2.0, vz_eps=1e-5)
+    torch.testing.assert_close(with_eps, v_x / (v_z + 1e-5)[:, None, None, None])
+    # below z_exp, v_z is rebuilt from |v_x| with the nearest-charge formula; above it nothing changes
+    v_small = torch.full((2, 4, 3, 3), 0.1)
+    rebuilt = field_dx_dz(v_small, 0.5, gamma=5.0, z_exp=1.0, vz_eps=0.0)
+    n1 = 0.1 * math.sqrt(27) / math.sqrt(27)
+    a = 5.0 * n1 / (1 - n1)
+    v_z_expected = -math.sqrt(27) * 0.5 / (math.sqrt(a**2 + 0.25) + 5.0)
+    torch.testing.assert_close(rebuilt, torch.full((2, 3, 3, 3), 0.1 / v_z_expected))
+    assert torch.equal(field_dx_dz(v_small, 2.0, z_exp=1.0, vz_eps=0.0), field_dx_dz(v_small, 2.0, vz_eps=0.0))
