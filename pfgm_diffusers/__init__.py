@@ -15,6 +15,7 @@ from .perturbation import (
     sample_pfgm_prior,
     sample_pfgmpp_prior,
 )
+from .pipeline_pfgm import PFGMPipeline as PFGMPipeline  # eager, like the classes above
 from .scheduling_pfgm import PFGMScheduler, PFGMSchedulerOutput
 
 __version__ = "0.1.0"
