@@ -12,7 +12,7 @@ import torch
 # Nearest charges per query whose distances are recomputed exactly (see `_squared_distances`).
 _NUM_EXACT = 16
 # Bound on the number of elements of the (rows, k, N) difference tensor built at once.
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _squared_distances(y: torch.Tensor, x: torch.Tensor, num_exact: int = _NUM_EXACT) -> torch.Tensor:
@@ -80,14 +80,21 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
     z = z.reshape(batch_size).to(y.device, torch.float64)
     if not (torch.isfinite(y).all() and torch.isfinite(z).all() and torch.isfinite(x).all()):
         raise ValueError("`samples`, `z` and `data` must be finite (NaN or inf found).")
+    # Mixed-precision training calls this inside autocast; the target must stay in float32/float64.
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        return _field_target(y, z, x, gamma, samples.shape)
 
+
+def _field_target(y, z, x, gamma, shape):
+    """Algorithm 1 on flattened float32 y (B, N), float64 z (B,) and float32 charges x (L, N)."""
+    N = y.shape[1]
     dist_sq = _squared_distances(y, x) + z[:, None] ** 2  # (B, L), augmented distances
     weights = torch.softmax(-(N + 1) / 2 * torch.log(dist_sq), dim=1)  # c_ij, float64
     g_x = _weighted_mean_minus(weights, x, y).double()  # (B, N)
     g_z = -z  # sum_j c_ij (0 - z_i)
     g_norm = torch.sqrt(g_x.pow(2).sum(1) + g_z**2)  # (B,)
     scale = math.sqrt(N) / (g_norm + gamma)
-    target_x = (g_x * scale[:, None]).float().reshape(samples.shape)
+    target_x = (g_x * scale[:, None]).float().reshape(shape)
     target_z = (g_z * scale).float()
     return target_x, target_z
 
@@ -105,13 +112,14 @@ def ideal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, aug_dim: int | No
     charges = data.reshape(data.shape[0], N).to(y.device, compute_dtype)
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1)
     sigma = sigma.expand(batch_size)[:, None]  # (B, 1)
-    dist_sq = _squared_distances(y, charges)  # (B, L)
-    if aug_dim is None:
-        log_w = -dist_sq / (2 * sigma**2)
-    else:
-        log_w = -(N + aug_dim) / 2 * torch.log(dist_sq + sigma**2 * aug_dim)
-    weights = torch.softmax(log_w, dim=1)
-    denoised = _weighted_mean_minus(weights, charges, y) + y  # sum_i w_i x_i
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        dist_sq = _squared_distances(y, charges)  # (B, L)
+        if aug_dim is None:
+            log_w = -dist_sq / (2 * sigma**2)
+        else:
+            log_w = -(N + aug_dim) / 2 * torch.log(dist_sq + sigma**2 * aug_dim)
+        weights = torch.softmax(log_w, dim=1)
+        denoised = _weighted_mean_minus(weights, charges, y) + y  # sum_i w_i x_i
     return denoised.reshape(x.shape).to(x.dtype)
 
 

@@ -92,6 +92,15 @@ def test_random_batches_match_reference_over_all_z():
     assert z.min() < 0.1 and z.max() > 10  # both regimes are covered
 
 
+def test_target_stays_exact_under_bf16_autocast():
+    g = torch.Generator().manual_seed(6)
+    data = torch.rand(32, 3, 8, 8, generator=g) * 2 - 1
+    y, z = pfgm_perturb(data[:8], generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        target = ours(y, z, data, 5.0)
+    assert row_relative_error(target, reference_target(y, z, data, 5.0)) < 1e-5
+
+
 def test_stable_for_large_N():
     g = torch.Generator().manual_seed(2)
     N = 196608
