@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Sample a saved PFGM / PFGM++ pipeline into a PNG grid and/or a folder of PNGs.
+
+    python scripts/sample.py --model path/or/hub-id --num_images 64 --output grid.png
+    python scripts/sample.py --model outputs/pfgm --solver rk45 --output_dir samples/ --device cuda --dtype bf16
+
+Image i is drawn with its own generator seeded `seed + i`, so a given image does not depend on `--batch_size`
+(for the scheduler's solvers; RK45 adapts its steps to each batch). See docs/pipeline.md.
+"""
+
+import argparse
+import math
+import os
+
+import torch
+from PIL import Image
+
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SOLVERS = ("scheduler", "heun", "euler", "rk45")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="A folder saved by save_pretrained, or a Hub repo id.")
+    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--output", default=None, help="Path of a PNG grid of all images.")
+    parser.add_argument("--output_dir", default=None, help="Folder for one PNG per image (00000.png, ...).")
+    parser.add_argument("--num_inference_steps", type=int, default=18)
+    parser.add_argument(
+        "--solver",
+        choices=SOLVERS,
+        default="scheduler",
+        help="'scheduler': the saved scheduler's own solver; 'heun'/'euler': set it; 'rk45': adaptive RK45.",
+    )
+    parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
+    parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="UNet weights; fp16 needs a GPU.")
+    parser.add_argument(
+        "--class_labels",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Class-conditional models: one label for all images, or one per image. Random if not given.",
+    )
+    parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: about sqrt(n)).")
+    args = parser.parse_args(argv)
+    if args.output is None and args.output_dir is None:
+        parser.error("give --output (a grid PNG) and/or --output_dir (one PNG per image)")
+    if args.num_images < 1 or args.batch_size < 1:
+        parser.error(f"--num_images and --batch_size must be >= 1, got {args.num_images} and {args.batch_size}")
+    if args.class_labels is not None and len(args.class_labels) not in (1, args.num_images):
+        parser.error(f"--class_labels takes 1 or --num_images={args.num_images} labels, got {len(args.class_labels)}")
+    if args.dtype == "fp16" and not args.device.startswith("cuda"):
+        parser.error("--dtype fp16 runs on a GPU only (CPU kernels are missing or slow); use bf16 or fp32 on CPU")
+    return args
+
+
+def load_pipeline(args):
+    pipe = PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
+    if args.solver in ("heun", "euler"):
+        pipe.scheduler = PFGMScheduler.from_config(pipe.scheduler.config, solver=args.solver)
+    return pipe.to(args.device)
+
+
+def make_grid(images, nrow=None, padding=2):
+    """Tile equally sized PIL images into one image, row by row."""
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    ncol = math.ceil(len(images) / nrow)
+    width, height = images[0].size
+    grid = Image.new("RGB", (nrow * (width + padding) + padding, ncol * (height + padding) + padding))
+    for i, image in enumerate(images):
+        row, col = divmod(i, nrow)
+        grid.paste(image.convert("RGB"), (padding + col * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def sample(pipe, args):
+    """All images, batch by batch; image i from a generator seeded seed + i. Returns (images, total NFE)."""
+    images, nfe = [], 0
+    generator_device = "cpu" if args.device == "mps" else args.device
+    for start in range(0, args.num_images, args.batch_size):
+        indices = range(start, min(start + args.batch_size, args.num_images))
+        generators = [torch.Generator(generator_device).manual_seed(args.seed + i) for i in indices]
+        labels = None
+        if args.class_labels is not None:
+            labels = [args.class_labels[0 if len(args.class_labels) == 1 else i] for i in indices]
+        output = pipe(
+            batch_size=len(indices),
+            class_labels=labels,
+            num_inference_steps=args.num_inference_steps,
+            generator=generators,
+            solver="rk45" if args.solver == "rk45" else None,
+            rtol=args.rtol,
+            atol=args.atol,
+        )
+        images += output.images
+        nfe += output.nfe
+        print(f"images {indices.start}-{indices.stop - 1}: {output.nfe} network evaluations")
+    return images, nfe
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    images, nfe = sample(pipe, args)
+    if args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for i, image in enumerate(images):
+            image.save(os.path.join(args.output_dir, f"{i:05d}.png"))
+    if args.output is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        make_grid(images, args.nrow).save(args.output)
+    batches = math.ceil(args.num_images / args.batch_size)
+    print(f"{args.num_images} images, {nfe / batches:.1f} network evaluations per batch ({args.solver})")
+    return images, nfe
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""PFGMPipeline on a tiny UNet: outputs, generators, solvers, class labels, bad input, saving and the Hub (offline)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import DiffusionPipeline, EDMEulerScheduler, UNet2DModel
+
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+from pfgm_diffusers.pipeline_pfgm import PFGMPipelineOutput
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_unet(out_channels=3, num_class_embeds=None, seed=0):
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=out_channels,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+    ).eval()
+
+
+def make_pipe(unet=None, scheduler=None):
+    pipe = PFGMPipeline(unet=unet or tiny_unet(), scheduler=scheduler or PFGMScheduler(aug_dim=128))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def field_scheduler(**kwargs):
+    """The original PFGM's CIFAR-10 sampler settings (math.md §3)."""
+    config = dict(prediction_type="poisson_field", aug_dim=1, sigma_min=1e-3, sigma_max=40.0, z_exp=5.0)
+    config.update(upper_norm=3000.0, sigma_schedule="exponential", **kwargs)
+    return PFGMScheduler(**config)
+
+
+def seeded(*seeds):
+    if len(seeds) == 1:
+        return torch.Generator().manual_seed(seeds[0])
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def count_unet_calls(unet):
+    calls = []
+    unet.register_forward_hook(lambda module, args, output: calls.append(1))
+    return calls
+
+
+# ---------------------------------------------------------------------- outputs and generators
+
+
+def test_output_types_and_nfe():
+    pipe = make_pipe()
+    pil = pipe(batch_size=2, num_inference_steps=4, generator=seeded(0))
+    assert isinstance(pil, PFGMPipelineOutput) and pil.nfe == 2 * 4 - 1  # Heun with a final Euler step
+    assert len(pil.images) == 2 and all(isinstance(im, PIL.Image.Image) and im.size == (8, 8) for im in pil.images)
+
+    array = pipe(batch_size=2, num_inference_steps=4, generator=seeded(0), output_type="np").images
+    tensor = pipe(batch_size=2, num_inference_steps=4, generator=seeded(0), output_type="pt").images
+    assert array.shape == (2, 8, 8, 3) and tensor.shape == (2, 3, 8, 8)
+    assert 0 <= tensor.min() and tensor.max() <= 1 and tensor.std() > 0
+    np.testing.assert_allclose(array, tensor.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pil.images[1]), np.round(array[1] * 255).astype(np.uint8))
+
+    images, nfe = pipe(batch_size=1, num_inference_steps=4, generator=seeded(0), output_type="pt", return_dict=False)
+    assert nfe == 7
+    torch.testing.assert_close(images, tensor[:1], atol=1e-4, rtol=0)
+
+
+def test_generator_list_matches_single_runs():
+    pipe = make_pipe()
+    batch = pipe(batch_size=3, num_inference_steps=3, generator=seeded(5, 6, 7), output_type="pt").images
+    for i, seed in enumerate((5, 6, 7)):
+        single = pipe(batch_size=1, num_inference_steps=3, generator=seeded(seed), output_type="pt").images
+        torch.testing.assert_close(batch[i : i + 1], single, atol=1e-4, rtol=0)
+    other = pipe(batch_size=1, num_inference_steps=3, generator=seeded(8), output_type="pt").images
+    assert (other - batch[:1]).abs().max() > 1e-3
+
+
+def test_starts_from_the_scheduler_prior(monkeypatch):
+    pipe = make_pipe()
+    drawn = []
+    original = pipe.scheduler.sample_prior
+
+    def spy(shape, **kwargs):
+        drawn.append(original(shape, **kwargs))
+        return drawn[-1]
+
+    monkeypatch.setattr(pipe.scheduler, "sample_prior", spy)
+    first = pipe(batch_size=2, num_inference_steps=3, generator=seeded(0), output_type="pt").images
+    assert len(drawn) == 1 and drawn[0].shape == (2, 3, 8, 8)
+    # The same prior draw passed as latents gives the same images (mark_prior_sample keeps it as it is).
+    again = pipe(latents=drawn[0], num_inference_steps=3, output_type="pt").images
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=0)
+
+
+def test_pfgmpp_rk45_reports_its_network_evaluations():
+    pipe = make_pipe()
+    calls = count_unet_calls(pipe.unet)
+    out = pipe(batch_size=2, solver="rk45", generator=seeded(0), output_type="pt", rtol=1e-3, atol=1e-3)
+    assert out.nfe == len(calls) > 6  # solve_ivp's nfev plus the final denoising step
+    assert torch.isfinite(out.images).all()
+    loose = pipe(batch_size=2, solver="rk45", generator=seeded(0), output_type="pt", rtol=1e-2, atol=1e-2)
+    assert loose.nfe < out.nfe
+
+
+def test_field_mode_heun_and_rk45():
+    pipe = make_pipe(tiny_unet(out_channels=4), field_scheduler())
+    calls = count_unet_calls(pipe.unet)
+    heun = pipe(batch_size=2, num_inference_steps=5, generator=seeded(0), output_type="pt")
+    assert heun.nfe == len(calls) == 2 * 5 - 1  # the grid ends at z_min: n Heun steps, the last one Euler
+    calls.clear()
+    rk45 = pipe(batch_size=2, solver="rk45", generator=seeded(0), output_type="pt", rtol=1e-3, atol=1e-3)
+    assert rk45.nfe == len(calls) > 6  # no final denoising step in field mode (official PFGM)
+    for images in (heun.images, rk45.images):
+        assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+
+
+def test_works_with_an_edm_scheduler_swapped_in():
+    pipe = make_pipe(scheduler=EDMEulerScheduler())
+    first = pipe(batch_size=2, num_inference_steps=4, generator=seeded(0), output_type="pt")
+    second = pipe(batch_size=2, num_inference_steps=4, generator=seeded(0), output_type="pt")
+    assert first.nfe == 4 and torch.equal(first.images, second.images)
+    rk45 = pipe(batch_size=2, solver="rk45", generator=seeded(0), output_type="pt", rtol=1e-3, atol=1e-3)
+    assert torch.isfinite(rk45.images).all() and rk45.nfe > 6
+
+
+def test_bf16_unet_runs_with_a_float32_state():
+    pipe = make_pipe()
+    full = pipe(batch_size=1, num_inference_steps=3, generator=seeded(0), output_type="pt").images
+    pipe.unet.to(torch.bfloat16)
+    half = pipe(batch_size=1, num_inference_steps=3, generator=seeded(0), output_type="pt").images
+    assert half.dtype == torch.float32 and (half - full).abs().max() < 0.1
+
+
+# ---------------------------------------------------------------------- class labels
+
+
+def test_class_labels_int_list_tensor_and_random():
+    pipe = make_pipe(tiny_unet(num_class_embeds=3))
+
+    def run(labels, seeds=(0, 1)):
+        return pipe(
+            batch_size=2, class_labels=labels, num_inference_steps=3, generator=seeded(*seeds), output_type="pt"
+        )
+
+    by_int = run(2).images
+    torch.testing.assert_close(run([2, 2]).images, by_int, atol=0, rtol=0)
+    torch.testing.assert_close(run(torch.tensor([2, 2])).images, by_int, atol=0, rtol=0)
+    torch.testing.assert_close(run(torch.tensor(2)).images, by_int, atol=0, rtol=0)
+    assert (run([0, 2]).images[0] - by_int[0]).abs().max() > 1e-4  # the label reaches the network
+    # Random labels come from the generators: reproducible, and image i matches a single run with generator i.
+    random_batch = run(None).images
+    torch.testing.assert_close(run(None).images, random_batch, atol=0, rtol=0)
+    single = pipe(batch_size=1, num_inference_steps=3, generator=seeded(1), output_type="pt").images
+    torch.testing.assert_close(random_batch[1:], single, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (3, r"\[0, 2\]"),
+        ([0, -1], r"\[0, 2\]"),
+        ([0, 1, 2], "3 class_labels for a batch of 2"),
+        (torch.tensor([0.0, 1.0]), "integer tensor"),
+        ("cat", "class_labels must be"),
+        (True, "class_labels must be"),
+    ],
+)
+def test_bad_class_labels(labels, match):
+    pipe = make_pipe(tiny_unet(num_class_embeds=3))
+    with pytest.raises(ValueError, match=match):
+        pipe(batch_size=2, class_labels=labels, num_inference_steps=2)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=2, generator=[torch.Generator()]), "1 generators for a batch of 2"),
+        (dict(output_type="latent"), "output_type"),
+        (dict(latents=torch.zeros(1, 3, 4, 4)), "latents shape"),
+        (dict(latents=torch.zeros(3, 8, 8)), "latents shape"),
+        (dict(batch_size=3, latents=torch.zeros(2, 3, 8, 8)), "batch_size=3"),
+        (dict(class_labels=1), "num_class_embeds"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_inference_steps=2.5), "num_inference_steps"),
+        (dict(solver="dpm"), "solver"),
+    ],
+)
+def test_bad_input_raises_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_pipe()(**kwargs)
+
+
+def test_field_mode_channel_mismatch_raises():
+    with pytest.raises(ValueError, match="out_channels=3"):
+        make_pipe(tiny_unet(out_channels=3), field_scheduler())(num_inference_steps=2)
+    with pytest.raises(ValueError, match="out_channels=4"):
+        make_pipe(tiny_unet(out_channels=4), PFGMScheduler())(num_inference_steps=2)
+
+
+# ---------------------------------------------------------------------- saving and loading
+
+
+def _pipeline_images(pipe):
+    return pipe(batch_size=2, num_inference_steps=3, generator=seeded(3, 4), output_type="pt").images
+
+
+def test_save_and_load_reproduce_images_exactly(tmp_path):
+    pipe = make_pipe(tiny_unet(out_channels=4), field_scheduler())
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "PFGMPipeline"
+    assert index["scheduler"] == ["pfgm_diffusers.scheduling_pfgm", "PFGMScheduler"]
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+
+    loaded = PFGMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.scheduler, PFGMScheduler) and loaded.scheduler.config.upper_norm == 3000.0
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_hub_loading_goes_through_snapshot_download(tmp_path, monkeypatch):
+    pipe = make_pipe()
+    snapshot = tmp_path / "snapshot"
+    pipe.save_pretrained(snapshot)
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny", revision="v1")
+    loaded.set_progress_bar_config(disable=True)
+    (repo_id, kwargs) = calls[0]
+    assert len(calls) == 1 and repo_id == "someone/pfgmpp-tiny"
+    assert kwargs["revision"] == "v1" and kwargs["library_name"] == "pfgm_diffusers"
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_push_to_hub_then_load(tmp_path, monkeypatch):
+    remote = tmp_path / "remote"
+    uploads = []
+
+    def fake_create_repo(repo_id, **kwargs):
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        uploads.append((repo_id, kwargs))
+        shutil.copytree(folder_path, remote)
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(remote))
+
+    pipe = make_pipe()
+    pipe.push_to_hub("someone/pfgmpp-tiny", private=True)
+    assert uploads[0][0] == "someone/pfgmpp-tiny"
+    card = huggingface_hub.ModelCard.load(remote / "README.md")
+    assert card.data.library_name == "pfgm_diffusers" and "pfgm" in card.data.tags
+    loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny")
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_custom_pipeline_entry_loads_through_diffusion_pipeline(tmp_path, monkeypatch):
+    import diffusers.utils.dynamic_modules_utils as dynamic_modules
+
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "saved")
+    entry = REPO_ROOT / "pipelines" / "pfgm"
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved", custom_pipeline=str(entry), trust_remote_code=True)
+    assert type(loaded).__name__ == "PFGMPipeline" and isinstance(loaded.scheduler, PFGMScheduler)
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_model_offload_contract():
+    pipe = make_pipe()
+    assert pipe.model_cpu_offload_seq == "unet"
+    assert pipe._execution_device == torch.device("cpu")
