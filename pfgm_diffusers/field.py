@@ -1,6 +1,6 @@
 """Poisson fields of a set of charges: the PFGM training target (Algorithm 1) and the ideal denoiser of any D.
 
-Formulas: `shared/docs/math.md` §1 and §3 (PFGM: Xu et al., NeurIPS 2022, eq. 7 and Algorithm 1; PFGM++: Xu et al.,
+Formulas: `docs/math.md` §1 and §3 (PFGM: Xu et al., NeurIPS 2022, eq. 7 and Algorithm 1; PFGM++: Xu et al.,
 ICML 2023, Proposition 3.1 and eq. 6). Both are softmaxes over the charges of log-distances in the augmented space,
 so they share one distance computation that is fast (a matrix product) and exact where it matters.
 """

@@ -1,6 +1,6 @@
 """The PFGM++ perturbation kernel, the priors of PFGM and PFGM++, and the PFGM perturbation of Algorithm 2.
 
-Every formula here is in `shared/docs/math.md` §2–§3 (PFGM++: Xu et al., ICML 2023, eq. 4 and Appendix C;
+Every formula here is in `docs/math.md` §2–§3 (PFGM++: Xu et al., ICML 2023, eq. 4 and Appendix C;
 PFGM: Xu et al., NeurIPS 2022, Algorithm 2 and Appendix A.4). Symbols follow the papers: `N` is the data dimension,
 `aug_dim` is D (`None` means D = ∞, the diffusion limit), `r = sigma * sqrt(D)`.
 """
