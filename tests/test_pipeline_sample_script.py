@@ -1,0 +1,93 @@
+"""scripts/sample.py on a saved tiny pipeline: grid, folder, per-image seeds, solvers, labels, bad flags."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sample.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: torch's thread pool only costs here, and it thrashes on a loaded 2-core CI machine (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("sample_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=2,
+    )
+    folder = tmp_path_factory.mktemp("pipeline")
+    PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128)).save_pretrained(folder)
+    return folder
+
+
+def test_grid_and_folder_with_per_image_seeds(saved_pipeline, tmp_path, capsys):
+    sample = load_script()
+    grid_path, folder = tmp_path / "grid.png", tmp_path / "images"
+    argv = ["--model", str(saved_pipeline), "--num_images", "5", "--batch_size", "2", "--num_inference_steps", "3"]
+    sample.main(
+        argv + ["--output", str(grid_path), "--output_dir", str(folder), "--seed", "10", "--class_labels", "1"]
+    )
+    files = sorted(folder.glob("*.png"))
+    assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
+    assert Image.open(grid_path).size == (3 * 10 + 2, 2 * 10 + 2)  # 3 x 2 tiles of 8 px, 2 px padding
+    assert "5 images" in capsys.readouterr().out
+
+    # Image i comes from seed 10 + i whatever the batching.
+    pipe = PFGMPipeline.from_pretrained(saved_pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(class_labels=1, num_inference_steps=3, generator=torch.Generator().manual_seed(13)).images[0]
+    difference = np.abs(np.asarray(Image.open(files[3]), dtype=int) - np.asarray(expected, dtype=int))
+    assert difference.max() <= 1  # batch-of-2 vs batch-of-1 float noise can flip a rounding
+
+
+def test_solvers_report_their_evaluations(saved_pipeline, tmp_path, capsys):
+    sample = load_script()
+    argv = ["--model", str(saved_pipeline), "--num_images", "2", "--output", str(tmp_path / "grid.png")]
+    _, nfe = sample.main(argv + ["--solver", "euler", "--num_inference_steps", "4"])
+    assert nfe == 4
+    _, nfe = sample.main(argv + ["--solver", "rk45", "--rtol", "1e-3", "--atol", "1e-3", "--dtype", "bf16"])
+    assert nfe > 6 and "(rk45)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],  # neither --output nor --output_dir
+        ["--output", "x.png", "--num_images", "0"],
+        ["--output", "x.png", "--num_images", "3", "--class_labels", "0", "1"],
+        ["--output", "x.png", "--dtype", "fp16", "--device", "cpu"],
+        ["--output", "x.png", "--solver", "dpm"],
+    ],
+)
+def test_bad_flags_exit(saved_pipeline, extra):
+    with pytest.raises(SystemExit):
+        load_script().parse_args(["--model", str(saved_pipeline)] + extra)
