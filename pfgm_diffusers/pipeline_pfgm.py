@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import integrate, special
 from tqdm.auto import tqdm
@@ -427,6 +427,7 @@ class PFGMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
@@ -470,6 +471,8 @@ class PFGMPipeline(DiffusionPipeline):
                 mode stops at z_min as the official code does.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
+
+        Examples:
 
         Returns:
             [`PFGMPipelineOutput`] or `tuple`: the images and the number of network evaluations `nfe`; as a tuple

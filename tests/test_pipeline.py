@@ -304,3 +304,15 @@ def test_model_offload_contract():
     pipe = make_pipe()
     assert pipe.model_cpu_offload_seq == "unet"
     assert pipe._execution_device == torch.device("cpu")
+
+
+def test_docstring_example_runs():
+    import doctest
+    import textwrap
+
+    doc = PFGMPipeline.__call__.__doc__
+    start = doc.index("```py") + len("```py")
+    code = textwrap.dedent(doc[start : doc.index("```", start)])
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(doctest.DocTestParser().get_doctest(code, {}, "PFGMPipeline.__call__", None, 0))
+    assert runner.summarize(verbose=False) == (0, 11)
