@@ -1,9 +1,14 @@
 """PFGMPipeline on a tiny UNet: outputs, generators, solvers, class labels, bad input, saving and the Hub (offline)."""
 
+import doctest
 import json
 import shutil
+import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
+import diffusers.pipelines.pipeline_utils as pipeline_utils
+import diffusers.utils.dynamic_modules_utils as dynamic_modules
 import huggingface_hub
 import numpy as np
 import PIL.Image
@@ -262,6 +267,20 @@ def test_hub_loading_goes_through_snapshot_download(tmp_path, monkeypatch):
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
 
 
+def test_diffusers_own_download_refuses_our_library(tmp_path, monkeypatch):
+    """Why `PFGMPipeline.download` exists: diffusers' refuses `pfgm_diffusers.scheduling_pfgm` before any download."""
+
+    make_pipe().save_pretrained(tmp_path)
+    files = [str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file()]
+    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in files])
+    monkeypatch.setattr(pipeline_utils, "model_info", lambda repo_id, **kwargs: info)
+    monkeypatch.setattr(
+        pipeline_utils, "hf_hub_download", lambda repo_id, filename, **kwargs: str(tmp_path / filename)
+    )
+    with pytest.raises(ValueError, match="pfgm_diffusers.scheduling_pfgm"):
+        DiffusionPipeline.download("someone/pfgmpp-tiny")
+
+
 def test_push_to_hub_then_load(tmp_path, monkeypatch):
     remote = tmp_path / "remote"
     uploads = []
@@ -288,7 +307,6 @@ def test_push_to_hub_then_load(tmp_path, monkeypatch):
 
 
 def test_custom_pipeline_entry_loads_through_diffusion_pipeline(tmp_path, monkeypatch):
-    import diffusers.utils.dynamic_modules_utils as dynamic_modules
 
     monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     pipe = make_pipe()
@@ -307,8 +325,6 @@ def test_model_offload_contract():
 
 
 def test_docstring_example_runs():
-    import doctest
-    import textwrap
 
     doc = PFGMPipeline.__call__.__doc__
     start = doc.index("```py") + len("```py")
