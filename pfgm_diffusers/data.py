@@ -1,7 +1,8 @@
 """Image datasets for the trainer: a `datasets` Hub id or local path, an image folder, or the embedded digits.
 
 Every loader returns a `datasets.Dataset` with an `"image"` column (PIL images) and, when the source has classes,
-a `"label"` column of integers; `ImageTransform` turns those images into tensors in [-1, 1] without torchvision.
+a `"label"` column of integers. `ImageTransform` turns those images into tensors in [-1, 1] without torchvision;
+`TrainingDataset` applies it with reproducible randomness.
 """
 
 import logging
@@ -155,8 +156,7 @@ def _count_classes(dataset):
 class ImageTransform:
     """PIL image -> float tensor (C, H, W) in [-1, 1]: shorter side resized to `resolution`, then a center or random
     square crop and an optional horizontal flip (torchvision's Resize, CenterCrop/RandomCrop, RandomHorizontalFlip,
-    ToTensor, Normalize(0.5, 0.5)). Random choices use torch's global generator, so `accelerate`'s checkpoints restore
-    them."""
+    ToTensor, Normalize(0.5, 0.5)). Random choices come from the `generator` given with each image."""
 
     def __init__(self, resolution, num_channels, center_crop=False, random_flip=False):
         if num_channels not in (1, 3):
@@ -166,7 +166,7 @@ class ImageTransform:
         self.center_crop = center_crop
         self.random_flip = random_flip
 
-    def __call__(self, image):
+    def __call__(self, image, generator=None):
         image = image.convert(self.mode)
         width, height = image.size
         scale = self.resolution / min(width, height)
@@ -177,27 +177,49 @@ class ImageTransform:
         if self.center_crop:
             left, top = int(round(left_max / 2.0)), int(round(top_max / 2.0))
         else:
-            # Draw only when there is a choice, so square images leave the global generator untouched
-            left = int(torch.randint(left_max + 1, ())) if left_max > 0 else 0
-            top = int(torch.randint(top_max + 1, ())) if top_max > 0 else 0
+            left = int(torch.randint(left_max + 1, (), generator=generator))
+            top = int(torch.randint(top_max + 1, (), generator=generator))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W) or (H, W, 3)
         tensor = torch.from_numpy(array).reshape(self.resolution, self.resolution, -1).permute(2, 0, 1)  # (C, H, W)
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             tensor = tensor.flip(-1)
         return tensor.contiguous()
 
 
-def make_batch_transform(transform):
-    """A `datasets.Dataset.set_transform` function: images -> `"pixel_values"`, labels kept when present."""
+class TrainingDataset(torch.utils.data.Dataset):
+    """The transformed examples of a `datasets.Dataset` with an `"image"` (and optional `"label"`) column.
 
-    def batch_transform(examples):
-        batch = {"pixel_values": [transform(image) for image in examples["image"]]}
-        if "label" in examples:
-            batch["label"] = examples["label"]
-        return batch
+    The random crop and flip of example `index` in epoch `epoch` come from a generator seeded by (seed, epoch, index):
+    the same on every run, whatever the loading order, prefetching, worker count or resume point.
+    """
 
-    return batch_transform
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices):
+        rows = self.dataset[list(indices)]  # one batched read: {"image": [...], "label": [...]}
+        examples = []
+        for position, index in enumerate(indices):
+            seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+            generator = torch.Generator().manual_seed(int(seed))
+            example = {"pixel_values": self.transform(rows["image"][position], generator)}
+            if "label" in rows:
+                example["label"] = rows["label"][position]
+            examples.append(example)
+        return examples
 
 
 def collate(examples):

@@ -38,11 +38,11 @@ from tqdm.auto import tqdm
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 from pfgm_diffusers.data import (
     ImageTransform,
+    TrainingDataset,
     collate,
     load_digits_dataset,
     load_hub_dataset,
     load_image_folder,
-    make_batch_transform,
 )
 from pfgm_diffusers.field import poisson_field_target, split_field_output
 from pfgm_diffusers.perturbation import pfgm_perturb
@@ -234,6 +234,13 @@ def build_parser():
     optim.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     optim.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Default: launcher's.")
     optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument(
+        "--cpu_threads_per_process",
+        type=int,
+        default=None,
+        help="CPU runs only. Default: the machine's cores split among the local processes (`accelerate launch` "
+        "otherwise leaves each process one thread).",
+    )
 
     ema = parser.add_argument_group("EMA")
     ema.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
@@ -545,6 +552,9 @@ def main(argv=None):
 
     # Accelerator and seed
     accelerator = Accelerator(
+        # With no accelerator at all, accelerate forms a (gloo) process group only when told cpu=True: this makes
+        # `accelerate launch --multi_gpu --num_processes N` train on a CPU-only machine instead of running N copies
+        cpu=not torch.accelerator.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -552,8 +562,20 @@ def main(argv=None):
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
     )
+    if int(os.environ.get("WORLD_SIZE", "1")) != accelerator.num_processes:
+        raise ValueError(
+            f"launched as {os.environ['WORLD_SIZE']} processes but accelerate formed a group of "
+            f"{accelerator.num_processes}: they would train independent copies"
+        )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("--mixed_precision fp16 is not supported on CPU; use bf16 or no")
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` sets OMP_NUM_THREADS=1 without --cpu, which halves a 2-core machine's speed
+        cpu_threads = args.cpu_threads_per_process
+        if cpu_threads is None:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+            cpu_threads = max(1, len(os.sched_getaffinity(0)) // local_processes)
+        torch.set_num_threads(cpu_threads)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if accelerator.is_local_main_process:
         datasets.utils.logging.set_verbosity_warning()
@@ -588,9 +610,8 @@ def main(argv=None):
     if args.class_conditional and image_dataset.num_classes is None:
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     num_classes = image_dataset.num_classes if args.class_conditional else None
-    dataset = image_dataset.dataset
     transform = ImageTransform(args.resolution, image_dataset.num_channels, args.center_crop, args.random_flip)
-    dataset.set_transform(make_batch_transform(transform))
+    dataset = TrainingDataset(image_dataset.dataset, transform, seed=args.seed)
     # The field objective loads the large batch; its first train_batch_size rows are the small batch
     loader_batch_size = args.large_batch_size if args.objective == "poisson_field" else args.train_batch_size
     sampler = EpochSampler(len(dataset), seed=args.seed)
@@ -725,10 +746,14 @@ def main(argv=None):
     first_epoch = global_step // num_update_steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
     step_start = time.perf_counter()
+    start_step = global_step
+    train_time, timed_steps = 0.0, 0  # throughput of the optimizer steps alone, without samples and checkpoints
     for epoch in range(first_epoch, num_epochs):
         if global_step >= args.max_train_steps:
             break
-        sampler.set_epoch(epoch)  # the same order on every process and after a resume
+        # The same order and augmentations on every process and after a resume
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         epoch_dataloader = train_dataloader
         if epoch == first_epoch and global_step % num_update_steps_per_epoch != 0:
             done = global_step % num_update_steps_per_epoch * args.gradient_accumulation_steps
@@ -760,6 +785,8 @@ def main(argv=None):
             now = time.perf_counter()
             logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}
             logs["img/s"] = images_per_step / max(now - step_start, 1e-9)
+            if global_step > start_step + 5:  # the first steps warm up allocators and caches
+                train_time, timed_steps = train_time + now - step_start, timed_steps + 1
             step_start = now
             if ema_model is not None:
                 logs["ema_decay"] = ema_model.cur_decay_value
@@ -789,6 +816,12 @@ def main(argv=None):
             if global_step >= args.max_train_steps:
                 break
     progress_bar.close()
+    if timed_steps > 0:
+        steps_per_second = timed_steps / train_time
+        logger.info(
+            f"Training throughput: {steps_per_second:.3f} steps/s, {steps_per_second * images_per_step:.1f} images/s "
+            "(steps after the first 5, without sampling and checkpoints)"
+        )
 
     # Save
     accelerator.wait_for_everyone()
