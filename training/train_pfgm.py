@@ -119,10 +119,10 @@ PRESETS = {
         gamma=5.0,
         sigma_max=40.0,
         upper_norm=3000.0,
-        z_exp=1.0,
+        z_exp=5.0,
         num_inference_steps=50,
     ),
-    # Original PFGM CelebA 64x64 (official configs/poisson/celeba_ddpmpp.py: batch 128, large batch 512)
+    # Original PFGM CelebA 64x64 (official: batch 128, large batch 512, z_max 60, upper_norm 6000, z_exp 1)
     "pfgm-celeba64": dict(
         objective="poisson_field",
         resolution=64,
@@ -134,7 +134,7 @@ PRESETS = {
         learning_rate=2e-4,
         lr_scheduler="constant_with_warmup",
         lr_warmup_steps=5000,
-        max_train_steps=1_200_000,
+        max_train_steps=1_300_000,
         adam_beta1=0.9,
         adam_weight_decay=0.0,
         ema_max_decay=0.9999,
@@ -149,7 +149,7 @@ PRESETS = {
         num_inference_steps=50,
     ),
 }
-DEFAULT_MAX_TRAIN_STEPS = 3000
+DEFAULT_MAX_TRAIN_STEPS = 2000
 # Defaults that differ between the objectives; the other defaults are shared.
 OBJECTIVE_DEFAULTS = {
     "pfgmpp": dict(aug_dim=128, sigma_min=0.002, sigma_max=80.0),
@@ -218,7 +218,7 @@ def build_parser():
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=64, help="Per process.")
     optim.add_argument("--num_epochs", type=int, default=None, help="Used when --max_train_steps is not given.")
-    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs. Default 3000.")
+    optim.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs. Default 2000.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--learning_rate", type=float, default=1e-3)
     optim.add_argument(
@@ -587,15 +587,9 @@ def main(argv=None):
     training_state = read_training_state(checkpoint, args.objective) if checkpoint is not None else None
     # A different noise stream per process; the data order below has its own generator shared by all processes
     set_seed(args.seed, device_specific=True)
-    repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_partial_checkpoints(args.output_dir)
-        if args.push_to_hub:
-            repo_id = args.hub_model_id if args.hub_model_id is not None else os.path.basename(args.output_dir)
-            repo_id = huggingface_hub.create_repo(
-                repo_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
-            ).repo_id
 
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
@@ -710,6 +704,14 @@ def main(argv=None):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     )
+
+    # After every input check, so that bad input creates no repository; before training, so that a bad token fails fast
+    repo_id = None
+    if accelerator.is_main_process and args.push_to_hub:
+        repo_id = args.hub_model_id if args.hub_model_id is not None else os.path.basename(args.output_dir)
+        repo_id = huggingface_hub.create_repo(
+            repo_id, exist_ok=True, private=args.hub_private_repo, token=args.hub_token
+        ).repo_id
 
     # Prepare
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
