@@ -9,46 +9,41 @@ import math
 
 import torch
 
-# Nearest charges per query whose distances are recomputed exactly (see `_squared_distances`).
+# Nearest charges per query whose distances and contributions are computed exactly (see `_pull_toward_charges`).
 _NUM_EXACT = 16
-# Bound on the number of elements of the (rows, k, N) difference tensor built at once.
-_CHUNK_ELEMENTS = 1 << 20
+# Bound on the number of elements of the (rows, k, N) float64 difference block built at once.
+_CHUNK_ELEMENTS = 1 << 18
 
 
-def _squared_distances(y: torch.Tensor, x: torch.Tensor, num_exact: int = _NUM_EXACT) -> torch.Tensor:
-    """Squared distances |y_i - x_j|^2, (B, L) in float64, from y (B, N) and x (L, N), without a (B, L, N) tensor.
+def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, log_weight, num_exact: int = _NUM_EXACT) -> torch.Tensor:
+    """g_i = sum_j w_ij (x_j - y_i), (B, N) in float64, with w_i = softmax_j(log_weight(|y_i - x_j|^2, rows)).
 
-    All pairs come from the expansion |y|^2 + |x|^2 - 2 y.x (one matrix product in the inputs' precision). The
-    expansion loses digits to cancellation when a distance is small next to the norms, and the softmaxes downstream
-    raise distances to the power (N + D)/2, so the `num_exact` nearest charges of each query, the only ones that carry
-    weight when distances are small, are recomputed from explicit float64 differences.
+    y (B, N) and x (L, N) share a dtype; `log_weight(dist_sq, rows)` maps a block of squared distances (r, L) and
+    its row slice to log-weights. No (B, L, N) tensor is built: all distances come from the expansion
+    |y|^2 + |x|^2 - 2 y.x (one matrix product), which loses digits to cancellation when a distance is small next to the
+    norms, and the weights raise distances to the power (N + D)/2. So for the `num_exact` nearest charges of each
+    query, the only ones with weight when distances are small, both the distance and the term w_ij (x_j - y_i) come
+    from explicit float64 differences; the far charges' part is one more matrix product.
     """
     gram = y @ x.T  # (B, L), the product that dominates the cost
-    y_sq = y.double().pow(2).sum(1)  # (B,)
-    x_sq = x.double().pow(2).sum(1)  # (L,)
-    dist_sq = (y_sq[:, None] + x_sq[None, :] - 2 * gram.double()).clamp_(min=0)
+    y_sq, x_sq = torch.linalg.vector_norm(y, dim=1).square(), torch.linalg.vector_norm(x, dim=1).square()
+    dist_sq = (y_sq[:, None] + x_sq[None, :] - 2 * gram).double().clamp_(min=0)  # (B, L), approximate
     k = min(num_exact, x.shape[0])
-    nearest = dist_sq.topk(k, dim=1, largest=False).indices  # (B, k)
-    rows = max(1, _CHUNK_ELEMENTS // (k * y.shape[1]))
-    for start in range(0, y.shape[0], rows):
-        idx = nearest[start : start + rows]
-        diff = y[start : start + rows, None, :].double() - x[idx].double()  # (rows, k, N), exact in float64
-        dist_sq[start : start + rows].scatter_(1, idx, diff.pow(2).sum(-1))
-    return dist_sq
-
-
-def _weighted_mean_minus(weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """sum_j w_ij (x_j - y_i), (B, N), for float64 weights (B, L) summing to 1 over j.
-
-    Written as sum_{j != j*} w_ij x_j - (1 - w_ij*) x_j* + (x_j* - y_i) with j* the heaviest charge: the two large
-    nearly equal terms of the plain form (W x)_i - y_i never meet, so the result keeps its relative accuracy when
-    y_i sits close to a charge.
-    """
-    heaviest = weights.argmax(dim=1)  # (B,)
-    others = weights.scatter(1, heaviest[:, None], 0.0)  # (B, L)
-    rest = others.sum(1, keepdim=True)  # 1 - w_ij*, without the rounding of 1 - w
-    x_star = x[heaviest]  # (B, N)
-    return others.to(x.dtype) @ x - (rest.to(x.dtype) * x_star) + (x_star - y)
+    y64 = y.double()
+    near_part = torch.empty_like(y64)  # (B, N)
+    far_weights = torch.empty_like(dist_sq)  # (B, L), zero on the nearest charges
+    rows_per_block = max(1, _CHUNK_ELEMENTS // (k * y.shape[1]))
+    for start in range(0, y.shape[0], rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        block = dist_sq[rows]
+        nearest = block.topk(k, dim=1, largest=False).indices  # (r, k)
+        diff = x[nearest] - y64[rows, None, :]  # (r, k, N), exact in float64
+        block.scatter_(1, nearest, torch.linalg.vecdot(diff, diff))
+        weights = torch.softmax(log_weight(block, rows), dim=1)  # (r, L), final once the nearest are exact
+        near_part[rows] = torch.bmm(weights.gather(1, nearest)[:, None, :], diff)[:, 0]
+        far_weights[rows] = weights.scatter(1, nearest, 0.0)
+    far_part = (far_weights.to(x.dtype) @ x).double() - far_weights.sum(1, keepdim=True) * y64
+    return near_part + far_part
 
 
 def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Tensor, gamma: float = 5.0):
@@ -78,19 +73,23 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
     y = samples.reshape(batch_size, N).float()
     x = data.reshape(data.shape[0], N).to(y.device, torch.float32)
     z = z.reshape(batch_size).to(y.device, torch.float64)
-    if not (torch.isfinite(y).all() and torch.isfinite(z).all() and torch.isfinite(x).all()):
-        raise ValueError("`samples`, `z` and `data` must be finite (NaN or inf found).")
     # Mixed-precision training calls this inside autocast; the target must stay in float32/float64.
     with torch.autocast(device_type=y.device.type, enabled=False):
-        return _field_target(y, z, x, gamma, samples.shape)
+        target_x, target_z = _field_target(y, z, x, gamma, samples.shape)
+    # A NaN or inf anywhere in the inputs reaches the rows' normalisers; checking (B,) values is free, the inputs not.
+    if not torch.isfinite(target_z).all():
+        raise ValueError("`samples`, `z` and `data` must be finite (NaN or inf found).")
+    return target_x, target_z
 
 
 def _field_target(y, z, x, gamma, shape):
     """Algorithm 1 on flattened float32 y (B, N), float64 z (B,) and float32 charges x (L, N)."""
     N = y.shape[1]
-    dist_sq = _squared_distances(y, x) + z[:, None] ** 2  # (B, L), augmented distances
-    weights = torch.softmax(-(N + 1) / 2 * torch.log(dist_sq), dim=1)  # c_ij, float64
-    g_x = _weighted_mean_minus(weights, x, y).double()  # (B, N)
+
+    def log_weight(dist_sq, rows):  # c_ij = softmax_j(-(N+1)/2 log(|y_i - x_j|^2 + z_i^2))
+        return -(N + 1) / 2 * torch.log(dist_sq + z[rows, None] ** 2)
+
+    g_x = _pull_toward_charges(y, x, log_weight)  # (B, N)
     g_z = -z  # sum_j c_ij (0 - z_i)
     g_norm = torch.sqrt(g_x.pow(2).sum(1) + g_z**2)  # (B,)
     scale = math.sqrt(N) / (g_norm + gamma)
@@ -110,16 +109,15 @@ def ideal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, aug_dim: int | No
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.reshape(batch_size, N).to(compute_dtype)
     charges = data.reshape(data.shape[0], N).to(y.device, compute_dtype)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1)
-    sigma = sigma.expand(batch_size)[:, None]  # (B, 1)
-    with torch.autocast(device_type=y.device.type, enabled=False):
-        dist_sq = _squared_distances(y, charges)  # (B, L)
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1).expand(batch_size)
+
+    def log_weight(dist_sq, rows):
         if aug_dim is None:
-            log_w = -dist_sq / (2 * sigma**2)
-        else:
-            log_w = -(N + aug_dim) / 2 * torch.log(dist_sq + sigma**2 * aug_dim)
-        weights = torch.softmax(log_w, dim=1)
-        denoised = _weighted_mean_minus(weights, charges, y) + y  # sum_i w_i x_i
+            return -dist_sq / (2 * sigma[rows, None] ** 2)
+        return -(N + aug_dim) / 2 * torch.log(dist_sq + sigma[rows, None] ** 2 * aug_dim)
+
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        denoised = _pull_toward_charges(y, charges, log_weight) + y  # sum_i w_i x_i
     return denoised.reshape(x.shape).to(x.dtype)
 
 
