@@ -148,6 +148,11 @@ def test_works_with_an_edm_scheduler_swapped_in():
     assert first.nfe == 4 and torch.equal(first.images, second.images)
     rk45 = pipe(batch_size=2, solver="rk45", generator=seeded(0), output_type="pt", rtol=1e-3, atol=1e-3)
     assert torch.isfinite(rk45.images).all() and rk45.nfe > 6
+    # invert and log_likelihood use the EDM grid (its final 0 skipped) and the Gaussian prior N(0, sigma_max^2 I).
+    latents = pipe.invert(first.images, num_inference_steps=4)
+    assert latents.shape == first.images.shape and torch.isfinite(latents).all()
+    likelihood = pipe.log_likelihood(first.images, generator=seeded(1), rtol=1e-3, atol=1e-3)
+    assert torch.isfinite(likelihood.bits_per_dim).all()
 
 
 def test_bf16_unet_runs_with_a_float32_state():
