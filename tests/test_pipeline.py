@@ -184,6 +184,13 @@ def test_class_labels_int_list_tensor_and_random():
     torch.testing.assert_close(run(None).images, random_batch, atol=0, rtol=0)
     single = pipe(batch_size=1, num_inference_steps=3, generator=seeded(1), output_type="pt").images
     torch.testing.assert_close(random_batch[1:], single, atol=1e-4, rtol=0)
+    # invert and log_likelihood need the images' labels, and use them.
+    with pytest.raises(ValueError, match="pass `class_labels`"):
+        pipe.invert(by_int, num_inference_steps=3)
+    with pytest.raises(ValueError, match="pass `class_labels`"):
+        pipe.log_likelihood(by_int)
+    latents = pipe.invert(by_int, class_labels=2, num_inference_steps=3)
+    assert (pipe.invert(by_int, class_labels=0, num_inference_steps=3) - latents).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize(
