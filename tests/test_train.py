@@ -375,6 +375,7 @@ class in_process:
         (dict(train_data_dir=None, preset="ffhq64"), "--preset ffhq64 needs a dataset"),
         (dict(train_batch_size=0), "--train_batch_size must be >= 1"),
         (dict(sigma_min=100.0), "need 0 < --sigma_min < --sigma_max"),
+        (dict(large_batch_size=64), "--large_batch_size is the charge count of --objective poisson_field"),
     ],
 )
 def test_bad_arguments_fail_before_loading_anything(tmp_path, image_folder, unet_config, overrides, message):

@@ -304,6 +304,8 @@ def check_args(args):
     for name in ("max_train_steps", "num_epochs", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.objective == "pfgmpp" and args.large_batch_size is not None:
+        raise ValueError("--large_batch_size is the charge count of --objective poisson_field; PFGM++ has none")
     if args.objective == "poisson_field":
         if args.aug_dim != 1:
             raise ValueError(f"--objective poisson_field is PFGM with D = 1; --aug_dim {args.aug_dim} is not allowed")
@@ -319,11 +321,10 @@ def check_args(args):
     if args.report_to == "wandb" and args.hub_token is not None:
         raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
     if args.report_to != "none":
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[args.report_to]
         try:
-            __import__(module)
+            __import__(args.report_to)
         except ImportError:
-            raise ValueError(f"--report_to {args.report_to} needs `pip install {module}`") from None
+            raise ValueError(f"--report_to {args.report_to} needs `pip install {args.report_to}`") from None
     if args.resume_from_checkpoint not in (None, "latest") and not os.path.isdir(args.resume_from_checkpoint):
         raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} does not exist")
 
