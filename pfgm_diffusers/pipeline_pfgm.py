@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from scipy import integrate, special
 from tqdm.auto import tqdm
 
-from .perturbation import prior_log_prob
+from .perturbation import gaussian, prior_log_prob
 from .scheduling_pfgm import PFGMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -297,15 +297,21 @@ class PFGMPipeline(DiffusionPipeline):
             )
         return labels.to(device)
 
-    def prepare_latents(self, batch_size, latents, generator, device):
-        """Draw the starting sample from the scheduler's prior, or check and declare user `latents` (float32)."""
+    def prepare_latents(self, batch_size, latents, generator, device, scheduler_loop=True):
+        """Draw the starting sample from the scheduler's prior, or check and declare user `latents` (float32).
+
+        `scheduler_loop=False` (RK45, which never calls `scheduler.step`) leaves the scheduler's "the next run starts
+        from a prior draw" mark alone, so that it cannot leak into a later generic loop on the same scheduler.
+        """
         shape = self._sample_shape(batch_size)
         if latents is not None:
             if latents.ndim != 4 or tuple(latents.shape[1:]) != shape[1:]:
                 raise ValueError(f"Unexpected latents shape {tuple(latents.shape)}: expected (batch, {shape[1:]}).")
-            if hasattr(self.scheduler, "mark_prior_sample"):
+            if scheduler_loop and hasattr(self.scheduler, "mark_prior_sample"):
                 self.scheduler.mark_prior_sample()
             return latents.to(device=device, dtype=torch.float32)
+        if hasattr(self.scheduler, "prior_from_noise") and not scheduler_loop:
+            return self.scheduler.prior_from_noise(gaussian(shape, generator, device, torch.float32))
         if hasattr(self.scheduler, "sample_prior"):
             return self.scheduler.sample_prior(shape, generator=generator, device=device, dtype=torch.float32)
         # A plain EDM scheduler: the generic diffusers start.
@@ -488,7 +494,7 @@ class PFGMPipeline(DiffusionPipeline):
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
         if solver == "rk45":
-            sample = self.prepare_latents(batch_size, latents, generator, device)
+            sample = self.prepare_latents(batch_size, latents, generator, device, scheduler_loop=False)
             sigma_min, sigma_max = self._sigma_range()
             sample, nfe = self._rk45(sample, sigma_max, sigma_min, labels, rtol, atol)
             if self._ends_with_denoising():

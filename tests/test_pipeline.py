@@ -129,6 +129,22 @@ def test_pfgmpp_rk45_reports_its_network_evaluations():
     assert loose.nfe < out.nfe
 
 
+def test_rk45_leaves_no_prior_mark_for_a_later_generic_loop():
+    pipe = make_pipe()
+    rk45 = pipe(batch_size=2, solver="rk45", generator=seeded(0), output_type="pt", rtol=1e-2, atol=1e-2)
+    # a generic loop on the same scheduler afterwards still maps its randn * init_noise_sigma start
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(3)
+    start = torch.randn(1, 3, 8, 8, generator=seeded(1)) * scheduler.init_noise_sigma
+    scaled = scheduler.scale_model_input(start, scheduler.timesteps[0])
+    mapped = scheduler.prior_from_noise(start / scheduler.init_noise_sigma)
+    torch.testing.assert_close(scaled, scheduler.precondition_inputs(mapped, scheduler.sigmas[0]))
+    # and the RK45 start is the same prior draw as the scheduler loop's
+    loop = pipe(batch_size=2, num_inference_steps=30, generator=seeded(0), output_type="pt").images
+    other_start = pipe(batch_size=2, num_inference_steps=30, generator=seeded(5), output_type="pt").images
+    assert (rk45.images - loop).abs().mean() < 0.2 * (other_start - loop).abs().mean()
+
+
 def test_field_mode_heun_and_rk45():
     pipe = make_pipe(tiny_unet(out_channels=4), field_scheduler())
     calls = count_unet_calls(pipe.unet)
