@@ -35,18 +35,34 @@ def _per_sample(value, batch_size, device):
     return value
 
 
-def radius_ratio(norm_sq, N, aug_dim):
-    """R / r for Gaussian squared norms `norm_sq` (float64 array): the radial quantile map of math.md §2.
+def radius_quantiles(R, N, sigma, aug_dim):
+    """(P(R' <= R), P(R' > R)) for the kernel radius R' at noise level `sigma` (float64 arrays; math.md §2).
 
-    q = F_{chi2_N}(|eps|^2) and B = F^{-1}_{Beta(N/2, D/2)}(q); returns sqrt(B / (1 - B)). Both B and 1 - B are
-    inverted from their own tail (1 - B ~ Beta(D/2, N/2) at the complementary probability) so that neither
-    loses digits when it is close to 0, which happens for D << N (B ~ 1) and D >> N (B ~ 0).
+    R^2 / (R^2 + r^2) ~ Beta(N/2, D/2) with r = sigma sqrt(D); (R / sigma)^2 ~ chi^2_N for `aug_dim=None`. Both tails
+    are returned, each computed directly, so that neither loses digits where the other is close to 1.
     """
-    p_lower = special.gammainc(N / 2, norm_sq / 2)  # q
-    p_upper = special.gammaincc(N / 2, norm_sq / 2)  # 1 - q, accurate where q ~ 1
-    beta = special.betaincinv(N / 2, aug_dim / 2, p_lower)  # B
-    beta_c = special.betaincinv(aug_dim / 2, N / 2, p_upper)  # 1 - B
-    return np.sqrt(beta / beta_c)
+    R = np.asarray(R, dtype=np.float64)
+    if aug_dim is None:
+        half_sq = R**2 / (2 * sigma**2)
+        return special.gammainc(N / 2, half_sq), special.gammaincc(N / 2, half_sq)
+    r_sq = sigma**2 * aug_dim
+    beta, beta_c = R**2 / (R**2 + r_sq), r_sq / (R**2 + r_sq)
+    return special.betainc(N / 2, aug_dim / 2, beta), special.betainc(aug_dim / 2, N / 2, beta_c)
+
+
+def radius_from_quantiles(lower, upper, N, sigma, aug_dim):
+    """The kernel radius R with P(R' <= R) = `lower` and P(R' > R) = `upper` (the inverse of `radius_quantiles`).
+
+    For finite D, B = F^{-1}_{Beta(N/2, D/2)}(lower) and R = r sqrt(B / (1 - B)), with 1 - B inverted from its own
+    tail (1 - B ~ Beta(D/2, N/2) at probability `upper`) so that it keeps its digits for D << N (B ~ 1).
+    """
+    lower, upper = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    if aug_dim is None:
+        half_sq = np.where(lower < 0.5, special.gammaincinv(N / 2, lower), special.gammainccinv(N / 2, upper))
+        return sigma * np.sqrt(2 * half_sq)
+    beta = special.betaincinv(N / 2, aug_dim / 2, lower)  # B
+    beta_c = special.betaincinv(aug_dim / 2, N / 2, upper)  # 1 - B
+    return sigma * math.sqrt(aug_dim) * np.sqrt(beta / beta_c)
 
 
 def kernel_noise(noise: torch.Tensor, sigma, aug_dim: int | None) -> torch.Tensor:
@@ -67,8 +83,9 @@ def kernel_noise(noise: torch.Tensor, sigma, aug_dim: int | None) -> torch.Tenso
     norm_sq = noise.detach().reshape(batch_size, -1).double().pow(2).sum(1).cpu().numpy()  # (B,)
     if not np.all(np.isfinite(norm_sq)):
         raise ValueError("`noise` contains NaN or infinite values.")
-    r = sigma * math.sqrt(aug_dim)
-    R = r * radius_ratio(norm_sq, N, aug_dim)  # (B,)
+    # q = F_{chi2_N}(|eps|^2), kept in both tails, then the kernel radius with the same quantile
+    lower, upper = special.gammainc(N / 2, norm_sq / 2), special.gammaincc(N / 2, norm_sq / 2)
+    R = radius_from_quantiles(lower, upper, N, sigma, aug_dim)  # (B,)
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = np.where(norm_sq > 0, R / np.sqrt(norm_sq), 0.0)  # R / |eps|
     scale = torch.from_numpy(scale).to(noise.device, noise.dtype).reshape(view)

@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from scipy import integrate, special
 from tqdm.auto import tqdm
 
-from .perturbation import gaussian, prior_log_prob
+from .perturbation import gaussian, prior_log_prob, radius_from_quantiles, radius_quantiles
 from .scheduling_pfgm import PFGMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -752,30 +752,14 @@ def _random_labels(num_classes, batch_size, generator):
     return torch.randint(num_classes, (batch_size,), generator=generator, device=device).cpu()
 
 
-def _radial_cdf(radius, N, sigma_max, aug_dim):
-    """(F(R), 1 - F(R)) of the prior radius (float64 arrays): R^2/(R^2 + r^2) ~ Beta(N/2, D/2), r = sigma_max sqrt(D),
-    or (R / sigma_max)^2 ~ chi^2_N for D = infinity (math.md §2). Both tails are kept so neither loses digits."""
-    if aug_dim is None:
-        half_sq = radius**2 / (2 * sigma_max**2)
-        return special.gammainc(N / 2, half_sq), special.gammaincc(N / 2, half_sq)
-    r_sq = sigma_max**2 * aug_dim
-    beta, beta_c = radius**2 / (radius**2 + r_sq), r_sq / (radius**2 + r_sq)
-    return special.betainc(N / 2, aug_dim / 2, beta), special.betainc(aug_dim / 2, N / 2, beta_c)
-
-
 def _radius_to_normal(radius, N, sigma_max, aug_dim):
-    lower, upper = _radial_cdf(radius, N, sigma_max, aug_dim)
+    """The standard normal with the same quantile as the prior radius (both tails kept, see `radius_quantiles`)."""
+    lower, upper = radius_quantiles(radius, N, sigma_max, aug_dim)
     return np.where(lower < 0.5, special.ndtri(lower), -special.ndtri(upper))
 
 
 def _normal_to_radius(normal, N, sigma_max, aug_dim):
-    lower, upper = special.ndtr(normal), special.ndtr(-normal)
-    if aug_dim is None:
-        half_sq = np.where(lower < 0.5, special.gammaincinv(N / 2, lower), special.gammainccinv(N / 2, upper))
-        return sigma_max * np.sqrt(2 * half_sq)
-    beta = special.betaincinv(N / 2, aug_dim / 2, lower)
-    beta_c = special.betaincinv(aug_dim / 2, N / 2, upper)
-    return sigma_max * math.sqrt(aug_dim) * np.sqrt(beta / beta_c)
+    return radius_from_quantiles(special.ndtr(normal), special.ndtr(-normal), N, sigma_max, aug_dim)
 
 
 def _model_card_text(repo_id):

@@ -15,6 +15,7 @@ from pfgm_diffusers import (
     sample_pfgm_prior,
     sample_pfgmpp_prior,
 )
+from pfgm_diffusers.perturbation import radius_from_quantiles, radius_quantiles
 
 
 def radii(x):
@@ -185,3 +186,17 @@ def test_nan_noise_is_refused():
         kernel_noise(noise, 1.0, 8)
     with pytest.raises(ValueError, match="noise levels"):
         kernel_noise(torch.randn(2, 3), torch.tensor([1.0, float("nan")]), 8)
+
+
+@pytest.mark.parametrize(("N", "D"), [(3, 1), (3072, 1), (3072, 128), (48, 10**6), (196608, 2048), (12, None)])
+def test_radius_quantile_round_trip_in_both_tails(N, D):
+    lower = np.array([1e-12, 1e-3, 0.3, 0.5, 0.7])
+    upper = np.concatenate([1 - lower[:3], [0.5, 0.3]])
+    lower = np.concatenate([lower, 1 - np.array([1e-3, 1e-12])])
+    upper = np.concatenate([upper, [1e-3, 1e-12]])
+    R = radius_from_quantiles(lower, upper, N, 2.0, D)
+    back_lower, back_upper = radius_quantiles(R, N, 2.0, D)
+    small = np.where(lower < 0.5, lower, upper)
+    back_small = np.where(lower < 0.5, back_lower, back_upper)
+    np.testing.assert_allclose(back_small, small, rtol=1e-4)
+    assert np.all(np.diff(R) > 0)
