@@ -81,3 +81,23 @@ def test_image_folder_labels_from_class_folders_and_corrupt_files_skipped(tmp_pa
     assert len(folder.dataset) == 4 and folder.num_classes == 2 and folder.num_channels == 1
     assert sorted(folder.dataset["label"]) == [0, 0, 1, 1]
     assert "skipping 1 corrupt image(s) of 5" in caplog.text and "bad.jpg" in caplog.text
+
+
+def test_dataset_name_accepts_a_local_path_and_finds_the_image_column(tmp_path):
+    import datasets
+
+    from pfgm_diffusers.data import load_hub_dataset
+
+    images = [Image.fromarray(np.full((6, 6, 3), 40 * i, dtype=np.uint8)) for i in range(4)]
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(num_classes=3)})
+    table = datasets.Dataset.from_dict({"img": images, "fine_label": [0, 1, 2, 0]}, features=features)
+    (tmp_path / "data").mkdir()
+    table.to_parquet(str(tmp_path / "data" / "train.parquet"))
+
+    loaded = load_hub_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), label_column="fine_label")
+    assert loaded.dataset.column_names == ["image", "label"]  # CIFAR-style "img" found and renamed
+    assert len(loaded.dataset) == 4 and loaded.num_classes == 3 and loaded.num_channels == 3
+    unlabelled = load_hub_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    assert unlabelled.num_classes is None and unlabelled.dataset.column_names == ["image"]
+    with pytest.raises(ValueError, match="--image_column 'picture' is not in"):
+        load_hub_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), image_column="picture")
