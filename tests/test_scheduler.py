@@ -12,7 +12,7 @@ from scipy import stats
 
 from pfgm_diffusers import PFGMScheduler, PFGMSchedulerOutput, ideal_denoiser
 
-ORACLE = Path(__file__).resolve().parents[2] / "shared" / "oracle"
+ORACLE = Path(__file__).resolve().parent / "oracle"  # the official code's outputs (see oracle/README.md)
 
 
 def run_loop(scheduler, x, model, generic=False):
