@@ -26,10 +26,11 @@ def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, log_weight, num_exact
     from explicit float64 differences; the far charges' part is one more matrix product.
     """
     gram = y @ x.T  # (B, L), the product that dominates the cost
-    y_sq, x_sq = torch.linalg.vector_norm(y, dim=1).square(), torch.linalg.vector_norm(x, dim=1).square()
-    dist_sq = (y_sq[:, None] + x_sq[None, :] - 2 * gram).double().clamp_(min=0)  # (B, L), approximate
-    k = min(num_exact, x.shape[0])
     y64 = y.double()
+    y_sq = torch.linalg.vecdot(y64, y64)  # (B,), exact and cheap
+    x_sq = torch.linalg.vector_norm(x, dim=1).double().square()  # (L,): an (L, N) float64 copy would cost a product
+    dist_sq = (y_sq[:, None] + x_sq[None, :] - 2 * gram.double()).clamp_(min=0)  # (B, L), approximate
+    k = min(num_exact, x.shape[0])
     near_part = torch.empty_like(y64)  # (B, N)
     far_weights = torch.empty_like(dist_sq)  # (B, L), zero on the nearest charges
     rows_per_block = max(1, _CHUNK_ELEMENTS // (k * y.shape[1]))
