@@ -33,3 +33,4 @@ format: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_field_target.py
+	$(PY) benchmarks/bench_trainer.py
