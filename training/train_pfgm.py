@@ -640,6 +640,7 @@ def main(argv=None):
             sigma_max=args.sigma_max,
             prediction_type="poisson_field",
             aug_dim=1,
+            sigma_schedule="exponential",  # the official PFGM grid is uniform in ln z (math.md §3)
             gamma=args.gamma,
             z_exp=args.z_exp,
             upper_norm=args.upper_norm,
