@@ -22,15 +22,6 @@ from pfgm_diffusers.pipeline_pfgm import PFGMPipelineOutput
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: torch's thread pool only costs here, and it thrashes on a loaded 2-core CI machine (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(out_channels=3, num_class_embeds=None, seed=0):
     torch.manual_seed(seed)
     return UNet2DModel(

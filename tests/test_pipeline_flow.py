@@ -15,15 +15,6 @@ from pfgm_diffusers.perturbation import prior_log_prob
 SIGMA_DATA = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: torch's thread pool only costs here, and it thrashes on a loaded 2-core CI machine (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ExactUNet(torch.nn.Module):
     """Stands in for a UNet2DModel whose output the scheduler turns into a known denoiser D(x, sigma).
 

@@ -14,15 +14,6 @@ from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sample.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: torch's thread pool only costs here, and it thrashes on a loaded 2-core CI machine (10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def load_script():
     spec = importlib.util.spec_from_file_location("sample_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
