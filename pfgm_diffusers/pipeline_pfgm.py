@@ -739,6 +739,30 @@ class PFGMPipeline(DiffusionPipeline):
 # ---------------------------------------------------------------------- helpers
 
 
+def image_grid(images: list[PIL.Image.Image], nrow: int | None = None, padding: int = 2) -> PIL.Image.Image:
+    """
+    Tile equally sized images row by row, `nrow` per row (about sqrt(len(images)) by default), on a white background.
+
+    Args:
+        images (`list[PIL.Image.Image]`): the images, e.g. a pipeline's `.images`.
+        nrow (`int`, *optional*): images per row.
+        padding (`int`, defaults to 2): pixels between and around the tiles.
+
+    Returns:
+        `PIL.Image.Image`: the grid (RGB, or L when every image is grayscale).
+    """
+    nrow = nrow or math.ceil(math.sqrt(len(images)))
+    ncol = math.ceil(len(images) / nrow)
+    width, height = images[0].size
+    mode = "L" if all(image.mode == "L" for image in images) else "RGB"
+    size = (nrow * (width + padding) + padding, ncol * (height + padding) + padding)
+    grid = PIL.Image.new(mode, size, color="white")
+    for i, image in enumerate(images):
+        row, col = divmod(i, nrow)
+        grid.paste(image.convert(mode), (padding + col * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
 def _short_repr(value, limit=60):
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."

@@ -13,9 +13,9 @@ import math
 import os
 
 import torch
-from PIL import Image
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+from pfgm_diffusers.pipeline_pfgm import image_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SOLVERS = ("scheduler", "heun", "euler", "rk45")
@@ -67,18 +67,6 @@ def load_pipeline(args):
     return pipe.to(args.device)
 
 
-def make_grid(images, nrow=None, padding=2):
-    """Tile equally sized PIL images into one image, row by row."""
-    nrow = nrow or math.ceil(math.sqrt(len(images)))
-    ncol = math.ceil(len(images) / nrow)
-    width, height = images[0].size
-    grid = Image.new("RGB", (nrow * (width + padding) + padding, ncol * (height + padding) + padding))
-    for i, image in enumerate(images):
-        row, col = divmod(i, nrow)
-        grid.paste(image.convert("RGB"), (padding + col * (width + padding), padding + row * (height + padding)))
-    return grid
-
-
 def sample(pipe, args):
     """All images, batch by batch; image i from a generator seeded seed + i. Returns (images, total NFE)."""
     images, nfe = [], 0
@@ -115,7 +103,7 @@ def main(argv=None):
             image.save(os.path.join(args.output_dir, f"{i:05d}.png"))
     if args.output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        make_grid(images, args.nrow).save(args.output)
+        image_grid(images, args.nrow).save(args.output)
     batches = math.ceil(args.num_images / args.batch_size)
     print(f"{args.num_images} images, {nfe / batches:.1f} network evaluations per batch ({args.solver})")
     return images, nfe

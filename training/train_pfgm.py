@@ -23,7 +23,6 @@ import time
 import datasets
 import diffusers
 import huggingface_hub
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -32,7 +31,6 @@ from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.import_utils import is_xformers_available
-from PIL import Image
 from tqdm.auto import tqdm
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
@@ -46,6 +44,7 @@ from pfgm_diffusers.data import (
 )
 from pfgm_diffusers.field import poisson_field_target, split_field_output
 from pfgm_diffusers.perturbation import pfgm_perturb
+from pfgm_diffusers.pipeline_pfgm import image_grid
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -470,19 +469,6 @@ def load_unet_config(model_config_name_or_path, resolution, num_channels, out_ch
     return config
 
 
-def make_grid(images, num_rows=None):
-    """(B, H, W, C) floats in [0, 1] -> one PIL image, rows x columns with a 1-pixel gap."""
-    batch_size, height, width, channels = images.shape
-    num_rows = num_rows if num_rows is not None else int(math.sqrt(batch_size))
-    num_cols = math.ceil(batch_size / num_rows)
-    grid = np.ones(((height + 1) * num_rows + 1, (width + 1) * num_cols + 1, channels), dtype=np.float32)
-    for index, image in enumerate(images):
-        row, col = divmod(index, num_cols)
-        grid[1 + row * (height + 1) : 1 + row * (height + 1) + height, 1 + col * (width + 1) :][:, :width] = image
-    grid = (np.clip(grid, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return Image.fromarray(grid[..., 0] if channels == 1 else grid)
-
-
 def sample_images(unet, scheduler_config, eval_batch_size, num_inference_steps, seed, num_classes=None):
     """Samples (B, H, W, C) in [0, 1] from `unet`, with a fresh scheduler and its own seeded generator."""
     pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler_config))
@@ -811,7 +797,9 @@ def main(argv=None):
                     )
                 unet.train()
                 os.makedirs(samples_dir, exist_ok=True)
-                make_grid(images).save(os.path.join(samples_dir, f"step_{global_step:07d}.png"))
+                image_grid(PFGMPipeline.numpy_to_pil(images), padding=1).save(
+                    os.path.join(samples_dir, f"step_{global_step:07d}.png")
+                )
                 step_start = time.perf_counter()  # sampling time is not training throughput
             if global_step >= args.max_train_steps:
                 break
