@@ -15,15 +15,18 @@ from .perturbation import (
     sample_pfgm_prior,
     sample_pfgmpp_prior,
 )
-from .pipeline_pfgm import PFGMPipeline as PFGMPipeline  # eager, like the classes above
+from .pipeline_pfgm import PFGMPipeline, PFGMPipelineOutput, image_grid
 from .scheduling_pfgm import PFGMScheduler, PFGMSchedulerOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PFGMPipeline",
+    "PFGMPipelineOutput",
     "PFGMScheduler",
     "PFGMSchedulerOutput",
     "field_dx_dz",
+    "image_grid",
     "ideal_denoiser",
     "kernel_noise",
     "pfgm_perturb",
