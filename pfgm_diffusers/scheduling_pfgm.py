@@ -245,7 +245,9 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
                 Where to put `timesteps` (`sigmas` stay on the CPU, as in diffusers' EDM schedulers).
             sigmas (`list[float]` or `torch.Tensor`, *optional*):
                 Custom noise levels, strictly decreasing and > 0, used instead of `num_inference_steps`. The final
-                value of `final_sigmas_type` is appended; in field mode the last one given is z_min.
+                value of `final_sigmas_type` is appended; in field mode the last one given is z_min. (Unlike
+                `EDMEulerScheduler`, which reads `sigmas` as positions in [0, 1] along its schedule, these are the
+                noise levels themselves, as in diffusers' other k-diffusion schedulers.)
         """
         if sigmas is None:
             if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
