@@ -430,3 +430,15 @@ def test_field_mode_needs_the_extra_channel():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="C\\+1"):
         scheduler.step(torch.randn(2, 3, 4, 4), scheduler.timesteps[0], x)
+
+
+def test_custom_sigmas_are_the_noise_levels():
+    scheduler = PFGMScheduler(aug_dim=16, solver="euler")
+    scheduler.set_timesteps(sigmas=[10.0, 1.0, 0.1])
+    assert scheduler.num_inference_steps == 3
+    torch.testing.assert_close(scheduler.sigmas, torch.tensor([10.0, 1.0, 0.1, 0.0]))
+    torch.testing.assert_close(scheduler.timesteps, 0.25 * torch.log(torch.tensor([10.0, 1.0, 0.1])))
+    heun = PFGMScheduler(aug_dim=16)
+    heun.set_timesteps(sigmas=[10.0, 1.0, 0.1])
+    torch.testing.assert_close(heun.sigmas, torch.tensor([10.0, 1.0, 1.0, 0.1, 0.1, 0.0]))
+    assert len(heun.timesteps) == 5
