@@ -4,6 +4,8 @@ The public classes are imported eagerly: diffusers resolves the library name sav
 (`pfgm_diffusers`) by looking for already-imported modules when a pipeline is reloaded.
 """
 
+import diffusers as _diffusers
+
 from .field import field_dx_dz, ideal_denoiser, poisson_field_target, split_field_output
 from .perturbation import (
     kernel_noise,
@@ -19,6 +21,11 @@ from .pipeline_pfgm import PFGMPipeline, PFGMPipelineOutput, image_grid
 from .scheduling_pfgm import PFGMScheduler, PFGMSchedulerOutput
 
 __version__ = "0.1.0"
+
+# `DiffusionPipeline.from_pretrained(folder)` looks the saved `_class_name` up on the diffusers module: registering the
+# class there lets generic diffusers code load a saved PFGMPipeline without `custom_pipeline` or remote code.
+if not hasattr(_diffusers, "PFGMPipeline"):
+    _diffusers.PFGMPipeline = PFGMPipeline
 
 __all__ = [
     "PFGMPipeline",

@@ -6,7 +6,7 @@ In field mode (the original PFGM, `prediction_type="poisson_field"`) sigma means
 """
 
 import math
-import os
+import tempfile
 from dataclasses import dataclass
 
 import huggingface_hub
@@ -19,14 +19,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from scipy import integrate, special
 from tqdm.auto import tqdm
 
+from .hub import download_pipeline, save_model_card, upload_pipeline
 from .perturbation import gaussian, prior_log_prob, radius_from_quantiles, radius_quantiles
 from .scheduling_pfgm import PFGMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 SOLVERS = (None, "rk45")
 HUTCHINSON_TYPES = ("rademacher", "gaussian")
-# Weights in these formats are never read by this pipeline; `download` skips them.
-_IGNORED_WEIGHT_PATTERNS = ["*.msgpack", "*.onnx", "*.onnx_data", "*.h5", "*.ckpt"]
 # 8-bit data mapped to [-1, 1]: one quantisation bin is 2/256 wide, so log2(256 / 2) = 7 bits/dim convert a density
 # on [-1, 1] into a discrete likelihood of 8-bit pixels (the official PFGM / score_sde offset).
 _BITS_PER_DIM_OFFSET = 7.0
@@ -131,9 +130,9 @@ class PFGMPipeline(DiffusionPipeline):
         Download a pipeline repository from the Hub with `huggingface_hub.snapshot_download` and return its folder.
 
         Diffusers' own `DiffusionPipeline.download` refuses `model_index.json` entries whose library it does not
-        know (here `pfgm_diffusers.scheduling_pfgm`) before fetching anything, so this pipeline replaces it; every
-        file of the repository is fetched except weights in formats diffusers never reads here (Flax, ONNX,
-        Keras, `.ckpt`). [`~DiffusionPipeline.from_pretrained`] calls this for any name that is not a local folder.
+        know (here `pfgm_diffusers.scheduling_pfgm`) before fetching anything, so this pipeline replaces it. Only
+        the pipeline's own files (`hub.PIPELINE_FILES`) and the model card are fetched; no code file is ever
+        downloaded or run. [`~DiffusionPipeline.from_pretrained`] calls this for any name that is not a local folder.
 
         Args:
             pretrained_model_name (`str`):
@@ -144,25 +143,7 @@ class PFGMPipeline(DiffusionPipeline):
         Returns:
             `str`: the local folder holding the snapshot.
         """
-        proxies = kwargs.pop("proxies", None)
-        if proxies is not None:
-            raise ValueError(
-                f"proxies={proxies!r} is not supported by huggingface_hub's snapshot_download; set the "
-                "HTTP(S)_PROXY environment variables instead."
-            )
-        from . import __version__ as library_version  # the package imports this module: import at call time
-
-        return huggingface_hub.snapshot_download(
-            pretrained_model_name,
-            cache_dir=kwargs.get("cache_dir"),
-            force_download=bool(kwargs.get("force_download", False)),
-            local_files_only=bool(kwargs.get("local_files_only", False)),
-            token=kwargs.get("token"),
-            revision=kwargs.get("revision"),
-            ignore_patterns=_IGNORED_WEIGHT_PATTERNS,
-            library_name="pfgm_diffusers",
-            library_version=library_version,
-        )
+        return download_pipeline(pretrained_model_name, **kwargs)
 
     def push_to_hub(
         self,
@@ -175,7 +156,7 @@ class PFGMPipeline(DiffusionPipeline):
         variant: str | None = None,
     ) -> str:
         r"""
-        Save the pipeline and upload it to the Hub, with a model card that names the library `pfgm_diffusers`.
+        Save the pipeline into a fresh folder and upload its files and a model card (library `pfgm_diffusers`).
 
         Args:
             repo_id (`str`):
@@ -194,20 +175,11 @@ class PFGMPipeline(DiffusionPipeline):
         Returns:
             The `huggingface_hub` commit info of the upload.
         """
-        import tempfile
-
         repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            card = huggingface_hub.ModelCard(_model_card_text(repo_id))
-            card.save(os.path.join(folder, "README.md"))
-            return huggingface_hub.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                token=token,
-                commit_message=commit_message or f"Upload {self.__class__.__name__}",
-                create_pr=create_pr,
-            )
+            save_model_card(folder, repo_id)
+            return upload_pipeline(repo_id, folder, token, commit_message, create_pr)
 
     # ------------------------------------------------------------------ input checks and conversions
 
@@ -784,28 +756,3 @@ def _radius_to_normal(radius, N, sigma_max, aug_dim):
 
 def _normal_to_radius(normal, N, sigma_max, aug_dim):
     return radius_from_quantiles(special.ndtr(normal), special.ndtr(-normal), N, sigma_max, aug_dim)
-
-
-def _model_card_text(repo_id):
-    return f"""---
-library_name: pfgm_diffusers
-tags:
-- pfgm
-- pfgm++
-- unconditional-image-generation
-- diffusers
----
-
-# {repo_id}
-
-A Poisson flow generative model (PFGM / PFGM++) saved by `pfgm_diffusers`'s `PFGMPipeline`, a diffusers
-pipeline. Load it with that package installed:
-
-```python
-import torch
-from pfgm_diffusers import PFGMPipeline
-
-pipe = PFGMPipeline.from_pretrained("{repo_id}")
-images = pipe(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images
-```
-"""

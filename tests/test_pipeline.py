@@ -15,6 +15,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, UNet2DModel
+from huggingface_hub.utils import filter_repo_objects
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 from pfgm_diffusers.pipeline_pfgm import PFGMPipelineOutput
@@ -267,14 +268,36 @@ def test_save_and_load_reproduce_images_exactly(tmp_path):
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
 
 
-def test_hub_loading_goes_through_snapshot_download(tmp_path, monkeypatch):
+def fake_hub_repo(tmp_path, pipe):
+    """A Hub repository as a folder: the saved pipeline plus files a loader must never fetch or run."""
+    repo = tmp_path / "hub_repo"
+    pipe.save_pretrained(repo)
+    (repo / "pipeline.py").write_text("raise SystemExit('remote code ran')\n")
+    (repo / "unet" / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    (repo / "checkpoint-10").mkdir()
+    (repo / "checkpoint-10" / "optimizer.bin").write_bytes(b"pickle")
+    return repo
+
+
+def copy_selected(source, target, allow_patterns=None, ignore_patterns=None):
+    """What huggingface_hub would transfer: its own pattern filter applied to the files of `source`."""
+    files = [str(path.relative_to(source)) for path in source.rglob("*") if path.is_file()]
+    selected = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+    for name in selected:
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target / name)
+    return selected
+
+
+def test_hub_loading_fetches_only_the_pipeline_files(tmp_path, monkeypatch):
     pipe = make_pipe()
+    repo = fake_hub_repo(tmp_path, pipe)
     snapshot = tmp_path / "snapshot"
-    pipe.save_pretrained(snapshot)
     calls = []
 
     def fake_snapshot_download(repo_id, **kwargs):
         calls.append((repo_id, kwargs))
+        copy_selected(repo, snapshot, kwargs.get("allow_patterns"), kwargs.get("ignore_patterns"))
         return str(snapshot)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
@@ -283,6 +306,9 @@ def test_hub_loading_goes_through_snapshot_download(tmp_path, monkeypatch):
     (repo_id, kwargs) = calls[0]
     assert len(calls) == 1 and repo_id == "someone/pfgmpp-tiny"
     assert kwargs["revision"] == "v1" and kwargs["library_name"] == "pfgm_diffusers"
+    fetched = sorted(str(path.relative_to(snapshot)) for path in snapshot.rglob("*") if path.is_file())
+    assert not [name for name in fetched if name.endswith(".py") or name.startswith("checkpoint")], fetched
+    assert "model_index.json" in fetched and "unet/diffusion_pytorch_model.safetensors" in fetched
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
 
 
@@ -300,16 +326,15 @@ def test_diffusers_own_download_refuses_our_library(tmp_path, monkeypatch):
         DiffusionPipeline.download("someone/pfgmpp-tiny")
 
 
-def test_push_to_hub_then_load(tmp_path, monkeypatch):
+def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch):
     remote = tmp_path / "remote"
     uploads = []
 
     def fake_create_repo(repo_id, **kwargs):
         return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def fake_upload_folder(repo_id, folder_path, **kwargs):
-        uploads.append((repo_id, kwargs))
-        shutil.copytree(folder_path, remote)
+    def fake_upload_folder(repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        uploads.append((repo_id, copy_selected(Path(folder_path), remote, allow_patterns, ignore_patterns)))
 
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
@@ -317,20 +342,44 @@ def test_push_to_hub_then_load(tmp_path, monkeypatch):
 
     pipe = make_pipe()
     pipe.push_to_hub("someone/pfgmpp-tiny", private=True)
-    assert uploads[0][0] == "someone/pfgmpp-tiny"
+    (repo_id, uploaded), *more = uploads
+    assert repo_id == "someone/pfgmpp-tiny" and not more
+    assert uploaded == [
+        "README.md",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
     card = huggingface_hub.ModelCard.load(remote / "README.md")
     assert card.data.library_name == "pfgm_diffusers" and "pfgm" in card.data.tags
+    assert "trust_remote_code" not in card.text
     loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny")
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
 
 
-def test_custom_pipeline_entry_loads_through_diffusion_pipeline(tmp_path, monkeypatch):
+def test_diffusion_pipeline_loads_a_saved_folder_without_remote_code(tmp_path, monkeypatch):
+    """Generic diffusers code loads a saved PFGMPipeline once pfgm_diffusers is imported: no custom_pipeline."""
 
     monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     pipe = make_pipe()
     pipe.save_pretrained(tmp_path / "saved")
-    entry = REPO_ROOT / "pipelines" / "pfgm"
+    (tmp_path / "saved" / "pipeline.py").write_text("raise SystemExit('remote code ran')\n")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert type(loaded) is PFGMPipeline and isinstance(loaded.scheduler, PFGMScheduler)
+    assert not (tmp_path / "modules").exists()  # diffusers cached (and ran) no module
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_custom_pipeline_entry_is_a_local_file_that_only_imports_the_package(tmp_path, monkeypatch):
+    """`pipelines/pfgm/pipeline.py`, for diffusers tools that take a `custom_pipeline` file path."""
+
+    monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "saved")
+    entry = REPO_ROOT / "pipelines" / "pfgm" / "pipeline.py"
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved", custom_pipeline=str(entry), trust_remote_code=True)
     assert type(loaded).__name__ == "PFGMPipeline" and isinstance(loaded.scheduler, PFGMScheduler)
     loaded.set_progress_bar_config(disable=True)

@@ -3,6 +3,8 @@
 Each run uses a ~2k-parameter UNet on 8x8 images for a few steps, so a launch costs mostly its start-up time.
 """
 
+import importlib.machinery
+import importlib.util
 import json
 import os
 import signal
@@ -294,45 +296,92 @@ def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(tmp_path
     assert (out / "model_index.json").is_file()
 
 
-def test_push_to_hub_uploads_the_pipeline_but_no_checkpoints(tmp_path, image_folder, unet_config, monkeypatch):
+SECRET = "hf_NeverWriteMe0123456789"
+
+
+@pytest.fixture
+def hub_boundary(monkeypatch):
+    """Intercept the Hub where bytes would leave: `create_repo`, and `upload_folder` after huggingface_hub's own
+    selection of the files (its real allow/ignore filtering runs), recording each file's contents. No network."""
     import huggingface_hub
-    from huggingface_hub.utils import filter_repo_objects
 
-    calls = {}
-
-    class RepoUrl:
-        repo_id = "me/pfgm-tiny"
+    calls = {"commits": []}
 
     def create_repo(repo_id, **kwargs):
         calls["create_repo"] = dict(repo_id=repo_id, **kwargs)
-        return RepoUrl()
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(**kwargs):
-        folder = kwargs["folder_path"]
-        files = [
-            os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
-        ]
-        kwargs["uploaded"] = sorted(filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]))
-        calls["upload_folder"] = kwargs
+    def upload_folder(*, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        operations = huggingface_hub.HfApi()._prepare_upload_folder_additions(
+            folder_path, "", allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, token=None, repo_type=None
+        )
+        files = {operation.path_in_repo: open(operation.path_or_fileobj, "rb").read() for operation in operations}
+        calls["commits"].append(dict(repo_id=repo_id, files=files, **kwargs))
 
-    # The Hub boundary: the script calls huggingface_hub.create_repo / upload_folder through the module
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "_validate_yaml", lambda self, *args, **kwargs: None)  # a web call
+    return calls
+
+
+def all_files(folder):
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+
+
+def test_push_to_hub_uploads_an_allow_list_and_no_secret(
+    tmp_path, image_folder, unet_config, hub_boundary, monkeypatch, capfd
+):
+    import accelerate
+
     out = tmp_path / "out"
-    args = tiny_args(image_folder, unet_config, out, max_train_steps=2, checkpointing_steps=1)
-    args += ["--push_to_hub", "--hub_model_id", "me/pfgm-tiny", "--hub_private_repo", "--hub_token", "hf_secret"]
+    out.mkdir()
+    (out / ".env").write_text("HF_TOKEN=hf_private\n")  # stray files a user keeps beside the run
+    (out / "notes.txt").write_text("private notes\n")
+    trackers = {}
+    monkeypatch.setattr(
+        accelerate.Accelerator, "init_trackers", lambda self, name, config=None, **kw: trackers.update(config)
+    )
+    fake_tensorboard = importlib.util.module_from_spec(importlib.machinery.ModuleSpec("tensorboard", None))
+    monkeypatch.setitem(sys.modules, "tensorboard", fake_tensorboard)  # passes the "is it installed" checks
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=2, checkpointing_steps=1, report_to="tensorboard")
+    args += ["--push_to_hub", "--hub_model_id", "me/pfgm-tiny", "--hub_private_repo", "--hub_token", SECRET]
     with in_process(tmp_path) as train_pfgm:
         train_pfgm.main([str(arg) for arg in args])
 
-    assert calls["create_repo"] == dict(repo_id="me/pfgm-tiny", exist_ok=True, private=True, token="hf_secret")
-    upload = calls["upload_folder"]
-    assert upload["repo_id"] == "me/pfgm-tiny" and upload["token"] == "hf_secret"
-    assert upload["folder_path"] == str(out)
-    uploaded = upload["uploaded"]
-    assert "model_index.json" in uploaded and "unet/diffusion_pytorch_model.safetensors" in uploaded
-    assert "training_args.json" in uploaded and "samples.png" in uploaded
-    assert not [path for path in uploaded if path.startswith(("checkpoint-", "logs", "samples/", "."))], uploaded
+    assert hub_boundary["create_repo"] == dict(repo_id="me/pfgm-tiny", exist_ok=True, private=True, token=SECRET)
+    (commit,) = hub_boundary["commits"]
+    uploaded = sorted(commit["files"])
+    assert commit["repo_id"] == "me/pfgm-tiny"
+    expected = [
+        "README.md",
+        "model_index.json",
+        "samples.png",
+        "scheduler/scheduler_config.json",
+        "training_args.json",
+    ]
+    expected += ["unet/config.json", "unet/diffusion_pytorch_model.safetensors"]
+    assert uploaded == sorted(expected)
     assert checkpoint_steps(out) == [1, 2]  # they exist locally, they are just not uploaded
+    # The token is nowhere: not in an uploaded file, a file of the run, the tracker's config or the console
+    assert not [path for path, content in commit["files"].items() if SECRET.encode() in content]
+    assert not [path for path in all_files(out) if SECRET.encode() in open(path, "rb").read()]
+    saved_args = json.loads((out / "training_args.json").read_text())
+    assert "hub_token" not in saved_args and saved_args["hub_model_id"] == "me/pfgm-tiny"
+    assert trackers and "hub_token" not in trackers and SECRET not in json.dumps(trackers)
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out + captured.err
+    card = commit["files"]["README.md"].decode()
+    assert "library_name: pfgm_diffusers" in card and "trust_remote_code" not in card
+
+
+def test_public_arguments_drop_every_secret_name():
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("train_pfgm_args", SCRIPT)
+    train_pfgm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_pfgm)
+    args = argparse.Namespace(hub_token="a", wandb_api_key="b", db_password="c", client_secret="d", seed=3)
+    assert train_pfgm.public_arguments(args) == {"seed": 3}
 
 
 class in_process:

@@ -43,6 +43,7 @@ from pfgm_diffusers.data import (
     load_image_folder,
 )
 from pfgm_diffusers.field import poisson_field_target, split_field_output
+from pfgm_diffusers.hub import save_model_card, upload_pipeline
 from pfgm_diffusers.perturbation import pfgm_perturb
 from pfgm_diffusers.pipeline_pfgm import image_grid
 
@@ -51,7 +52,9 @@ logger = get_logger(__name__, log_level="INFO")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_NAME = "pfgm_training_state.json"  # written into every checkpoint, read back on resume
-ARGS_NAME = "training_args.json"  # the resolved arguments, beside the saved pipeline
+ARGS_NAME = "training_args.json"  # the resolved arguments without secrets, beside the saved pipeline
+# Arguments whose names contain these words are secrets: never written to disk, logged or sent to a tracker.
+SECRET_WORDS = ("token", "key", "password", "secret")
 # UNet2DModel keys the trainer derives from the data and the objective; a model config may not set them otherwise.
 DERIVED_UNET_KEYS = ("sample_size", "in_channels", "out_channels", "num_class_embeds")
 
@@ -263,7 +266,11 @@ def build_parser():
     hub = parser.add_argument_group("Hub")
     hub.add_argument("--push_to_hub", action="store_true")
     hub.add_argument("--hub_model_id", default=None, help="Default: the name of --output_dir.")
-    hub.add_argument("--hub_token", default=None)
+    hub.add_argument(
+        "--hub_token",
+        default=None,
+        help="Prefer `hf auth login` or HF_TOKEN (other users see flags in `ps`). Never saved or logged.",
+    )
     hub.add_argument("--hub_private_repo", action="store_true")
     return parser
 
@@ -318,7 +325,10 @@ def check_args(args):
     if args.P_std <= 0 or args.sigma_data <= 0:
         raise ValueError(f"--P_std and --sigma_data must be > 0, got {args.P_std} and {args.sigma_data}")
     if args.report_to == "wandb" and args.hub_token is not None:
-        raise ValueError("--hub_token with --report_to wandb would expose the token; log in with `hf auth login`")
+        raise ValueError(
+            "--hub_token with --report_to wandb: wandb records the command line, token included; use `hf auth login` "
+            "or the HF_TOKEN variable instead"
+        )
     if args.report_to != "none":
         try:
             __import__(args.report_to)
@@ -520,14 +530,21 @@ def ema_weights(ema_model, unet):
         ema_model.restore(unet.parameters())
 
 
+def public_arguments(args):
+    """The arguments without secrets (any name with token, key, password or secret), for files and trackers."""
+    return {name: value for name, value in vars(args).items() if not any(word in name for word in SECRET_WORDS)}
+
+
 def push_to_hub(repo_id, output_dir, token):
-    """Upload the saved pipeline, never the checkpoints, partial folders or logs."""
-    huggingface_hub.upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message="Upload PFGM pipeline trained with pfgm_diffusers",
-        ignore_patterns=[f"{CHECKPOINT_PREFIX}*", ".partial-*", ".deleting-*", "logs", "logs/*", "samples/*"],
+    """Upload the saved pipeline, its model card, `samples.png` and the arguments file: an allow-list, so checkpoints,
+    logs and any stray file in the output folder stay local."""
+    save_model_card(output_dir, repo_id)
+    upload_pipeline(
+        repo_id,
+        output_dir,
         token=token,
+        commit_message="Upload PFGM pipeline trained with pfgm_diffusers",
+        extra_files=("samples.png", ARGS_NAME),
     )
 
 
@@ -712,9 +729,10 @@ def main(argv=None):
         logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, ARGS_NAME), "w") as f:
-            json.dump(vars(args), f, indent=2)
+            json.dump(public_arguments(args), f, indent=2)
         if args.report_to != "none":
-            accelerator.init_trackers("train_pfgm", config={k: v for k, v in vars(args).items() if v is not None})
+            config = {name: value for name, value in public_arguments(args).items() if value is not None}
+            accelerator.init_trackers("train_pfgm", config=config)
 
     # Loop
     num_charges = args.large_batch_size * accelerator.num_processes if args.objective == "poisson_field" else None
