@@ -65,6 +65,18 @@ def radius_from_quantiles(lower, upper, N, sigma, aug_dim):
     return sigma * math.sqrt(aug_dim) * np.sqrt(beta / beta_c)
 
 
+def radius_to_normal(R, N, sigma, aug_dim):
+    """The standard normal value with the same quantile as the kernel radius R (both tails kept, float64)."""
+    lower, upper = radius_quantiles(R, N, sigma, aug_dim)
+    return np.where(lower < 0.5, special.ndtri(lower), -special.ndtri(upper))
+
+
+def normal_to_radius(normal, N, sigma, aug_dim):
+    """The kernel radius with the same quantile as the standard normal value `normal` (inverse of radius_to_normal)."""
+    normal = np.asarray(normal, dtype=np.float64)
+    return radius_from_quantiles(special.ndtr(normal), special.ndtr(-normal), N, sigma, aug_dim)
+
+
 def kernel_noise(noise: torch.Tensor, sigma, aug_dim: int | None) -> torch.Tensor:
     """Map Gaussian `noise` (B, ...) onto a draw of the PFGM++ kernel at noise level `sigma` (math.md §2).
 
@@ -111,6 +123,23 @@ def sample_kernel_noise(shape, sigma, aug_dim, generator=None, device=None, dtyp
 def pfgmpp_prior_from_noise(noise: torch.Tensor, sigma_max: float, aug_dim: int | None) -> torch.Tensor:
     """Map Gaussian `noise` onto the PFGM++ prior: the kernel centred at 0 with r_max = sigma_max * sqrt(D)."""
     return kernel_noise(noise, sigma_max, aug_dim)
+
+
+def pfgmpp_noise_from_prior(x: torch.Tensor, sigma_max: float, aug_dim: int | None) -> torch.Tensor:
+    """The standard Gaussian `noise` with `pfgmpp_prior_from_noise(noise, sigma_max, aug_dim) == x`: the inverse
+    radial quantile map (direction kept, radius R moved to the chi_N radius of the same quantile)."""
+    _check_aug_dim(aug_dim)
+    batch_size, N = x.shape[0], x[0].numel()
+    if aug_dim is None:
+        return x / sigma_max
+    R = x.detach().reshape(batch_size, -1).double().norm(dim=1).cpu().numpy()  # (B,)
+    if not np.all(np.isfinite(R)):
+        raise ValueError("`x` contains NaN or infinite values.")
+    lower, upper = radius_quantiles(R, N, sigma_max, aug_dim)
+    norm = radius_from_quantiles(lower, upper, N, 1.0, None)  # |noise| with the same quantile
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(R > 0, norm / R, 0.0)
+    return x * torch.from_numpy(scale).to(x.device, x.dtype).reshape((batch_size,) + (1,) * (x.ndim - 1))
 
 
 def sample_pfgmpp_prior(shape, sigma_max, aug_dim, generator=None, device=None, dtype=None) -> torch.Tensor:

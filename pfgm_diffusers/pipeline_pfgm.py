@@ -16,11 +16,11 @@ import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from scipy import integrate, special
+from scipy import integrate
 from tqdm.auto import tqdm
 
 from .hub import download_pipeline, save_model_card, upload_pipeline
-from .perturbation import gaussian, prior_log_prob, radius_from_quantiles, radius_quantiles
+from .perturbation import gaussian, normal_to_radius, prior_log_prob, radius_to_normal
 from .scheduling_pfgm import PFGMScheduler
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -114,13 +114,22 @@ class PFGMPipeline(DiffusionPipeline):
             `prediction_type="poisson_field"`. Class-conditional if it has `num_class_embeds`.
         scheduler ([`PFGMScheduler`] or [`~diffusers.EDMEulerScheduler`]):
             The scheduler; it owns the preconditioning, the sigma grid and the prior.
+        class_names (`list[str]`, *optional*):
+            The names of the classes of a class-conditional UNet, in label order (saved with the pipeline).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler: PFGMScheduler | EDMEulerScheduler):
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler: PFGMScheduler | EDMEulerScheduler,
+        class_names: list[str] | None = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        # Saved in model_index.json, so that a class-conditional model can be sampled by class name
+        self.register_to_config(class_names=None if class_names is None else list(class_names))
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -583,11 +592,11 @@ class PFGMPipeline(DiffusionPipeline):
 
         sigma_max, aug_dim, upper_norm = self._prior_params()
         n_a, n_b = (
-            _radius_to_normal(radius_a, N, sigma_max, aug_dim),
-            _radius_to_normal(radius_b, N, sigma_max, aug_dim),
+            radius_to_normal(radius_a, N, sigma_max, aug_dim),
+            radius_to_normal(radius_b, N, sigma_max, aug_dim),
         )
         n_t = np.cos(np.pi / 2 * w[..., 0]) * n_a + np.sin(np.pi / 2 * w[..., 0]) * n_b  # (T, B)
-        radius = _normal_to_radius(n_t, N, sigma_max, aug_dim)
+        radius = normal_to_radius(n_t, N, sigma_max, aug_dim)
         # Exact endpoints, whatever the round trip through the quantiles loses.
         radius = np.where(w[..., 0] == 0, radius_a, np.where(w[..., 0] == 1, radius_b, radius))
         if upper_norm is not None:
@@ -746,13 +755,3 @@ def _random_labels(num_classes, batch_size, generator):
         return torch.cat([torch.randint(num_classes, (1,), generator=g, device=g.device).cpu() for g in generator])
     device = generator.device if generator is not None else "cpu"
     return torch.randint(num_classes, (batch_size,), generator=generator, device=device).cpu()
-
-
-def _radius_to_normal(radius, N, sigma_max, aug_dim):
-    """The standard normal with the same quantile as the prior radius (both tails kept, see `radius_quantiles`)."""
-    lower, upper = radius_quantiles(radius, N, sigma_max, aug_dim)
-    return np.where(lower < 0.5, special.ndtri(lower), -special.ndtri(upper))
-
-
-def _normal_to_radius(normal, N, sigma_max, aug_dim):
-    return radius_from_quantiles(special.ndtr(normal), special.ndtr(-normal), N, sigma_max, aug_dim)

@@ -16,11 +16,12 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import preconditioning
+from . import ode, preconditioning
 from .field import field_dx_dz
 from .perturbation import (
     kernel_noise,
     pfgm_prior_from_noise,
+    pfgmpp_noise_from_prior,
     pfgmpp_prior_from_noise,
     sample_pfgm_prior,
     sample_pfgmpp_prior,
@@ -358,6 +359,25 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             return pfgm_prior_from_noise(noise, self.config.sigma_max, self.config.upper_norm)
         return pfgmpp_prior_from_noise(noise, self.config.sigma_max, self.config.aug_dim)
 
+    def noise_from_prior(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        The standard Gaussian latent of a prior sample: the inverse of [`~PFGMScheduler.prior_from_noise`].
+
+        Args:
+            x (`torch.Tensor`): prior samples (B, C, H, W), e.g. the end of an inversion at sigma_max.
+
+        Returns:
+            `torch.Tensor`: `noise` with `prior_from_noise(noise) == x` (exact up to rounding; in field mode exact for
+            radii inside the `upper_norm` clip).
+        """
+        aug_dim = 1 if self._field_mode else self.config.aug_dim
+        return pfgmpp_noise_from_prior(x, self.config.sigma_max, aug_dim)
+
+    def num_output_channels(self, num_channels: int) -> int:
+        """The number of model output channels this prediction type needs for `num_channels` image channels: C + 1
+        in field mode (the extra channel is the z-component, math.md §3), C otherwise."""
+        return num_channels + 1 if self._field_mode else num_channels
+
     def sample_prior(
         self,
         shape: tuple[int, ...],
@@ -507,17 +527,16 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
 
         pred_original_sample = self.precondition_outputs(sample, model_output, sigma_hat)
-        derivative = (sample - pred_original_sample) / sigma_hat  # dx/dsigma (dx/dz in field mode)
+        derivative = ode.to_d(sample, pred_original_sample, sigma_hat)  # dx/dsigma (dx/dz in field mode)
         if self._heun_state is None:
-            dt = self.sigmas[self.step_index + 1] - sigma_hat
-            prev_sample = sample + derivative * dt
+            sigma_next = self.sigmas[self.step_index + 1]
+            prev_sample = ode.euler_step(sample, derivative, sigma_hat, sigma_next)
             last_call = self.step_index == len(self.timesteps) - 1
             if self.config.solver == "heun" and not last_call:
-                self._heun_state = (sample, derivative, dt)  # corrected at the next call, at sigmas[i + 1]
+                self._heun_state = (sample, derivative, sigma_hat)  # corrected at the next call, at sigma_next
         else:
-            # Heun's correction: average the slopes at both ends of the step (EDM Algorithm 1, lines 7-8)
-            sample_start, derivative_start, dt = self._heun_state
-            prev_sample = sample_start + (derivative_start + derivative) / 2 * dt
+            sample_start, derivative_start, sigma_start = self._heun_state
+            prev_sample = ode.heun_step(sample_start, derivative_start, derivative, sigma_start, sigma)
             self._heun_state = None
 
         prev_sample = prev_sample.to(model_output.dtype)
