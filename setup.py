@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["pfgm_diffusers", "pfgm_diffusers.*"]),
-    package_data={"pfgm_diffusers": ["data/*.npz"]},
+    package_data={"pfgm_diffusers": ["data/*.npz", "data/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -26,5 +26,8 @@ setup(
         "test": ["pytest", "ruff"],
         "train": ["tensorboard"],
         "xformers": ["xformers"],
+        # FID/KID in pfgm_diffusers.evaluation and scripts/evaluate.py (the digits metrics need nothing extra)
+        "eval": ["torch-fidelity"],
+        "plots": ["matplotlib"],
     },
 )

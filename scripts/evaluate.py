@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Sample a saved PFGM / PFGM++ pipeline and measure its images; print a summary and write a JSON of the results.
+
+    # offline, for models of the embedded digits: the shipped classifier's metrics (pfgm_diffusers.evaluation)
+    python scripts/evaluate.py --model outputs/pfgm --num_images 1000 --num_inference_steps 18 --output results.json
+    # FID/KID against a Hub dataset or an image folder, through torch-fidelity (pip install pfgm_diffusers[eval])
+    python scripts/evaluate.py --model outputs/cifar --reference uoft-cs/cifar10 --num_images 10000 --device cuda
+
+`--reference digits` (the default) needs no network: it reports the Fréchet distance in the digit classifier's
+features to the real training split, the share of confidently classified images and the coverage of the 10
+classes, each beside the same figure for the held-out real digits. Any other `--reference` (a `datasets` Hub id or a
+folder of images, resized like the trainer does to the model's resolution) gives FID and KID with torch-fidelity's
+Inception-v3, whose weights are downloaded once or read from `--inception_weights`; offline without them it stops
+with one line that says what to do. Image i is drawn from a generator seeded `seed + i` (as scripts/sample.py), so
+the figures do not depend on `--batch_size` (except with RK45, which adapts its steps to each batch). The JSON holds
+`frechet_distance`, `nfe` (network evaluations per image), every metric, the timings and every setting used.
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import pfgm_diffusers
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler, scheduling_pfgm
+from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder
+from pfgm_diffusers.evaluation import (
+    DigitsMetrics,
+    FidelityUnavailableError,
+    fidelity_metrics,
+    import_torch_fidelity,
+    inception_weights_path,
+)
+
+
+def solver_choices():
+    """'scheduler' (the saved scheduler's own solver), 'rk45', and every solver the scheduler knows today."""
+    return ("scheduler", "rk45", *scheduling_pfgm._SOLVERS)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="A folder saved by save_pretrained, or a Hub repo id.")
+    parser.add_argument("--num_images", type=int, default=1000)
+    parser.add_argument("--num_inference_steps", type=int, default=18)
+    parser.add_argument(
+        "--solver",
+        choices=solver_choices(),
+        default="scheduler",
+        help="'scheduler': the saved scheduler's own solver; 'rk45': adaptive RK45; any other: the scheduler's.",
+    )
+    parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
+    parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
+    parser.add_argument(
+        "--reference",
+        default="digits",
+        help="'digits' (offline classifier metrics), a `datasets` Hub id or a folder of images (FID/KID).",
+    )
+    parser.add_argument("--dataset_config_name", default=None, help="The Hub dataset's configuration, if any.")
+    parser.add_argument("--num_reference", type=int, default=None, help="Use the first N reference images (all).")
+    parser.add_argument("--inception_weights", default=None, help="A local torch-fidelity Inception weights file.")
+    parser.add_argument("--output", default=None, help="Path of the JSON of results.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "num_inference_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.num_images < 2:
+        parser.error(f"--num_images must be >= 2 (a covariance needs two images), got {args.num_images}")
+    if args.num_reference is not None and args.num_reference < 2:
+        parser.error(f"--num_reference must be >= 2, got {args.num_reference}")
+    return args
+
+
+# ---------------------------------------------------------------------- the pipeline: the only two calls into it
+
+
+def load_pipeline(args):
+    pipe = PFGMPipeline.from_pretrained(args.model)
+    if args.solver not in ("scheduler", "rk45"):
+        pipe.scheduler = PFGMScheduler.from_config(pipe.scheduler.config, solver=args.solver)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device)
+
+
+def generate(pipe, generators, args):
+    """One batch, one image per generator: images (B, H, W, C) in [0, 1] and the network evaluations per image."""
+    output = pipe(
+        batch_size=len(generators),
+        num_inference_steps=args.num_inference_steps,
+        generator=generators,
+        output_type="np",
+        solver="rk45" if args.solver == "rk45" else None,
+        rtol=args.rtol,
+        atol=args.atol,
+    )
+    return output.images, output.nfe  # the batch shares its steps: its NFE is the NFE of each image
+
+
+# ---------------------------------------------------------------------- sampling and measuring
+
+
+def sample(pipe, args, on_batch):
+    """All images batch by batch, image i seeded seed + i; `on_batch(images)` takes each batch. Returns the network
+    evaluations per image of each batch, the seconds spent sampling and the seconds spent in `on_batch`."""
+    generator_device = "cpu" if args.device == "mps" else args.device
+    nfe_per_batch, seconds, on_batch_seconds = [], 0.0, 0.0
+    with tqdm(total=args.num_images, unit="img", desc="sampling") as progress:
+        for start in range(0, args.num_images, args.batch_size):
+            indices = range(start, min(start + args.batch_size, args.num_images))
+            generators = [torch.Generator(generator_device).manual_seed(args.seed + i) for i in indices]
+            began = time.perf_counter()
+            images, nfe = generate(pipe, generators, args)
+            if str(args.device).startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - began
+            nfe_per_batch.append(int(nfe))
+            began = time.perf_counter()
+            on_batch(images)
+            on_batch_seconds += time.perf_counter() - began
+            progress.update(len(indices))
+    return nfe_per_batch, seconds, on_batch_seconds
+
+
+def load_reference(args, resolution, num_channels):
+    """The reference images as uint8 (M, H, W, C), resized and center-cropped like the trainer's data."""
+    if os.path.isdir(args.reference):
+        dataset = load_image_folder(args.reference).dataset
+    else:
+        dataset = load_hub_dataset(args.reference, args.dataset_config_name).dataset
+    if args.num_reference is not None:
+        dataset = dataset.select(range(min(args.num_reference, len(dataset))))
+    transform = ImageTransform(resolution, num_channels, center_crop=True)
+    images = [transform(example["image"]) for example in dataset]  # (C, H, W) in [-1, 1]
+    pixels = torch.stack(images).permute(0, 2, 3, 1)  # (M, H, W, C)
+    return ((pixels + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def to_uint8(images):
+    """[0, 1] floats -> 8-bit levels, as the pipeline's PIL output and saved PNGs have them."""
+    return np.round(images * 255).astype(np.uint8)
+
+
+def evaluate(args):
+    pipe = load_pipeline(args)
+    config = pipe.unet.config
+    resolution = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    # Everything that can fail (a missing extra, weights or data) fails before the sampling
+    if args.reference == "digits":
+        if config.in_channels != 1:
+            raise ValueError(f"--reference digits measures 1-channel models, this one has {config.in_channels}")
+        metric = DigitsMetrics(device=args.device)
+        on_batch = metric.update  # streaming: only the feature statistics are kept
+    else:
+        import_torch_fidelity()
+        weights_path = inception_weights_path(args.inception_weights)
+        reference = load_reference(args, resolution, config.in_channels)
+        generated = []
+        on_batch = lambda images: generated.append(to_uint8(images))  # noqa: E731
+
+    nfe_per_batch, sampling_seconds, metric_seconds = sample(pipe, args, on_batch)
+    began = time.perf_counter()
+    if args.reference == "digits":
+        metrics = metric.compute()
+        frechet = metrics["frechet_distance"]
+    else:
+        generated = np.concatenate(generated)
+        metrics = fidelity_metrics(generated, reference, weights_path, device=args.device, batch_size=args.batch_size)
+        frechet = metrics["fid"]
+    metric_seconds += time.perf_counter() - began
+
+    return {
+        "frechet_distance": frechet,
+        "frechet_features": "digit_classifier" if args.reference == "digits" else "inception_v3",
+        "nfe": float(np.mean(nfe_per_batch)),
+        "nfe_per_batch": nfe_per_batch,
+        "num_images": args.num_images,
+        "sampling_seconds": sampling_seconds,
+        "metric_seconds": metric_seconds,
+        "images_per_second": args.num_images / sampling_seconds,
+        "metrics": metrics,
+        "settings": vars(args),
+        "scheduler": json.loads(pipe.scheduler.to_json_string()),
+        "unet": {
+            "sample_size": resolution,
+            "in_channels": config.in_channels,
+            "parameters": pipe.unet.num_parameters(),
+        },
+        "environment": environment(args.device),
+    }
+
+
+def environment(device):
+    info = {
+        "pfgm_diffusers": pfgm_diffusers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if str(device).startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def summary(results):
+    metrics = results["metrics"]
+    lines = [
+        f"{results['num_images']} images, {results['nfe']:.1f} network evaluations per image "
+        f"({results['settings']['solver']}, {results['settings']['num_inference_steps']} steps)",
+        f"sampling {results['sampling_seconds']:.1f} s ({results['images_per_second']:.2f} images/s), "
+        f"metrics {results['metric_seconds']:.1f} s",
+    ]
+    if results["frechet_features"] == "digit_classifier":
+        lines.append(f"{'':24s}{'generated':>12s}{'held-out real':>15s}")
+        for key, label in (
+            ("frechet_distance", "Fréchet distance"),
+            ("confident_share", f"confident (p >= {metrics['confidence_threshold']})"),
+            ("class_coverage", "class coverage"),
+            ("class_kl", "class KL (nats)"),
+        ):
+            lines.append(f"{label:24s}{metrics[key]:12.4f}{metrics['heldout_' + key]:15.4f}")
+        lines.append(
+            f"(held-out: {metrics['heldout_num_images']} real digits, accuracy {metrics['heldout_accuracy']:.4f})"
+        )
+    else:
+        lines.append(
+            f"FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} +- {metrics['kid_std']:.5f} "
+            f"against {metrics['num_reference']} reference images"
+        )
+    return "\n".join(lines)
+
+
+def write_json(results, path):
+    """Write to a temporary file and rename it: a crash never leaves half a JSON."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        json.dump(results, file, indent=2)
+    os.replace(temporary, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        results = evaluate(args)
+    except FidelityUnavailableError as error:
+        raise SystemExit(f"evaluate.py: {error}") from None  # one line, no traceback: the message is the fix
+    print(summary(results))
+    if args.output is not None:
+        write_json(results, args.output)
+        print(f"wrote {args.output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
