@@ -21,6 +21,8 @@ setup(
         # scipy: exact Beta/chi-square quantiles for the PFGM++ kernel and the RK45 sampler of the original PFGM
         "scipy",
         "pillow",
+        # safetensors: the shipped digit classifier loads without unpickling (diffusers depends on it too)
+        "safetensors",
     ],
     extras_require={
         "test": ["pytest", "ruff"],
