@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 lies on this project's machines; elsewhere pick the build you need.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test train lint format bench
+.PHONY: install test train lint format bench evidence evidence-quick
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -34,3 +34,14 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_field_target.py
 	$(PY) benchmarks/bench_trainer.py
+
+# The papers' claims at CPU scale: rewrites the evidence section of docs/benchmarks.md and docs/evidence_*.png
+# (~45 min on 2 idle cores; results are kept in outputs/evidence/full and reused by a rerun with the same settings).
+evidence: $(VENV)/.installed
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/evidence/run.py
+
+# The same machinery at toy sizes, a few minutes; report and plots in outputs/evidence/quick, the docs untouched.
+evidence-quick: $(VENV)/.installed
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/evidence/run.py --quick
