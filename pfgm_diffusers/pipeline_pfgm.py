@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from . import ode
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
-from .perturbation import normal_to_radius, prior_log_prob, radius_to_normal
+from .latents import slerp_gaussian
+from .perturbation import prior_log_prob
 from .scheduling_pfgm import PFGMScheduler
 
 __all__ = ["PFGMLikelihoodOutput", "PFGMPipeline", "PFGMPipelineOutput", "image_grid"]
@@ -184,18 +185,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         """`class_labels` (None, an int or name, a list of them, or an integer tensor) as a (B,) long tensor; None
         for an unconditional UNet. Missing labels are drawn uniformly from `generator` unless `required`."""
         num_classes = self.unet.config.num_class_embeds
+        if num_classes is None and class_labels is not None:
+            raise ValueError(
+                f"class_labels={_short_repr(class_labels)} were given but the UNet has no class embedding "
+                "(unet.config.num_class_embeds is None): it is unconditional."
+            )
         if num_classes is None:
-            if class_labels is not None:
-                raise ValueError(
-                    f"class_labels={_short_repr(class_labels)} were given but the UNet has no class embedding "
-                    "(unet.config.num_class_embeds is None): it is unconditional."
-                )
             return None
+        if class_labels is None and required:
+            raise ValueError(f"The UNet is class-conditional (num_class_embeds={num_classes}): pass `class_labels`.")
         if class_labels is None:
-            if required:
-                raise ValueError(
-                    f"The UNet is class-conditional (num_class_embeds={num_classes}): pass `class_labels`."
-                )
             return _random_labels(num_classes, batch_size, generator).to(device)
         if isinstance(class_labels, torch.Tensor):
             if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.ndim > 1:
@@ -227,19 +226,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         model_output = self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample
         return self.scheduler.precondition_outputs(sample, model_output.float(), sigma).float()
 
-    def _denoiser(self, class_labels, progress):
-        """`denoise` as the pure solvers of `ode.py` call it, counting evaluations on a progress bar."""
+    def _denoiser(self, class_labels):
+        """`denoise` as the solvers of `ode.py` call it, and a progress bar counting its evaluations (no total: the
+        adaptive solvers choose their number)."""
+        progress = tqdm(total=None, **{"desc": "network evaluations", **getattr(self, "_progress_bar_config", {})})
 
         def denoise(sample, sigma):
             progress.update()
             return self.denoise(sample, sigma, class_labels)
 
-        return denoise
-
-    def _evaluation_counter(self):
-        """A progress bar without a total, for the adaptive solvers (diffusers' `progress_bar` needs one)."""
-        config = getattr(self, "_progress_bar_config", {})
-        return tqdm(total=None, **{"desc": "network evaluations", **config})
+        return denoise, progress
 
     @property
     def _is_field_model(self) -> bool:
@@ -348,8 +344,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
         latents = self.prepare_latents(batch_size, latents, generator, device)
         if solver == "rk45":
-            progress = self._evaluation_counter()
-            denoise = self._denoiser(labels, progress)
+            denoise, progress = self._denoiser(labels)
             sigma_min, sigma_max = self._sigma_range()
             x = self._prior_from_noise(latents)
             sample, nfe = ode.solve_rk45(denoise, x, sigma_max, sigma_min, rtol, atol, self._is_field_model)
@@ -386,12 +381,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         atol: float = 1e-4,
     ) -> torch.Tensor:
         r"""
-        Map images to standard Gaussian latents: integrate the ODE forward, from sigma_min (z_min) to sigma_max
-        (z_max), then map the state at sigma_max to the latent the scheduler would map onto it.
-
-        The images are taken as the state at sigma_min. Passing the result as `latents` to [`~PFGMPipeline.__call__`]
-        with the same `num_inference_steps` and solver reconstructs the images up to the solvers' discretisation
-        error.
+        Map images to standard Gaussian latents: integrate the ODE from sigma_min (the images' state) to sigma_max, and
+        return the latents the scheduler maps onto that state. `pipe(latents=pipe.invert(images))` with the same
+        `num_inference_steps` and solver reconstructs the images up to the solvers' discretisation error.
 
         Args:
             images (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`):
@@ -418,8 +410,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         device = self._execution_device
         x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
-        progress = self._evaluation_counter()
-        denoise = self._denoiser(labels, progress)
+        denoise, progress = self._denoiser(labels)
         if solver == "rk45":
             sigma_min, sigma_max = self._sigma_range()
             x, _ = ode.solve_rk45(denoise, x, sigma_min, sigma_max, rtol, atol, self._is_field_model)
@@ -434,13 +425,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
     def slerp(self, latents_a: torch.Tensor, latents_b: torch.Tensor, t) -> torch.Tensor:
         r"""
-        Interpolate standard Gaussian latents so that every interpolant is again standard Gaussian.
-
-        x = R u with u uniform on the sphere and R ~ chi_N independent of u. The directions are interpolated by slerp
-        (rotation-equivariant, so a uniform direction stays uniform) and the radii through their quantiles: each R is
-        mapped to a standard normal n, n_t = cos(pi t / 2) n_a + sin(pi t / 2) n_b is again standard normal for
-        independent endpoints, and mapped back. t = 0 and t = 1 return the endpoints. A plain linear mix would
-        shrink the radius. It does not depend on the scheduler.
+        Interpolate standard Gaussian latents so that every interpolant is again standard Gaussian (a plain linear mix
+        shrinks the radius): directions by slerp, radii through their chi_N quantiles (`latents.slerp_gaussian`).
+        t = 0 and t = 1 return the endpoints. It does not depend on the scheduler.
 
         Args:
             latents_a (`torch.Tensor` of shape `(B, C, H, W)`), latents_b (`torch.Tensor`, same shape):
@@ -452,15 +439,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             `torch.Tensor`: `(B, C, H, W)` for a float `t`; `(len(t) * B, C, H, W)` for a sequence, weight-major
             (with B = 1, one frame per weight), ready to pass as `latents`.
         """
-        if latents_a.shape != latents_b.shape:
-            raise ValueError(f"latents_a {tuple(latents_a.shape)} and latents_b {tuple(latents_b.shape)} differ.")
-        scalar = isinstance(t, (int, float)) or (isinstance(t, torch.Tensor) and t.ndim == 0)
-        weights = np.atleast_1d(np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t, dtype=np.float64))
-        if weights.ndim != 1 or not np.all((weights >= 0) & (weights <= 1)):
-            raise ValueError(f"t must be a float or a 1-D sequence of floats in [0, 1], got {t!r}.")
-        out = _slerp_gaussian(latents_a, latents_b, weights)
-        out = out.reshape(len(weights) * latents_a.shape[0], *latents_a.shape[1:])
-        return out[: latents_a.shape[0]] if scalar else out
+        return slerp_gaussian(latents_a, latents_b, t)
 
     # ------------------------------------------------------------------ likelihood
 
@@ -480,13 +459,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         r"""
         Log-likelihood of images under the model, through the probability-flow ODE (PFGM `likelihood.py`).
 
-        The augmented state [x, delta] is integrated with scipy's RK45 in ln sigma from sigma_min (z_min) to
-        sigma_max (z_max): dx/d ln sigma = x - D(x, sigma), d delta/d ln sigma = div_x (x - D), the divergence
-        estimated by Hutchinson's trace estimator with one probe per image drawn once from `generator`. Then
-        log p(x) = log p_prior(x_T) + delta, with the exact prior density (`perturbation.prior_log_prob`: the
-        PFGM++ Student-t prior for finite D, N(0, sigma_max^2 I) for D = infinity, the hyperplane prior D = 1,
-        z_max in field mode, ignoring the sampler's radius clip). The images are taken as the state at sigma_min.
-        The ODE state is float64 and each evaluation float32; a UNet in another dtype is refused (see Raises).
+        [x, delta] is integrated with scipy's RK45 in ln sigma from sigma_min to sigma_max (`ode.solve_log_likelihood`:
+        d delta/d ln sigma = div_x (x - D) by Hutchinson's estimator, one probe per image drawn from `generator`), then
+        log p(x) = log p_prior(x_T) + delta with the exact prior density (`perturbation.prior_log_prob`; in field mode
+        D = 1 at z_max, ignoring the sampler's radius clip). The images are the state at sigma_min. The ODE state is
+        float64, each evaluation float32.
 
         Args:
             images (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`):
@@ -511,16 +488,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             [`PFGMLikelihoodOutput`] or `tuple`.
 
         Raises:
-            `ValueError`: for a UNet that is not float32 or float64: the ~3 significant digits of a bf16/fp16
-            network make the adaptive solver take 2-3x the evaluations and move the result (call
-            `pipe.to(torch.float32)` first; docs/pipeline.md has the measurement).
-
-        Example:
-
-        ```py
-        >>> out = pipe.log_likelihood(images, dequantize=True, generator=torch.Generator().manual_seed(0))
-        >>> out.bits_per_dim.mean()
-        ```
+            `ValueError`: for a UNet that is not float32 or float64, whose rounding makes the adaptive solver take
+            3x the evaluations and moves the result (docs/pipeline.md): call `pipe.to(torch.float32)` first.
         """
         if hutchinson_type not in HUTCHINSON_TYPES:
             raise ValueError(f"`hutchinson_type` must be one of {HUTCHINSON_TYPES}, got {hutchinson_type!r}.")
@@ -543,10 +512,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
         sigma_min, sigma_max = self._sigma_range()
-        progress = self._evaluation_counter()
-        x_T, delta, nfe = ode.solve_log_likelihood(
-            self._denoiser(labels, progress), x, probe, sigma_min, sigma_max, rtol, atol
-        )
+        denoise, progress = self._denoiser(labels)
+        x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
         bits_per_dim = -log_prob / (N * math.log(2)) + _BITS_PER_DIM_OFFSET
@@ -566,34 +533,6 @@ def _check_scheduler(scheduler):
             f"Got a {type(scheduler).__name__}: PFGMPipeline runs a PFGMScheduler or diffusers' EDMEulerScheduler "
             "(the D = infinity case, also PFGMScheduler.from_config(edm_scheduler.config, aug_dim=None))."
         )
-
-
-def _slerp_gaussian(a: torch.Tensor, b: torch.Tensor, weights: np.ndarray) -> torch.Tensor:
-    """(T, B, ...) interpolants of standard Gaussian latents a, b (B, ...): slerp of the directions, radii through
-    the chi_N quantiles (perturbation.radius_to_normal with sigma = 1, D = infinity)."""
-    batch_size, N = a.shape[0], a[0].numel()
-    a64, b64 = (v.detach().reshape(batch_size, N).cpu().double() for v in (a, b))
-    radius_a, radius_b = a64.norm(dim=1), b64.norm(dim=1)  # (B,)
-    for name, v, radius in (("latents_a", a64, radius_a), ("latents_b", b64, radius_b)):
-        bad = ~torch.isfinite(v).all(1) | (radius == 0)
-        if bad.any():
-            raise ValueError(f"{name}[{bad.nonzero()[0, 0].item()}] is zero or not finite: it has no direction.")
-    u_a, u_b = a64 / radius_a[:, None], b64 / radius_b[:, None]
-    cos_theta = (u_a * u_b).sum(1).clamp(-1, 1)
-    theta = torch.arccos(cos_theta)[None, :, None]  # (1, B, 1)
-    if ((torch.sin(theta[0, :, 0]) < 1e-6) & (cos_theta < 0)).any():
-        raise ValueError("latents_a and latents_b point in opposite directions: no unique great circle joins them.")
-    w = torch.from_numpy(weights)[:, None, None]  # (T, 1, 1)
-    slerped = (torch.sin((1 - w) * theta) * u_a + torch.sin(w * theta) * u_b) / torch.sin(theta)
-    lerped = (1 - w) * u_a + w * u_b  # nearly parallel endpoints: slerp's 0/0 becomes a normalised lerp
-    direction = torch.where(torch.sin(theta) < 1e-6, lerped, slerped)
-    direction = direction / direction.norm(dim=2, keepdim=True)
-    n_a, n_b = radius_to_normal(radius_a.numpy(), N, 1.0, None), radius_to_normal(radius_b.numpy(), N, 1.0, None)
-    n_t = np.cos(np.pi / 2 * weights[:, None]) * n_a + np.sin(np.pi / 2 * weights[:, None]) * n_b  # (T, B)
-    radius = torch.from_numpy(normal_to_radius(n_t, N, 1.0, None))
-    # Exact endpoints, whatever the round trip through the quantiles loses.
-    radius = torch.where(w[..., 0] == 0, radius_a, torch.where(w[..., 0] == 1, radius_b, radius))
-    return (direction * radius[..., None]).reshape(len(weights), *a.shape).to(a.device, a.dtype)
 
 
 def _label_index(label, class_names):
