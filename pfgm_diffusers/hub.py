@@ -5,6 +5,7 @@ Uploads and downloads name the pipeline's files explicitly (an allow-list), so t
 """
 
 import os
+import tempfile
 
 import huggingface_hub
 
@@ -19,6 +20,24 @@ PIPELINE_FILES = [
     "scheduler/scheduler_config.json",
 ]
 MODEL_CARD = "README.md"
+
+
+def check_local_folder(name) -> None:
+    """Refuse a name that looks like a local folder but is not one, before it is read as a Hub repository id.
+
+    Looks local: an absolute path, one starting with `./`, `../` or `~`, or one whose parent folder exists (a bare
+    name too: its parent is the working directory). A Hub id `owner/name` whose `owner` is no local folder passes.
+    """
+    path = os.fspath(name)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.expanduser(path)) or "."
+    if os.path.isabs(path) or path.startswith(("./", "../", "~")) or os.path.isdir(parent):
+        reason = "is not a folder" if os.path.exists(path) else "does not exist"
+        raise ValueError(
+            f"{path!r} looks like a local path and {reason} (resolved: {os.path.abspath(os.path.expanduser(path))}); "
+            "pass the folder written by save_pretrained, or a Hub repository id 'owner/name'."
+        )
 
 
 def download_pipeline(repo_id: str, **kwargs) -> str:
@@ -65,6 +84,89 @@ def upload_pipeline(
         commit_message=commit_message or "Upload PFGMPipeline",
         create_pr=create_pr,
     )
+
+
+class PipelineHubMixin:
+    """Loading from and pushing to the Hub for a `DiffusionPipeline` whose components live outside diffusers: only
+    the pipeline's own files travel (`PIPELINE_FILES` and the model card), and no code file is fetched or run."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Load a pipeline saved with [`~DiffusionPipeline.save_pretrained`] from a local folder or a Hub repository.
+
+        As [`DiffusionPipeline.from_pretrained`], except that a name that looks like a local path (absolute, `./`,
+        `../`, `~`, or with an existing parent folder) and is not a folder raises a `ValueError` saying so, instead of
+        being looked up on the Hub. Hub repositories are fetched by [`~PipelineHubMixin.download`].
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`):
+                A folder written by `save_pretrained`, or a Hub repository id `"owner/name"`.
+            kwargs:
+                Passed to [`DiffusionPipeline.from_pretrained`] (`dtype`, `revision`, `scheduler`, ...).
+
+        Returns:
+            [`PFGMPipeline`]
+        """
+        check_local_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        r"""
+        Download a pipeline repository from the Hub with `huggingface_hub.snapshot_download` and return its folder.
+
+        Diffusers' own `DiffusionPipeline.download` refuses `model_index.json` entries whose library it does not
+        know (here `pfgm_diffusers.scheduling_pfgm`) before fetching anything, and `from_pretrained` calls
+        `cls.download`, so this pipeline replaces it. Only the pipeline's own files (`hub.PIPELINE_FILES`) and the
+        model card are fetched; no code file is ever downloaded or run.
+
+        Args:
+            pretrained_model_name (`str`):
+                The repository id, e.g. `"user/pfgmpp-cifar10"`.
+            cache_dir, force_download, local_files_only, token, revision:
+                Passed to `huggingface_hub.snapshot_download`.
+
+        Returns:
+            `str`: the local folder holding the snapshot.
+        """
+        return download_pipeline(pretrained_model_name, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+    ):
+        r"""
+        Save the pipeline into a fresh folder and upload its files and a model card (library `pfgm_diffusers`).
+
+        Args:
+            repo_id (`str`):
+                The repository to push to (created if it does not exist).
+            commit_message (`str`, *optional*):
+                Defaults to `"Upload PFGMPipeline"`.
+            private (`bool`, *optional*):
+                Whether a newly created repository is private.
+            token (`str`, *optional*):
+                The Hub token; defaults to the stored login.
+            create_pr (`bool`, defaults to `False`):
+                Open a pull request instead of committing.
+            safe_serialization (`bool`, defaults to `True`), variant (`str`, *optional*):
+                Passed to [`~DiffusionPipeline.save_pretrained`].
+
+        Returns:
+            The `huggingface_hub` commit info of the upload.
+        """
+        repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            save_model_card(folder, repo_id)
+            return upload_pipeline(repo_id, folder, token, commit_message, create_pr)
 
 
 def save_model_card(folder: str, repo_id: str) -> None:

@@ -3,6 +3,7 @@
 
     python scripts/sample.py --model path/or/hub-id --num_images 64 --output grid.png
     python scripts/sample.py --model outputs/pfgm --solver rk45 --output_dir samples/ --device cuda --dtype bf16
+    python scripts/sample.py --model outputs/digits-cond --class_labels 7 --num_images 8 --output sevens.png
 
 Image i is drawn with its own generator seeded `seed + i`, so a given image does not depend on `--batch_size`
 (for the scheduler's solvers; RK45 adapts its steps to each batch). See docs/pipeline.md.
@@ -14,11 +15,19 @@ import os
 
 import torch
 
-from pfgm_diffusers import PFGMPipeline, PFGMScheduler
-from pfgm_diffusers.pipeline_pfgm import image_grid
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler, image_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SOLVERS = ("scheduler", "heun", "euler", "rk45")
+
+
+def solver_name(value: str) -> str:
+    """--solver: "rk45" or a solver the scheduler accepts (it checks the name: a new solver needs no change here)."""
+    if value != "rk45":
+        try:
+            PFGMScheduler(solver=value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{error} Or 'rk45'.") from None
+    return value
 
 
 def parse_args(argv=None):
@@ -30,9 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=18)
     parser.add_argument(
         "--solver",
-        choices=SOLVERS,
-        default="scheduler",
-        help="'scheduler': the saved scheduler's own solver; 'heun'/'euler': set it; 'rk45': adaptive RK45.",
+        type=solver_name,
+        default=None,
+        help="The ODE solver; default: the saved scheduler's own. 'rk45': adaptive RK45 (--rtol, --atol).",
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
@@ -42,10 +51,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="UNet weights; fp16 needs a GPU.")
     parser.add_argument(
         "--class_labels",
-        type=int,
         nargs="+",
         default=None,
-        help="Class-conditional models: one label for all images, or one per image. Random if not given.",
+        help="Class-conditional models: one label for all images, or one per image, each a class name saved with "
+        "the pipeline or an integer label (a name wins). Random if not given.",
     )
     parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: about sqrt(n)).")
     args = parser.parse_args(argv)
@@ -61,10 +70,20 @@ def parse_args(argv=None):
 
 
 def load_pipeline(args):
-    pipe = PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype])
-    if args.solver in ("heun", "euler"):
-        pipe.scheduler = PFGMScheduler.from_config(pipe.scheduler.config, solver=args.solver)
-    return pipe.to(args.device)
+    return PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+
+
+def class_labels(values: list[str], class_names: list[str] | None) -> list[int | str]:
+    """--class_labels as the pipeline takes them: a class name saved with the pipeline, else an integer label."""
+    labels = []
+    for value in values:
+        if class_names is not None and value in class_names:
+            labels.append(value)
+        elif value.lstrip("-").isdigit():
+            labels.append(int(value))
+        else:
+            raise SystemExit(f"--class_labels: {value!r} is neither an integer nor a class name of {class_names}")
+    return labels
 
 
 def sample(pipe, args):
@@ -82,7 +101,7 @@ def sample(pipe, args):
             class_labels=labels,
             num_inference_steps=args.num_inference_steps,
             generator=generators,
-            solver="rk45" if args.solver == "rk45" else None,
+            solver=args.solver,
             rtol=args.rtol,
             atol=args.atol,
         )
@@ -96,6 +115,8 @@ def main(argv=None):
     args = parse_args(argv)
     pipe = load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
+    if args.class_labels is not None:
+        args.class_labels = class_labels(args.class_labels, pipe.config.class_names)
     images, nfe = sample(pipe, args)
     if args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -105,7 +126,8 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         image_grid(images, args.nrow).save(args.output)
     batches = math.ceil(args.num_images / args.batch_size)
-    print(f"{args.num_images} images, {nfe / batches:.1f} network evaluations per batch ({args.solver})")
+    solver = args.solver or pipe.scheduler.config.get("solver", "euler")
+    print(f"{args.num_images} images, {nfe / batches:.1f} network evaluations per batch ({solver})")
     return images, nfe
 
 

@@ -36,7 +36,8 @@ def saved_pipeline(tmp_path_factory):
         num_class_embeds=2,
     )
     folder = tmp_path_factory.mktemp("pipeline")
-    PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128)).save_pretrained(folder)
+    pipe = PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128), class_names=["zero", "one"])
+    pipe.save_pretrained(folder)
     return folder
 
 
@@ -60,9 +61,23 @@ def test_grid_and_folder_with_per_image_seeds(saved_pipeline, tmp_path, capsys):
     assert difference.max() <= 1  # batch-of-2 vs batch-of-1 float noise can flip a rounding
 
 
+def test_class_labels_by_name(saved_pipeline, tmp_path):
+    sample = load_script()
+    argv = ["--model", str(saved_pipeline), "--num_images", "2", "--num_inference_steps", "2"]
+    by_name, _ = sample.main(argv + ["--output_dir", str(tmp_path / "names"), "--class_labels", "one", "zero"])
+    by_int, _ = sample.main(argv + ["--output_dir", str(tmp_path / "ints"), "--class_labels", "1", "0"])
+    other, _ = sample.main(argv + ["--output_dir", str(tmp_path / "other"), "--class_labels", "0", "0"])
+    assert [np.asarray(image).tolist() for image in by_name] == [np.asarray(image).tolist() for image in by_int]
+    assert np.asarray(other[0]).tolist() != np.asarray(by_int[0]).tolist()
+    with pytest.raises(SystemExit, match=r"'two'.*\['zero', 'one'\]"):
+        sample.main(argv + ["--output_dir", str(tmp_path / "bad"), "--class_labels", "two"])
+
+
 def test_solvers_report_their_evaluations(saved_pipeline, tmp_path, capsys):
     sample = load_script()
     argv = ["--model", str(saved_pipeline), "--num_images", "2", "--output", str(tmp_path / "grid.png")]
+    _, nfe = sample.main(argv + ["--num_inference_steps", "4"])
+    assert nfe == 2 * 4 - 1 and "(heun)" in capsys.readouterr().out  # the saved scheduler's own solver
     _, nfe = sample.main(argv + ["--solver", "euler", "--num_inference_steps", "4"])
     assert nfe == 4
     _, nfe = sample.main(argv + ["--solver", "rk45", "--rtol", "1e-3", "--atol", "1e-3", "--dtype", "bf16"])

@@ -1,0 +1,130 @@
+"""The pure ODE solvers of `ode.py` (sample_euler, sample_heun, solve_rk45, solve_log_likelihood): closed forms,
+orders of convergence, both directions, evaluation counts, and agreement with the scheduler's own steps."""
+
+import math
+
+import pytest
+import torch
+
+from pfgm_diffusers import ode, scheduling_pfgm
+from pfgm_diffusers.field import ideal_denoiser
+from pfgm_diffusers.scheduling_pfgm import PFGMScheduler
+
+MU, S = 0.1, 0.3  # data ~ N(MU, S^2 I)
+
+
+def gaussian_denoiser(x, sigma):
+    """The exact denoiser of N(MU, S^2 I) data under Gaussian noise: MU + S^2 / (S^2 + sigma^2) (x - MU)."""
+    return MU + S**2 / (S**2 + sigma**2) * (x - MU)
+
+
+def gaussian_flow(x0, sigma0, sigma):
+    """The exact ODE solution for that denoiser: x(sigma) - MU = (x0 - MU) sqrt((S^2 + sigma^2) / (S^2 + sigma0^2))."""
+    return MU + (x0 - MU) * math.sqrt((S**2 + sigma**2) / (S**2 + sigma0**2))
+
+
+def counting(denoise):
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(sigma)
+        return denoise(x, sigma)
+
+    return counted, calls
+
+
+def karras(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    return ((sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho).tolist()
+
+
+X0 = MU + S * torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("direction", ["sample", "invert"])
+def test_heun_is_second_order_and_euler_first_order_in_both_directions(direction):
+    def max_error(sampler, n):
+        sigmas = karras(n)[::-1] if direction == "invert" else karras(n)
+        start = X0 if direction == "invert" else gaussian_flow(X0, 0.002, 80.0)
+        exact = gaussian_flow(X0, 0.002, 80.0) if direction == "invert" else X0
+        return ((sampler(gaussian_denoiser, start, sigmas) - exact) / (exact - MU)).abs().max().item()
+
+    heun = [max_error(ode.sample_heun, n) for n in (18, 72)]
+    euler = [max_error(ode.sample_euler, n) for n in (18, 72)]
+    assert heun[0] < 0.1 and 10 < heun[0] / heun[1] < 25  # 4x the steps: 16x smaller
+    assert 2.5 < euler[0] / euler[1] < 6  # 4x smaller
+    assert heun[1] < euler[1] / 10
+
+
+def test_evaluation_counts():
+    levels = karras(10)
+    denoise, calls = counting(gaussian_denoiser)
+    ode.sample_heun(denoise, X0, levels[::-1])  # inversion: 10 levels > 0
+    assert len(calls) == 2 * (10 - 1)
+    calls.clear()
+    ode.sample_heun(denoise, X0, levels + [0.0])  # sampling: EDM's final Euler step to 0
+    assert len(calls) == 2 * 10 - 1 and calls[-1] == levels[-1]
+    calls.clear()
+    ode.sample_euler(denoise, X0, levels + [0.0])
+    assert len(calls) == 10
+
+
+def test_a_step_to_zero_returns_the_denoised_sample():
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for sampler in (ode.sample_heun, ode.sample_euler):
+        torch.testing.assert_close(sampler(gaussian_denoiser, x, [0.5, 0.0]), gaussian_denoiser(x, 0.5))
+
+
+@pytest.mark.parametrize("aug_dim", [None, 128])
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_pure_samplers_equal_the_scheduler_loop(aug_dim, solver):
+    """The scheduler's `step` and the pure samplers share the step functions: same path from the same prior draw."""
+    charges = torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(2)) * 1.8 - 0.9
+
+    def denoise(x, sigma):
+        return ideal_denoiser(x, sigma, charges, aug_dim)
+
+    scheduler = PFGMScheduler(aug_dim=aug_dim, solver=solver, prediction_type="sample")
+    scheduler.set_timesteps(12)
+    noise = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(3))
+    sample = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        sigma = scheduler.sigmas[scheduler.step_index or 0]
+        x = scheduler.scale_model_input(sample, t) / scheduler.precondition_inputs(torch.ones(()), sigma)
+        sample = scheduler.step(denoise(x, float(sigma)), t, sample).prev_sample
+    sigmas = torch.unique_consecutive(scheduler.sigmas).tolist()
+    pure = getattr(ode, f"sample_{solver}")(denoise, scheduler.prior_from_noise(noise), sigmas)
+    torch.testing.assert_close(pure, sample, atol=1e-5, rtol=1e-5)
+
+
+def test_every_scheduler_solver_has_a_pure_sampler():
+    """`invert` runs the scheduler's solver as `ode.sample_<name>`: a solver the scheduler accepts must have one."""
+    names = getattr(scheduling_pfgm, "SOLVERS", None) or scheduling_pfgm._SOLVERS
+    assert {"heun", "euler"} <= set(names)
+    for name in names:
+        assert callable(getattr(ode, f"sample_{name}", None)), name
+
+
+@pytest.mark.parametrize("carry_sigma", [False, True])
+def test_rk45_meets_its_tolerance_both_ways(carry_sigma):
+    x_T = gaussian_flow(X0, 0.002, 80.0)
+    denoise, calls = counting(gaussian_denoiser)
+    back, nfe = ode.solve_rk45(denoise, x_T, 80.0, 0.002, rtol=1e-6, atol=1e-6, carry_sigma=carry_sigma)
+    assert back.shape == X0.shape and nfe == len(calls) > 10
+    torch.testing.assert_close(back, X0, atol=1e-4, rtol=0)
+    forth, _ = ode.solve_rk45(gaussian_denoiser, X0, 0.002, 80.0, rtol=1e-6, atol=1e-6, carry_sigma=carry_sigma)
+    torch.testing.assert_close(forth, x_T, rtol=1e-4, atol=1e-4)
+    # looser tolerances, fewer evaluations
+    _, loose = ode.solve_rk45(gaussian_denoiser, x_T, 80.0, 0.002, rtol=1e-2, atol=1e-2, carry_sigma=carry_sigma)
+    assert loose < nfe
+
+
+def test_log_likelihood_ode_counts_the_volume_change():
+    """For the linear Gaussian flow, x_T - MU = (x0 - MU) k: delta = N log k exactly (one Rademacher probe is exact
+    for a multiple of the identity), and x_T follows the closed form."""
+    probe = torch.sign(torch.randn(X0.shape, generator=torch.Generator().manual_seed(4)))
+    x_T, delta, nfe = ode.solve_log_likelihood(gaussian_denoiser, X0, probe, 0.002, 80.0, rtol=1e-6, atol=1e-6)
+    k = math.sqrt((S**2 + 80.0**2) / (S**2 + 0.002**2))
+    assert delta.dtype == torch.float64 and delta.shape == (4,) and nfe > 10
+    torch.testing.assert_close(delta, torch.full((4,), 16 * math.log(k), dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(x_T, gaussian_flow(X0, 0.002, 80.0), rtol=1e-4, atol=1e-3)
