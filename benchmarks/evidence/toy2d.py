@@ -4,17 +4,15 @@ exact log-likelihood.
 The denoiser is the PFGM++ one of every other model here (math.md §2): EDM's preconditioning through
 `PFGMScheduler.precondition_*`, the exact kernel through `PFGMScheduler.add_noise`, ln sigma ~ N(P_mean, P_std^2) and
 EDM's loss weight; only the network is an MLP instead of a UNet. Sampling is the scheduler's own diffusers loop. The
-likelihood integrates the probability-flow ODE in ln sigma with an exact divergence (N = 2: two gradients), so the
+likelihood is the pipeline's probability-flow ODE in ln sigma with an exact divergence (N = 2: two probes), so the
 only approximations are the network and the ODE tolerance.
 """
 
 import math
 
-import numpy as np
 import torch
-from scipy import integrate
 
-from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers import PFGMScheduler, ode
 from pfgm_diffusers.perturbation import prior_log_prob
 
 DATASETS = ("gaussian_mixture", "ring")
@@ -140,34 +138,19 @@ def sample(model, scheduler, num_samples, num_inference_steps=18, generator=None
 def log_likelihood(model, scheduler, x, rtol=1e-5, atol=1e-5):
     """log p_model(x) (n,) in nats, float64, and the number of ODE evaluations.
 
-    The probability-flow ODE in t = ln sigma, dx/dt = x - D(x, sigma), carries x from sigma_min to sigma_max, where the
-    density is the prior's; log p(x) = log p_prior(x_T) + integral of div_x (x - D) dt (the instantaneous change of
-    variables, as the pipeline's `log_likelihood`, with the divergence exact instead of Hutchinson's estimate).
+    The pipeline's likelihood ODE (`ode.solve_log_likelihood`: dx/dt = x - D(x, sigma) in t = ln sigma from sigma_min
+    to sigma_max, log p(x) = log p_prior(x_T) + the integral of div_x (x - D) dt), with the divergence made exact: each
+    point is integrated twice, with the Hutchinson probes e_1 and e_2, whose two estimates sum to the trace (N = 2).
     """
     n = x.shape[0]
     sigma_min, sigma_max = float(scheduler.config.sigma_min), float(scheduler.config.sigma_max)
-    evaluations = 0
-
-    def ode(t, state):
-        nonlocal evaluations
-        evaluations += 1
-        points = torch.from_numpy(state[: 2 * n].reshape(n, 2)).float().requires_grad_(True)
-        with torch.enable_grad():
-            drift = points - denoise(model, scheduler, points, math.exp(t))  # (n, 2)
-            divergence = sum(
-                torch.autograd.grad(drift[:, i].sum(), points, retain_graph=i == 0)[0][:, i] for i in range(2)
-            )
-        return np.concatenate([drift.detach().double().numpy().reshape(-1), divergence.double().numpy()])
-
-    initial = np.concatenate([x.double().numpy().reshape(-1), np.zeros(n)])
-    solution = integrate.solve_ivp(
-        ode, (math.log(sigma_min), math.log(sigma_max)), initial, method="RK45", rtol=rtol, atol=atol
+    points = x.float().repeat(2, 1)  # (2n, 2): the copies follow the same path
+    probe = torch.eye(2).repeat_interleave(n, dim=0)  # e_1 for the first copy of each point, e_2 for the second
+    x_T, delta, evaluations = ode.solve_log_likelihood(
+        lambda sample, sigma: denoise(model, scheduler, sample, sigma), points, probe, sigma_min, sigma_max, rtol, atol
     )
-    if not solution.success:
-        raise RuntimeError(f"the likelihood ODE failed: {solution.message}")
-    final = torch.from_numpy(solution.y[:, -1])
-    x_T, delta = final[: 2 * n].reshape(n, 2), final[2 * n :]
-    return prior_log_prob(x_T, sigma_max, scheduler.config.aug_dim) + delta, evaluations
+    divergence_integral = delta[:n] + delta[n:]
+    return prior_log_prob(x_T[:n], sigma_max, scheduler.config.aug_dim) + divergence_integral, evaluations
 
 
 def run_toy(dataset, aug_dim, seed, settings) -> dict:
