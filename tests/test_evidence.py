@@ -297,6 +297,11 @@ SETTINGS = {
 }
 
 
+def outcome(claims, start, metric="frechet_distance"):
+    (claim,) = [c for c in claims if c["claim"].startswith(start)]
+    return claim["outcomes"][metric][0]
+
+
 def test_claims_follow_the_numbers_and_their_error_bars():
     results = []
     for seed, jitter in ((0, 0.0), (1, 0.1)):
@@ -305,19 +310,38 @@ def test_claims_follow_the_numbers_and_their_error_bars():
         results.append(fake_result("D=64", seed, 1.0 + jitter, 9.0, 9.0, 9.0))
         results.append(fake_result("D=inf", seed, 2.0 - jitter, 8.0 - jitter, 7.0, 9.0))
         results.append(fake_result("PFGM", seed, 5.0 + jitter, 9.0, 9.0, 9.0))
-    claims = {c["claim"].split(" (")[0]: c for c in report.decide_claims(report.group_by_model(results), {}, SETTINGS)}
-    assert claims["A middle D beats diffusion"]["outcome"] == "reproduced"  # D=64: 1.05 ± 0.06 vs 1.95 ± 0.06
-    assert claims["D=64 beats the original PFGM"]["outcome"] == "reproduced"
-    assert claims["D=8 degrades less than D = ∞ under injected noise α"]["outcome"] == "reproduced"
-    assert claims["D=8 degrades less than D = ∞ under quantisation to bits"]["outcome"] == "partly reproduced"
-    dpm = next(c for c in claims.values() if c["claim"].startswith("DPM-Solver"))
-    assert dpm["outcome"] == "not measured"
+    claims = report.decide_claims(report.group_by_model(results), {}, SETTINGS)
+    assert outcome(claims, "A middle D") == "reproduced"  # D=64: 1.05 ± 0.06 against D=inf 1.95 ± 0.06
+    assert outcome(claims, "A middle D", "confident_share") == "not resolved"  # every confident share is 0.9
+    assert outcome(claims, "The best middle D beats the original PFGM") == "reproduced"
+    assert outcome(claims, "D=8 degrades less than D = ∞ under noise") == "reproduced"
+    assert outcome(claims, "D=8 degrades less than D = ∞ under fewer Heun steps") == "reproduced"
+    assert outcome(claims, "D=8 degrades less than D = ∞ under post-training") == "partly reproduced"  # 5 bits only
+    # Euler 6 steps: PFGM 9 against 5.05 at 35 steps, D=inf 9 against 1.95: PFGM loses less
+    assert outcome(claims, "PFGM degrades less than D = ∞ under larger Euler steps") == "reproduced"
+    assert outcome(claims, "DPM-Solver++(2M)") == "not measured"
 
-    # The same ordering inside the error bars is not resolved
+    # The same ordering inside the error bars is not resolved; the reverse beyond them is opposite
     close = [fake_result("D=64", s, 1.9 + 0.3 * s, 2, 2, 2) for s in (0, 1)]
     close += [fake_result("D=inf", s, 2.0 + 0.3 * s, 2, 2, 2) for s in (0, 1)]
-    claims = report.decide_claims(report.group_by_model(close), {}, SETTINGS)
-    assert claims[0]["outcome"] == "not resolved"
+    assert outcome(report.decide_claims(report.group_by_model(close), {}, SETTINGS), "A middle D") == "not resolved"
+    reverse = [fake_result("D=64", s, 3.0, 2, 2, 2) for s in (0, 1)] + [
+        fake_result("D=inf", s, 2.0, 2, 2, 2) for s in (0, 1)
+    ]
+    assert outcome(report.decide_claims(report.group_by_model(reverse), {}, SETTINGS), "A middle D") == "opposite"
+
+
+def test_confident_share_claims_count_a_higher_share_as_better():
+    results = []
+    for seed in (0, 1):
+        for name, confident in (("D=64", 0.95), ("D=inf", 0.80)):
+            result = fake_result(name, seed, 2.0, 2.0, 2.0, 2.0)
+            for solver_points in result["solvers"].values():
+                for p in solver_points:
+                    p["confident_share"] = confident
+            results.append(result)
+    claims = report.decide_claims(report.group_by_model(results), {}, SETTINGS)
+    assert outcome(claims, "A middle D", "confident_share") == "reproduced"
 
 
 def test_markdown_and_plots_from_results(tmp_path):
