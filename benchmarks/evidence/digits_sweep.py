@@ -184,11 +184,18 @@ def quantize_weights(unet, bits: int):
 
 
 class DigitsJudge:
-    """The offline digits metrics of `pfgm_diffusers.evaluation.DigitsMetrics`, plus bootstrap standard errors over
-    the images (the classifier's features of each image are resampled with replacement)."""
+    """
+    The offline digits metrics of `pfgm_diffusers.evaluation.DigitsMetrics`, plus standard errors over the images:
+    a delete-one-block jackknife (20 blocks) for the Fréchet distance, and a bootstrap for the confident share and
+    the class coverage. The bootstrap does not suit the Fréchet distance: its duplicated images bias every resample
+    upward. Measured on a pilot model (D = 128, 8000 steps, 1000 samples): eight independent sample sets had a
+    Fréchet distance of 2.2 +- 0.78 (std); the jackknife gave 0.61-1.07 on four of them, the bootstrap 0.78-1.37
+    around resample means twice the point values.
+    """
 
-    def __init__(self, num_bootstrap: int = 100, seed: int = 0):
+    def __init__(self, num_bootstrap: int = 100, seed: int = 0, num_blocks: int = 20):
         self.num_bootstrap = num_bootstrap
+        self.num_blocks = num_blocks
         self.seed = seed
         self.classifier = DigitsMetrics().model
         train_images, _ = load_digits_images(digits_split()[0])
@@ -196,29 +203,29 @@ class DigitsJudge:
             train_features = self.classifier.features(train_images)
         self.train_statistics = FeatureStatistics().update(train_features)
 
+    def frechet_distance(self, features) -> float:
+        statistics = FeatureStatistics().update(features)
+        train = self.train_statistics
+        return frechet_distance(statistics.mean, statistics.covariance, train.mean, train.covariance)
+
     @torch.no_grad()
     def __call__(self, images) -> dict:
         metric = DigitsMetrics()
         metric.update(images)
         result = metric.compute()
-        pixels = torch.as_tensor(images)
-        features = self.classifier.features(to_classifier_input(pixels)).double().numpy()
+        features = self.classifier.features(to_classifier_input(torch.as_tensor(images))).double().numpy()
         probabilities = torch.softmax(self.classifier.head(torch.from_numpy(features).float()), 1).numpy()
-        rng = np.random.default_rng(self.seed)
-        draws = {"frechet_distance": [], "confident_share": [], "class_coverage": []}
         n = len(features)
+
+        blocks = np.array_split(np.arange(n), min(self.num_blocks, n // 3))  # each leave-out keeps >= 2 images
+        leave_out = np.array([self.frechet_distance(np.delete(features, block, axis=0)) for block in blocks])
+        k = len(blocks)
+        result["frechet_distance_se"] = float(np.sqrt((k - 1) / k * ((leave_out - leave_out.mean()) ** 2).sum()))
+
+        rng = np.random.default_rng(self.seed)
+        draws = {"confident_share": [], "class_coverage": []}
         for _ in range(self.num_bootstrap):
-            index = rng.integers(0, n, n)
-            statistics = FeatureStatistics().update(features[index])
-            draws["frechet_distance"].append(
-                frechet_distance(
-                    statistics.mean,
-                    statistics.covariance,
-                    self.train_statistics.mean,
-                    self.train_statistics.covariance,
-                )
-            )
-            chosen = probabilities[index]
+            chosen = probabilities[rng.integers(0, n, n)]
             draws["confident_share"].append(float((chosen.max(1) >= CONFIDENCE_THRESHOLD).mean()))
             draws["class_coverage"].append(class_coverage(np.bincount(chosen.argmax(1), minlength=10)))
         for key, values in draws.items():

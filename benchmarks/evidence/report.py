@@ -1,8 +1,9 @@
 """The evidence report: aggregate the per-model results over seeds, decide each claim from the numbers, write the
 markdown section of docs/benchmarks.md and its plots.
 
-Error bars: a figure of several seeds is their mean +- (half the range over the seeds + the bootstrap standard error
-of the mean). A difference counts as resolved only when it is larger than the sum of the two error bars.
+Error bars: a figure of several seeds is their mean +- (half the range over the seeds + the standard error over the
+images of the mean, sqrt(sum se_i^2) / S). A difference counts as resolved only when it is larger than the sum of
+the two error bars.
 """
 
 import math
@@ -352,7 +353,8 @@ def markdown(results, toy, settings, environment, command, plots) -> str:
     reference_steps = evaluation["reference_steps"]
     nfe_reference = 2 * reference_steps - 1
     seeds = sorted({r["seed"] for r in results})
-    any_result = results[0]
+    # A PFGM++ model's parameter count: the field model's UNet has one more output channel
+    any_result = next((r for r in results if r["objective"] == "pfgmpp"), results[0])
     lines = [START_MARKER, "", "## Evidence: PFGM++ against D, on the digits and on 2-D toys", ""]
     lines += [
         "Written by `benchmarks/evidence/run.py` from its own measurements; do not edit by hand. Rerun:",
@@ -377,8 +379,9 @@ def markdown(results, toy, settings, environment, command, plots) -> str:
         + ", ".join(f"`--{k} {v}`" for k, v in training["field"].items())
         + ". Quality is the offline digits metric of `pfgm_diffusers.evaluation` (a small classifier's features and "
         f"predictions) on {evaluation['num_images']} samples per point, the same latents for every model; "
-        f"error bars: ± half the range over the seeds + the bootstrap standard error ({evaluation['num_bootstrap']} "
-        "resamples of the images). A difference counts only when it exceeds the sum of both error bars. "
+        "error bars: ± half the range over the seeds + the standard error over the images (a 20-block jackknife for "
+        f"the Fréchet distance, a bootstrap of {evaluation['num_bootstrap']} resamples for the shares) of the seed "
+        "mean. A difference counts only when it exceeds the sum of both error bars. "
         f"D/N here is D/64: D = 128 at N = 64 is as far from diffusion as D ≈ 6000 at CIFAR-10's N = 3072.",
         "",
     ]
