@@ -278,6 +278,7 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
         self.timesteps = timesteps
         self.sigmas = sigmas.to("cpu")  # to avoid CPU/GPU communication in `step`
+        self._num_calls = len(timesteps)  # a Python int: len() of a tensor costs microseconds in every `step`
         self._step_index = None
         self._begin_index = None
         self._reset_run()
@@ -381,13 +382,8 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             `torch.Tensor`: D(x, sigma), shaped like `sample`.
         """
         prediction_type = self.config.prediction_type
-        expected = (sample.shape[0], self.num_output_channels(sample.shape[1]), *sample.shape[2:])
-        if model_output.shape != expected:
-            extra = " (C+1: the extra channel is the field's z-component)" if self._field_mode else ""
-            raise ValueError(
-                f"The model output must have shape {expected}{extra} for a sample of shape {tuple(sample.shape)},"
-                f" got {tuple(model_output.shape)}."
-            )
+        if model_output.shape != sample.shape or prediction_type == "poisson_field":  # (the common case: one compare)
+            self._check_output_shape(model_output, sample)
         if prediction_type == "sample":
             return model_output
         if prediction_type == "poisson_field":
@@ -399,6 +395,16 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         if prediction_type == "v_prediction":
             c_out = -c_out
         return preconditioning.c_skip(sigma, sigma_data) * sample + c_out * model_output
+
+    def _check_output_shape(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        """Refuse an output that arithmetic would broadcast (batch 1, one channel) or that lacks the field channel."""
+        expected = (sample.shape[0], self.num_output_channels(sample.shape[1]), *sample.shape[2:])
+        if tuple(model_output.shape) != expected:
+            extra = " (C+1: the extra channel is the field's z-component)" if self._field_mode else ""
+            raise ValueError(
+                f"The model output must have shape {expected}{extra} for a sample of shape {tuple(sample.shape)},"
+                f" got {tuple(model_output.shape)}."
+            )
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """EDM's loss weight (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2 for training (math.md §2)."""
@@ -505,7 +511,14 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             self._warn_if_far_from_gaussian(noise_norm_sq, N)
             if self.config.aug_dim is not None:
                 # direction kept, radius moved onto the prior's (prior_from_noise(sample / init_noise_sigma))
-                start = rescale_radii(x, norm_sq, self._prior_radius(noise_norm_sq, N))
+                try:
+                    start = rescale_radii(x, norm_sq, self._prior_radius(noise_norm_sq, N))
+                except ValueError as error:
+                    raise ValueError(
+                        f"{error} This run started without a begin index, so its first sample was read as"
+                        " `randn * init_noise_sigma` and mapped onto the prior: if it is a prior draw (`sample_prior`)"
+                        " or an `add_noise` output, call `scheduler.set_begin_index(...)` after `set_timesteps`."
+                    ) from error
         self._start = (sample, start)
         return start
 
@@ -562,9 +575,9 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             )
         if self._step_index is None:
             self._start_run(timestep)
-        elif self._step_index >= len(self.timesteps):
+        elif self._step_index >= self._num_calls:
             raise ValueError(
-                f"This run has made all {len(self.timesteps)} calls of the schedule: call `set_timesteps` to start"
+                f"This run has made all {self._num_calls} calls of the schedule: call `set_timesteps` to start"
                 " another one."
             )
 
@@ -586,7 +599,8 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         if self._step_index == self._first_index:
             sample = self._start_sample(sample)  # float32 where mapped: scaled before it returns to `dtype`
         self.is_scale_input_called = True
-        return self.precondition_inputs(sample, self.sigmas[self._step_index]).to(dtype)
+        scaled = self.precondition_inputs(sample, self.sigmas[self._step_index])
+        return scaled if scaled.dtype == dtype else scaled.to(dtype)
 
     def step(
         self,
@@ -639,9 +653,11 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         # Upcast to avoid precision issues when computing prev_sample
         sample = sample.to(torch.float32)
 
-        sigma = self.sigmas[i]
-        churn = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (churn + 1)
+        sigma = sigma_hat = self.sigmas[i]
+        churn = 0.0
+        if s_churn > 0 and s_tmin <= sigma <= s_tmax:
+            churn = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1)
+            sigma_hat = sigma * (churn + 1)
         if churn > 0:
             noise = randn_tensor(
                 model_output.shape, dtype=model_output.dtype, device=model_output.device, generator=generator
@@ -659,7 +675,7 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             derivative = ode.to_d(sample, denoised, sigma_hat)  # dx/dsigma (dx/dz in field mode)
             if self._heun_state is None:
                 prev_sample = ode.euler_step(sample, derivative, sigma_hat, self.sigmas[i + 1])
-                if self.config.solver == "heun" and i < len(self.timesteps) - 1:
+                if self.config.solver == "heun" and i < self._num_calls - 1:
                     self._heun_state = (sample, derivative, sigma_hat)  # corrected at the next call, at sigmas[i + 1]
             else:
                 sample_start, derivative_start, sigma_start = self._heun_state
@@ -669,7 +685,7 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
 
         if self.check_finite:
             self._check_finite_call(model_output, prev_sample, timestep)
-        elif i == len(self.timesteps) - 1 and not self._all_finite(prev_sample):  # once per run
+        elif i == self._num_calls - 1 and not self._all_finite(prev_sample):  # once per run
             raise ValueError(
                 f"The sample became NaN or inf during this run of {i + 1 - self._first_index} model calls (its first"
                 " sample was finite): a model output was not finite, or a step overflowed"

@@ -136,7 +136,7 @@ def test_order_counts_model_calls_per_step(solver):
     assert {PFGMScheduler(solver=name).order for name in SOLVERS} == {1, 2}
 
 
-@pytest.mark.parametrize("solver", ["heun", "euler"])
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_step_shapes_dict_tuple_and_layout(solver):
     scheduler = PFGMScheduler(solver=solver)
     scheduler.set_timesteps(18, device="cpu")

@@ -124,6 +124,16 @@ def test_prior_helpers_set_no_state():
     assert not hasattr(scheduler, "mark_prior_sample")
 
 
+def test_a_run_from_a_later_timestep_without_begin_index_uses_its_sample():
+    """Older img2img loops find their first index from the timestep: not step 0, so not a generic start."""
+    scheduler = PFGMScheduler(aug_dim=8, solver="euler", prediction_type="sample")
+    scheduler.set_timesteps(6)
+    x = scheduler.add_noise(DATA, torch.randn(4, 1, 1, 3), scheduler.timesteps[3:4])
+    t = scheduler.timesteps[3]
+    assert torch.equal(scheduler.scale_model_input(x, t), scheduler.precondition_inputs(x, scheduler.sigmas[3]))
+    assert scheduler.step_index == 3 and scheduler.begin_index is None
+
+
 # ----- 3. diffusers-style img2img: add_noise at timesteps[begin], then the loop with set_begin_index -----
 
 
