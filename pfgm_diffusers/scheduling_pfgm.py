@@ -163,9 +163,10 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"`aug_dim` must be an integer >= 1 or None (D = infinity), got {aug_dim!r}.")
         if aug_dim is not None and aug_dim < 1:
             raise ValueError(f"`aug_dim` must be an integer >= 1 or None (D = infinity), got {aug_dim!r}.")
-        for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("sigma_data", sigma_data)):
-            _check_number(name, value)
-        for name, value in (("rho", rho), ("gamma", gamma), ("vz_eps", vz_eps)):
+        numbers = dict(
+            sigma_min=sigma_min, sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, gamma=gamma, vz_eps=vz_eps
+        )
+        for name, value in numbers.items():
             _check_number(name, value)
         _check_number("z_exp", z_exp, optional=True)
         _check_number("upper_norm", upper_norm, optional=True)
