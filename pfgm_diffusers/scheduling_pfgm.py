@@ -761,10 +761,14 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is None:
             sigma = self._sigmas_for_timesteps(original_samples, timesteps)
         else:
-            sigma = torch.as_tensor(sigmas, dtype=original_samples.dtype, device=original_samples.device).reshape(-1)
-            # finite D: kernel_noise checks the levels on the CPU, where its radii are computed anyway
-            if self.config.aug_dim is None and not (torch.isfinite(sigma).all() and (sigma >= 0).all()):
-                raise ValueError(f"`sigmas` must be finite and >= 0, got {sigma.tolist()}.")
+            sigma = torch.as_tensor(sigmas, dtype=original_samples.dtype).reshape(-1)
+            # Finite D: kernel_noise checks the levels on the CPU, where its radii are computed anyway. D = None checks
+            # levels that are on the CPU; levels already on an accelerator are not read back (a host sync per
+            # training step): a bad one shows as a non-finite loss.
+            if self.config.aug_dim is None and sigma.device.type == "cpu":
+                if not (torch.isfinite(sigma).all() and (sigma >= 0).all()):
+                    raise ValueError(f"`sigmas` must be finite and >= 0, got {sigma.tolist()}.")
+            sigma = sigma.to(original_samples.device)
         if sigma.numel() not in (1, batch_size):
             raise ValueError(f"Need 1 or {batch_size} (one per sample) timesteps or sigmas, got {sigma.numel()}.")
         if self.config.aug_dim is None:
