@@ -111,11 +111,13 @@ def test_near_duplicates_beyond_one_block_of_exact_differences_are_exact():
 
 @pytest.mark.parametrize("D", [1, 128, None])
 def test_ideal_denoiser_is_exact_on_near_duplicates(D):
+    """Relative to D* - x, what the ODE steps with; its float32 output resolves ~1e-5 of it here (the old fixed
+    top-16 was off by 3e-3 to 0.7)."""
     y, _, data = near_duplicates(1, N=3072)
     for sigma in (1e-4, 3e-3, 0.1):
         out = ideal_denoiser(y, sigma, data, D).double()
         ref = reference_denoiser(y, sigma, data, D)
-        assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-6
+        assert ((out - ref).abs().max() / (ref - y.double()).abs().max()).item() < 1e-4
 
 
 def test_random_batches_match_reference_over_all_z():
@@ -123,7 +125,7 @@ def test_random_batches_match_reference_over_all_z():
     data = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
     y, z = pfgm_perturb(data[:32], generator=g)
     ref = reference_target(y, z, data, 5.0)
-    assert row_relative_error(ours(y, z, data, 5.0), ref) < 1e-5
+    assert row_relative_error(ours(y, z, data, 5.0), ref) < 1e-6
     assert z.min() < 0.1 and z.max() > 10  # both regimes are covered
 
 
@@ -133,7 +135,7 @@ def test_target_stays_exact_under_bf16_autocast():
     y, z = pfgm_perturb(data[:8], generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         target = ours(y, z, data, 5.0)
-    assert row_relative_error(target, reference_target(y, z, data, 5.0)) < 1e-5
+    assert row_relative_error(target, reference_target(y, z, data, 5.0)) < 1e-6
 
 
 def test_stable_for_large_N():
@@ -195,14 +197,18 @@ class SubnormalProbe(TorchDispatchMode):
 
 
 def test_no_subnormal_numbers_with_charges_far_from_the_queries():
-    """Gaussian charges and independent Gaussian queries (~78 apart): weights span hundreds of orders of magnitude."""
+    """Gaussian charges and independent Gaussian queries (~78 apart): weights span hundreds of orders of magnitude.
+
+    The weights are spread over a few charges with ~1e-4 relative errors from the expansion: recomputing only those
+    carrying >= 1e-2 of a row's weight leaves 6e-7 here.
+    """
     g = torch.Generator().manual_seed(7)
-    data, y = torch.randn(256, 3072, generator=g), torch.randn(8, 3072, generator=g)
-    z = torch.rand(8, generator=g)
+    data, y = torch.randn(512, 3072, generator=g), torch.randn(16, 3072, generator=g)
+    z = torch.exp(torch.empty(16).uniform_(math.log(1e-2), math.log(1e2), generator=g))
     with SubnormalProbe() as probe:
         target = ours(y, z, data, 5.0)
     assert probe.ops == []
-    assert row_relative_error(target, reference_target(y, z, data, 5.0)) < 1e-6
+    assert row_relative_error(target, reference_target(y, z, data, 5.0)) < 1e-7
 
 
 def test_zero_network_loss_is_N_over_2_with_gamma_0():
