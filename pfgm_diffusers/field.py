@@ -75,32 +75,38 @@ def _expansion_error(y_sq, x_sq_max, N, dtype):
     return _ERROR_LAMBDA * math.sqrt(N) * (eps * x_max * (y_sq.sqrt() + x_max) + eps64 * y_sq)
 
 
-def _exact_pairs(dist_sq, nearest, total, error, exponent, scale, negligible):
-    """The (row, charge) pairs whose distances are recomputed exactly, (P,) each sorted by row, and the rows (B,) that
-    take all their weights from exact distances.
+def _exact_only(nearest, error, exponent, scale):
+    """The rows (B,) where the expansion may misjudge a log-weight by `_MAX_LOG_WEIGHT_ERROR` or more (near charges,
+    small z: the weights raise distances to the power (N + D) / 2); they take every weight from an exact distance.
 
-    `nearest` and `total` are the rows' smallest approximate squared distance and approximate sum of weights relative
-    to it; the true nearest squared distance lies in [lower, upper] = nearest -/+ Delta (`_expansion_error`).
-    - Every charge that may be the nearest (d~^2 - Delta <= upper): ties of any multiplicity are exact.
-    - Where the expansion may misjudge a log-weight by `_MAX_LOG_WEIGHT_ERROR` or more (near charges, small z: the
-      weights raise distances to the power (N + D) / 2), every charge that may weigh more than the negligible fraction
-      of the nearest one: those rows take every weight that is not dropped from an exact distance.
-    - Elsewhere, every charge that carries `_HEAVY_WEIGHT` of the row's approximate weight or more, or where more than
-      `_MAX_HEAVY_CHARGES` do, `_SPREAD_HEAVY_WEIGHT` or more. The other weights keep the expansion's relative error:
-      below `_MAX_LOG_WEIGHT_ERROR` by the bound, 1e-3 at most in practice; they weigh little, and in rows whose
-      weight is spread over many charges their independent rounding errors average out in g.
+    `nearest` (B,) is the rows' smallest approximate squared distance; the true one lies in nearest -/+ Delta.
     """
     lower, upper = (nearest - error).clamp(min=0), nearest + error
     # the largest error of the row's log-weights is at its nearest charge: log w is convex in d^2
-    exact_only = -_log_weight(upper, lower, exponent, scale) >= _MAX_LOG_WEIGHT_ERROR
-    ties = _dist_sq_at(upper, torch.where(exact_only, -negligible, 0.0), exponent, scale) + error
-    heavy = _dist_sq_at(nearest, -math.log(_HEAVY_WEIGHT) - total.log(), exponent, scale)
-    spread = (dist_sq <= heavy[:, None]).sum(1) > _MAX_HEAVY_CHARGES
-    heavy = torch.where(
-        spread, _dist_sq_at(nearest, -math.log(_SPREAD_HEAVY_WEIGHT) - total.log(), exponent, scale), heavy
-    )
-    rows, cols = (dist_sq <= torch.maximum(ties, heavy)[:, None]).nonzero(as_tuple=True)
-    return rows, cols, exact_only
+    return -_log_weight(upper, lower, exponent, scale) >= _MAX_LOG_WEIGHT_ERROR
+
+
+def _exact_reach(nearest, error, exact_only, exponent, scale, negligible):
+    """Per row, the largest approximate squared distance of a charge recomputed exactly for being near, (B,).
+
+    Every charge that may be the nearest (d~^2 - Delta <= nearest + Delta): ties of any multiplicity are exact. In
+    `exact_only` rows also every charge that may weigh more than the negligible fraction of the nearest one.
+    """
+    margin = torch.where(exact_only, -negligible, 0.0)
+    return _dist_sq_at(nearest + error, margin, exponent, scale) + error
+
+
+def _heavy_reach(weights, total, nearest, exponent, scale):
+    """Per row, the largest approximate squared distance of a charge recomputed exactly for its weight, (F,).
+
+    For rows that take weights from the expansion: every charge that carries `_HEAVY_WEIGHT` of the row's weight, or
+    where more than `_MAX_HEAVY_CHARGES` do, `_SPREAD_HEAVY_WEIGHT`. The other weights keep the expansion's relative
+    error, below `_MAX_LOG_WEIGHT_ERROR` by the bound and 1e-3 at most in practice; they weigh little, and in rows
+    whose weight is spread over many charges their independent rounding errors average out in g.
+    """
+    spread = (weights >= _HEAVY_WEIGHT * total[:, None]).sum(1) > _MAX_HEAVY_CHARGES
+    share = torch.where(spread, _SPREAD_HEAVY_WEIGHT, _HEAVY_WEIGHT)
+    return _dist_sq_at(nearest, -torch.log(share * total), exponent, scale)
 
 
 def _row_blocks(rows, batch_size, max_pairs):
@@ -115,22 +121,33 @@ def _row_blocks(rows, batch_size, max_pairs):
     yield start, batch_size, slice(begin, ends[-1])
 
 
-def _exact_terms(y64, x, rows, cols, exponent, scale, negligible):
+def _exact_terms(y, x, rows, cols, exponent, scale, negligible):
     """Exact float64 differences x_j - y_i for the `rows`, `cols` pairs: the rows' nearest squared distances (B,),
     the sums of w_ij (x_j - y_i) (B, N) and of w_ij (B,) over the pairs, with w_ij relative to the nearest charge."""
-    batch_size, N = y64.shape
+    batch_size, N = y.shape
     nearest, near, total = [], [], []
     for start, stop, pairs in _row_blocks(rows, batch_size, max(1, _CHUNK_ELEMENTS // N)):
         i, j = rows[pairs] - start, cols[pairs]
-        diff = x.index_select(0, j).double().sub_(y64.index_select(0, start + i))  # (p, N), exact for float32 values
+        diff = x.index_select(0, j).double().sub_(y.index_select(0, start + i))  # (p, N), exact for float32 values
         dist_sq = torch.linalg.vecdot(diff, diff)  # (p,)
         # the reference of a row's weights cancels in g: no gradient needed
         block_nearest = dist_sq.new_full((stop - start,), math.inf).scatter_reduce(0, i, dist_sq.detach(), "amin")
         weights = _weights(dist_sq, block_nearest[i], exponent, scale[start + i], negligible)  # (p,)
         nearest.append(block_nearest)
-        near.append(y64.new_zeros(stop - start, N).index_add(0, i, weights[:, None] * diff))
-        total.append(y64.new_zeros(stop - start).index_add(0, i, weights))
+        near.append(diff.new_zeros(stop - start, N).index_add(0, i, weights[:, None] * diff))
+        total.append(diff.new_zeros(stop - start).index_add(0, i, weights))
     return torch.cat(nearest), torch.cat(near), torch.cat(total)
+
+
+def _far_terms(weights, total, far_rows, rows, cols, x, y64):
+    """The part of the charges not recomputed exactly, in the rows `far_rows` (F,) that have one: the sums of
+    w_ij (x_j - y_i) (F, N) and of w_ij (F,), from their approximate weights (F, L) and sums `total` (F,)."""
+    local = rows.new_full((y64.shape[0],), -1).index_put_((far_rows,), torch.arange(len(far_rows), device=rows.device))
+    in_far = local[rows] >= 0
+    i, j = local[rows[in_far]], cols[in_far]  # the exact pairs of the far rows
+    far_total = total - total.new_zeros(total.shape).index_add(0, i, weights[i, j])  # (F,)
+    far_weights = weights.to(x.dtype).index_put_((i, j), weights.new_zeros((), dtype=x.dtype))  # (F, L)
+    return (far_weights @ x).double() - far_total[:, None] * y64[far_rows], far_total  # the second product
 
 
 def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torch.Tensor) -> torch.Tensor:
@@ -140,33 +157,36 @@ def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torc
     scale_i) (see `_log_weight`). No (B, L, N) tensor is built: all distances come from the expansion
     |y|^2 + |x|^2 - 2 y.x (one matrix product), whose rounding error (`_expansion_error`) is large next to small
     distances, and the weights raise distances to the power `exponent`. So the charges where that error can matter
-    (`_exact_pairs`: usually one or two per row) get exact float64 distances and exact terms w_ij (x_j - y_i) from
-    explicit differences; the others' part is one more matrix product. In place where autograd allows (the ideal
-    denoiser is differentiated, for the pipeline's likelihood): fresh (B, L) buffers cost page faults.
+    (usually one or two per row) get exact float64 distances and exact terms w_ij (x_j - y_i) from explicit
+    differences; the others' part is one more matrix product, over the rows that have such a part. In place where
+    autograd allows (the ideal denoiser is differentiated, for the pipeline's likelihood).
     """
-    (batch_size, N), L = y.shape, x.shape[0]
+    N, L = y.shape[1], x.shape[0]
     gram = y @ x.T  # (B, L), the first of the two products that dominate the cost
     y64 = y.double()
     y_sq = torch.linalg.vecdot(y64, y64)  # (B,), exact and cheap
     x_sq = torch.linalg.vector_norm(x, dim=1).double().square()  # (L,): an (L, N) float64 copy would cost a product
     dist_sq = (y_sq[:, None] + x_sq).sub_(gram, alpha=2).clamp_(min=0)  # (B, L), approximate
     negligible = _negligible_log_weight(L, x.dtype)
-    nearest = dist_sq.detach().amin(1)  # (B,), approximate
-    weights = _weights(dist_sq, nearest[:, None], exponent, scale[:, None], negligible)  # (B, L), approximate
-    total = weights.sum(1)  # (B,)
+    nearest = dist_sq.detach().amin(1)  # (B,)
     error = _expansion_error(y_sq.detach(), x_sq.detach().max(), N, x.dtype)  # (B,)
-    rows, cols, exact_only = _exact_pairs(
-        dist_sq.detach(), nearest, total.detach(), error, exponent, scale, negligible
-    )
-    exact_nearest, near, near_total = _exact_terms(y64, x, rows, cols, exponent, scale, negligible)
-    # The other charges' part: their approximate weights, zero at the exact pairs, times a factor that makes them
-    # relative to the exact nearest charge like the exact ones (within e^(+-1) where it is not 0).
-    rescale = torch.where(exact_only, -math.inf, _log_weight(nearest, exact_nearest, exponent, scale)).exp()  # (B,)
-    far_weights = weights.to(x.dtype).index_put_((rows, cols), weights.new_zeros((), dtype=x.dtype))  # (B, L)
-    far = far_weights @ x  # (B, N), the second product
-    far_total = total - y64.new_zeros(batch_size).index_add(0, rows, weights[rows, cols])  # (B,)
-    g = near + rescale[:, None] * (far.double() - far_total[:, None] * y64)
-    return g / (near_total + rescale * far_total)[:, None]
+    exact_only = _exact_only(nearest, error, exponent, scale)  # (B,)
+    far_rows = (~exact_only).nonzero()[:, 0]  # (F,): the rows that take weights from the expansion too
+    far_nearest, far_scale = nearest[far_rows], scale[far_rows]
+    weights = _weights(dist_sq[far_rows], far_nearest[:, None], exponent, far_scale[:, None], negligible)  # (F, L)
+    total = weights.sum(1)  # (F,)
+
+    reach = _exact_reach(nearest, error, exact_only, exponent, scale, negligible)  # (B,)
+    heavy = _heavy_reach(weights.detach(), total.detach(), far_nearest, exponent, far_scale)  # (F,)
+    reach = reach.index_put((far_rows,), torch.maximum(reach[far_rows], heavy))
+    rows, cols = (dist_sq.detach() <= reach[:, None]).nonzero(as_tuple=True)  # (P,) pairs, sorted by row
+    exact_nearest, near, near_total = _exact_terms(y, x, rows, cols, exponent, scale, negligible)
+
+    far, far_total = _far_terms(weights, total, far_rows, rows, cols, x, y64)  # (F, N), (F,)
+    # relative to the exact nearest charge like the exact terms: a factor within e^(+-_MAX_LOG_WEIGHT_ERROR)
+    rescale = _log_weight(far_nearest, exact_nearest[far_rows], exponent, far_scale).exp()  # (F,)
+    g = near.index_add(0, far_rows, rescale[:, None] * far)
+    return g / near_total.index_add(0, far_rows, rescale * far_total)[:, None]
 
 
 def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Tensor, gamma: float = 5.0):
