@@ -125,29 +125,35 @@ def _exact_terms(y, x, rows, cols, exponent, scale, negligible):
     """Exact float64 differences x_j - y_i for the `rows`, `cols` pairs: the rows' nearest squared distances (B,),
     the sums of w_ij (x_j - y_i) (B, N) and of w_ij (B,) over the pairs, with w_ij relative to the nearest charge."""
     batch_size, N = y.shape
-    nearest, near, total = [], [], []
+    nearest, total = (
+        y.new_full((batch_size,), math.inf, dtype=torch.float64),
+        y.new_zeros(batch_size, dtype=torch.float64),
+    )
+    near = y.new_zeros(batch_size, N, dtype=torch.float64)
     for start, stop, pairs in _row_blocks(rows, batch_size, max(1, _CHUNK_ELEMENTS // N)):
-        i, j = rows[pairs] - start, cols[pairs]
-        diff = x.index_select(0, j).double().sub_(y.index_select(0, start + i))  # (p, N), exact for float32 values
+        i, j = rows[pairs], cols[pairs]
+        diff = x.index_select(0, j).double().sub_(y.index_select(0, i))  # (p, N), exact for float32 values
         dist_sq = torch.linalg.vecdot(diff, diff)  # (p,)
         # the reference of a row's weights cancels in g: no gradient needed
-        block_nearest = dist_sq.new_full((stop - start,), math.inf).scatter_reduce(0, i, dist_sq.detach(), "amin")
-        weights = _weights(dist_sq, block_nearest[i], exponent, scale[start + i], negligible)  # (p,)
-        nearest.append(block_nearest)
-        near.append(diff.new_zeros(stop - start, N).index_add(0, i, weights[:, None] * diff))
-        total.append(diff.new_zeros(stop - start).index_add(0, i, weights))
-    return torch.cat(nearest), torch.cat(near), torch.cat(total)
+        block = dist_sq.new_full((stop - start,), math.inf).scatter_reduce_(0, i - start, dist_sq.detach(), "amin")
+        nearest[start:stop] = block
+        weights = _weights(dist_sq, block[i - start], exponent, scale[i], negligible)  # (p,)
+        near.index_add_(0, i, weights[:, None] * diff)
+        total.index_add_(0, i, weights)
+    return nearest, near, total
 
 
-def _far_terms(weights, total, far_rows, rows, cols, x, y64):
+def _far_terms(weights, total, rescale, far_rows, rows, cols, x, y):
     """The part of the charges not recomputed exactly, in the rows `far_rows` (F,) that have one: the sums of
-    w_ij (x_j - y_i) (F, N) and of w_ij (F,), from their approximate weights (F, L) and sums `total` (F,)."""
-    local = rows.new_full((y64.shape[0],), -1).index_put_((far_rows,), torch.arange(len(far_rows), device=rows.device))
+    rescale_i w_ij (x_j - y_i) (F, N) and of rescale_i w_ij (F,), from the approximate weights (F, L), their sums
+    `total` (F,) and the factors `rescale` (F,)."""
+    local = rows.new_full((y.shape[0],), -1).index_put_((far_rows,), torch.arange(len(far_rows), device=rows.device))
     in_far = local[rows] >= 0
     i, j = local[rows[in_far]], cols[in_far]  # the exact pairs of the far rows
-    far_total = total - total.new_zeros(total.shape).index_add(0, i, weights[i, j])  # (F,)
-    far_weights = weights.to(x.dtype).index_put_((i, j), weights.new_zeros((), dtype=x.dtype))  # (F, L)
-    return (far_weights @ x).double() - far_total[:, None] * y64[far_rows], far_total  # the second product
+    far_total = rescale * (total - total.new_zeros(total.shape).index_add(0, i, weights[i, j]))  # (F,)
+    far_weights = weights.to(x.dtype, copy=True).index_put_((i, j), weights.new_zeros((), dtype=x.dtype))  # (F, L)
+    far = (far_weights @ x).double().mul_(rescale[:, None])  # (F, N), the second product
+    return far.addcmul_(y.index_select(0, far_rows), -far_total[:, None]), far_total
 
 
 def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torch.Tensor) -> torch.Tensor:
@@ -159,12 +165,12 @@ def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torc
     distances, and the weights raise distances to the power `exponent`. So the charges where that error can matter
     (usually one or two per row) get exact float64 distances and exact terms w_ij (x_j - y_i) from explicit
     differences; the others' part is one more matrix product, over the rows that have such a part. In place where
-    autograd allows (the ideal denoiser is differentiated, for the pipeline's likelihood).
+    autograd allows (the ideal denoiser is differentiated, for the pipeline's likelihood): every fresh buffer costs
+    page faults.
     """
     N, L = y.shape[1], x.shape[0]
     gram = y @ x.T  # (B, L), the first of the two products that dominate the cost
-    y64 = y.double()
-    y_sq = torch.linalg.vecdot(y64, y64)  # (B,), exact and cheap
+    y_sq = torch.linalg.vecdot(y.double(), y.double())  # (B,), exact and cheap
     x_sq = torch.linalg.vector_norm(x, dim=1).double().square()  # (L,): an (L, N) float64 copy would cost a product
     dist_sq = (y_sq[:, None] + x_sq).sub_(gram, alpha=2).clamp_(min=0)  # (B, L), approximate
     negligible = _negligible_log_weight(L, x.dtype)
@@ -180,13 +186,13 @@ def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torc
     heavy = _heavy_reach(weights.detach(), total.detach(), far_nearest, exponent, far_scale)  # (F,)
     reach = reach.index_put((far_rows,), torch.maximum(reach[far_rows], heavy))
     rows, cols = (dist_sq.detach() <= reach[:, None]).nonzero(as_tuple=True)  # (P,) pairs, sorted by row
-    exact_nearest, near, near_total = _exact_terms(y, x, rows, cols, exponent, scale, negligible)
+    exact_nearest, g, g_total = _exact_terms(y, x, rows, cols, exponent, scale, negligible)  # (B,), (B, N), (B,)
 
-    far, far_total = _far_terms(weights, total, far_rows, rows, cols, x, y64)  # (F, N), (F,)
     # relative to the exact nearest charge like the exact terms: a factor within e^(+-_MAX_LOG_WEIGHT_ERROR)
     rescale = _log_weight(far_nearest, exact_nearest[far_rows], exponent, far_scale).exp()  # (F,)
-    g = near.index_add(0, far_rows, rescale[:, None] * far)
-    return g / near_total.index_add(0, far_rows, rescale * far_total)[:, None]
+    far, far_total = _far_terms(weights, total, rescale, far_rows, rows, cols, x, y)  # (F, N), (F,)
+    g.index_add_(0, far_rows, far)
+    return g.div_(g_total.index_add_(0, far_rows, far_total)[:, None])
 
 
 def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Tensor, gamma: float = 5.0):
@@ -255,7 +261,7 @@ def _field_target(y, z, x, gamma, shape):
     g_x = _pull_toward_charges(y, x, (N + 1) / 2, z**2)  # (B, N); g_z = sum_j c_ij (0 - z_i) = -z_i
     g_norm = torch.hypot(torch.linalg.vector_norm(g_x, dim=1), z)  # (B,); hypot: no z^2 overflow
     scale = math.sqrt(N) / (g_norm + gamma)
-    target_x = (g_x * scale[:, None]).float().reshape(shape)
+    target_x = g_x.mul_(scale[:, None]).float().reshape(shape)
     target_z = (-z * scale).float()
     return target_x, target_z
 
