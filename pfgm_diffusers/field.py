@@ -138,7 +138,8 @@ def _exact_terms(y, x, rows, cols, exponent, scale, negligible):
         block = dist_sq.new_full((stop - start,), math.inf).scatter_reduce_(0, i - start, dist_sq.detach(), "amin")
         nearest[start:stop] = block
         weights = _weights(dist_sq, block[i - start], exponent, scale[i], negligible)  # (p,)
-        near.index_add_(0, i, weights[:, None] * diff)
+        # in place unless autograd keeps diff for the backward pass (the ideal denoiser in the pipeline's likelihood)
+        near.index_add_(0, i, weights[:, None] * diff if diff.requires_grad else diff.mul_(weights[:, None]))
         total.index_add_(0, i, weights)
     return nearest, near, total
 
