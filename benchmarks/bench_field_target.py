@@ -6,9 +6,12 @@
 
 One run prints (and writes with --json):
 
-1. The machine: CPU model (from /proc/cpuinfo), torch's thread count (`--threads`, default 1), the 1-minute load
-   average before the timings, after them and at the end. Other processes on the cores slow the calls unevenly;
-   rerun when the load was above ~0.3 for the cores in use.
+1. The machine: CPU model (from /proc/cpuinfo), torch's thread count (`--threads`, default 1) and the OpenMP/MKL
+   variables that are set, the 1-minute load average before the timings, after them and at the end. Other processes
+   on the cores slow the calls unevenly; rerun when the load was above ~0.3 for the cores in use. With more threads
+   than idle cores, OpenMP's default spin-waiting at every parallel op's barrier can cost a time slice per op: the
+   target's few dozen (B, L) ops then take 10x longer while the floor's two products do not
+   (OMP_WAIT_POLICY=PASSIVE avoids it).
 2. Time, on two inputs of B perturbed points against L charges of N values:
    (a) CIFAR-like data in [-1, 1] perturbed by `pfgm_perturb` (the small batch is the first rows of the large one, as
        in the official code; z from 4e-4 to 80 at the defaults);
@@ -69,6 +72,8 @@ MIB = 2**20
 OFFICIAL_LIVE_TENSORS = 2
 # Bytes of float64 differences the reference builds per chunk of rows.
 REFERENCE_CHUNK_BYTES = 256 * MIB
+# Environment variables that change how the thread pools wait and split work; printed when set.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 # The two timed inputs.
 INPUT_LABELS = {"cifar": "(a) CIFAR-like, pfgm_perturb", "gaussian": "(g) Gaussian, far from the queries"}
 
@@ -413,6 +418,7 @@ def measure(args, device):
         "cpu": cpu_model(),
         "device": device.type if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": torch.get_num_threads(),
+        "environment": {name: os.environ[name] for name in THREAD_VARIABLES if name in os.environ},
         "torch": torch.__version__,
         "load_average_1min": load,
         "sizes": {"B": B, "L": L, "N": N},
@@ -430,8 +436,10 @@ def print_report(results):
     B, L, N = (results["sizes"][k] for k in "BLN")
     load = results["load_average_1min"]
     print(f"command: {results['command']}")
+    environment = " ".join(f"{k}={v}" for k, v in results["environment"].items()) or "no OMP_*/MKL_* variables set"
     print(
-        f"CPU: {results['cpu']}; device: {results['device']}; torch {results['torch']}, {results['threads']} threads"
+        f"CPU: {results['cpu']}; device: {results['device']}; torch {results['torch']}, {results['threads']} threads "
+        f"({environment})"
     )
     print(
         f"1-minute load average: {load['before']:.2f} before the timings, {load['after_timing']:.2f} after them, "
