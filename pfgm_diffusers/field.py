@@ -15,7 +15,7 @@ _CHUNK_ELEMENTS = 1 << 18
 _ERROR_LAMBDA = 8.0
 # Rows where the expansion may misjudge a log-weight by this much take all their weights from exact distances.
 _MAX_LOG_WEIGHT_ERROR = 1.0
-# Elsewhere, charges that carry at least this share of their row's weight are recomputed exactly (`_exact_pairs`) ...
+# Elsewhere, charges that carry at least this share of their row's weight are recomputed exactly (`_heavy_reach`) ...
 _HEAVY_WEIGHT = 1e-4
 # ... or, where more than this many charges do, those that carry at least this share.
 _MAX_HEAVY_CHARGES, _SPREAD_HEAVY_WEIGHT = 32, 1e-2
@@ -125,11 +125,8 @@ def _exact_terms(y, x, rows, cols, exponent, scale, negligible):
     """Exact float64 differences x_j - y_i for the `rows`, `cols` pairs: the rows' nearest squared distances (B,),
     the sums of w_ij (x_j - y_i) (B, N) and of w_ij (B,) over the pairs, with w_ij relative to the nearest charge."""
     batch_size, N = y.shape
-    nearest, total = (
-        y.new_full((batch_size,), math.inf, dtype=torch.float64),
-        y.new_zeros(batch_size, dtype=torch.float64),
-    )
-    near = y.new_zeros(batch_size, N, dtype=torch.float64)
+    nearest = y.new_full((batch_size,), math.inf, dtype=torch.float64)
+    near, total = y.new_zeros(batch_size, N, dtype=torch.float64), y.new_zeros(batch_size, dtype=torch.float64)
     for start, stop, pairs in _row_blocks(rows, batch_size, max(1, _CHUNK_ELEMENTS // N)):
         i, j = rows[pairs], cols[pairs]
         diff = x.index_select(0, j).double().sub_(y.index_select(0, i))  # (p, N), exact for float32 values
@@ -171,7 +168,8 @@ def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torc
     """
     N, L = y.shape[1], x.shape[0]
     gram = y @ x.T  # (B, L), the first of the two products that dominate the cost
-    y_sq = torch.linalg.vecdot(y.double(), y.double())  # (B,), exact and cheap
+    y64 = y.double()
+    y_sq = torch.linalg.vecdot(y64, y64)  # (B,), exact and cheap
     x_sq = torch.linalg.vector_norm(x, dim=1).double().square()  # (L,): an (L, N) float64 copy would cost a product
     dist_sq = (y_sq[:, None] + x_sq).sub_(gram, alpha=2).clamp_(min=0)  # (B, L), approximate
     negligible = _negligible_log_weight(L, x.dtype)
