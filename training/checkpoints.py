@@ -112,7 +112,10 @@ def claim_output_dir(output_dir, logging_dir, resuming, overwrite):
             logger.warning(f"--overwrite_output_dir: removing {', '.join(previous)} from {output_dir}")
             for name in previous:
                 path = os.path.join(output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
         remove_partial_checkpoints(output_dir)
     except BaseException:
         lock.release()
