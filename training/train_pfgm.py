@@ -64,6 +64,7 @@ def clock():
 
 def create_accelerator(args):
     """The Accelerator, with the checks that need it: the process group, fp16 on CPU, threads, log verbosity."""
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     accelerator = Accelerator(
         # With no accelerator at all, accelerate forms a (gloo) process group only when told cpu=True: this makes
         # `accelerate launch --multi_gpu --num_processes N` train on a CPU-only machine instead of running N copies
@@ -91,7 +92,6 @@ def create_accelerator(args):
     if accelerator.device.type == "cpu" and args.cpu_threads_per_process is not None:
         # Not the default: more threads than free cores makes torch's spinning thread pools crawl (measured 50x)
         torch.set_num_threads(args.cpu_threads_per_process)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for library in (datasets, diffusers):
         library.utils.logging.set_verbosity(logging.WARNING if accelerator.is_local_main_process else logging.ERROR)
     return accelerator
