@@ -20,8 +20,10 @@ test: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
+# A second `make train` into the same pfgm-digits/ is refused: `make train TRAIN_ARGS=--overwrite_output_dir` replaces
+# the first run, `TRAIN_ARGS="--resume_from_checkpoint latest"` continues it.
 train: $(VENV)/.installed
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train_pfgm.py
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train_pfgm.py $(TRAIN_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
