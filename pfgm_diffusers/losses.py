@@ -9,15 +9,16 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from .field import poisson_field_target, split_field_output
-from .perturbation import pfgm_perturb
+from .perturbation import pfgm_perturb, sample_kernel_noise
 
 
 def pfgmpp_loss(unet, scheduler, x, class_labels=None, P_mean=-1.2, P_std=1.2, generator=None):
     """PFGM++ loss: EDM's weighted denoising loss with the PFGM++ kernel (PFGM++ eq. 11, App. C; EDM Table 1).
 
-    ln sigma ~ N(P_mean, P_std^2), then y = x + kernel noise with r = sigma sqrt(D) (`scheduler.add_noise`), and
+    ln sigma ~ N(P_mean, P_std^2), then y = x + kernel noise with r = sigma sqrt(D) (`sample_kernel_noise`), and
     loss = mean of lambda(sigma) (D(y, sigma) - x)^2. With `aug_dim=None` this is EDM's loss, averaged over the
-    elements where EDM sums them (a constant factor Adam does not see). Draws: ln sigma first, then the noise.
+    elements where EDM sums them (a constant factor Adam does not see). Draws: ln sigma first, then the noise (a
+    Gaussian, then for finite D its radius's two Gamma draws, see `sample_kernel_noise`).
 
     Args:
         unet: a network called as `unet(model_input, timestep, class_labels=...)` returning `.sample`.
@@ -32,8 +33,8 @@ def pfgmpp_loss(unet, scheduler, x, class_labels=None, P_mean=-1.2, P_std=1.2, g
     """
     batch_size = x.shape[0]
     sigma = torch.exp(P_mean + P_std * randn_tensor((batch_size,), generator=generator, device=x.device))  # (B,)
-    noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    noisy = scheduler.add_noise(x, noise, sigmas=sigma)  # exact kernel draw with r = sigma sqrt(D)
+    # The exact kernel with r = sigma sqrt(D), drawn on x's device: no host round trip in a training step
+    noisy = x + sample_kernel_noise(x.shape, sigma, scheduler.config.aug_dim, generator, x.device, x.dtype)
     model_input = scheduler.precondition_inputs(noisy, sigma)
     model_output = unet(model_input, scheduler.precondition_noise(sigma), class_labels=class_labels).sample
     denoised = scheduler.precondition_outputs(noisy, model_output.float(), sigma)  # fp32 loss under autocast

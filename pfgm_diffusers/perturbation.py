@@ -175,10 +175,37 @@ def gaussian(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype or torch.float32)
 
 
+def _standard_gamma(concentration, batch_size, generator, device):
+    """Gamma(concentration, 1) draws (B,) in float64 on `device`, from one generator or one per sample."""
+    if isinstance(generator, list):
+        alphas = [torch.full((1,), concentration, dtype=torch.float64, device=g.device) for g in generator]
+        return torch.cat([torch._standard_gamma(a, g).to(device) for a, g in zip(alphas, generator, strict=True)])
+    gen_device = generator.device if generator is not None else device
+    alpha = torch.full((batch_size,), concentration, dtype=torch.float64, device=gen_device)
+    return torch._standard_gamma(alpha, generator=generator).to(device)
+
+
 def sample_kernel_noise(shape, sigma, aug_dim, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Draw the PFGM++ kernel perturbation y - x of shape `shape` at noise level `sigma` (math.md §2)."""
+    """Draw the PFGM++ kernel perturbation y - x of shape `shape` at noise level `sigma` (math.md §2), on `device`.
+
+    No host round trip (a training step on a GPU never waits for the CPU): the direction is a normalised Gaussian and
+    the radius R = r sqrt(G_N / G_D) with G_N ~ Gamma(N/2), G_D ~ Gamma(D/2), since R^2 / r^2 = B / (1 - B) with
+    B ~ Beta(N/2, D/2) is the ratio of those Gammas; the ratio keeps its digits where 1 - B would not (D << N).
+    Draws: the Gaussian first, then G_N, then G_D. `aug_dim=None` is `sigma * randn`. `sigma` is a float or (B,).
+    """
+    _check_aug_dim(aug_dim)
     noise = gaussian(shape, generator, device, dtype)
-    return kernel_noise(noise, sigma, aug_dim)
+    batch_size, N = noise.shape[0], noise[0].numel()
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=noise.device).reshape(-1)
+    view = (-1,) + (1,) * (noise.ndim - 1)
+    if aug_dim is None:
+        return noise * sigma.to(noise.dtype).reshape(view)
+    ratio = _standard_gamma(N / 2, batch_size, generator, noise.device) / _standard_gamma(
+        aug_dim / 2, batch_size, generator, noise.device
+    )  # (B,) = B / (1 - B)
+    radius = sigma * math.sqrt(aug_dim) * ratio.sqrt()  # (B,) float64
+    direction_scale = radius / noise.reshape(batch_size, -1).double().norm(dim=1)  # R / |eps|
+    return noise * direction_scale.to(noise.dtype).reshape(view)
 
 
 def pfgmpp_prior_from_noise(noise: torch.Tensor, sigma_max: float, aug_dim: int | None) -> torch.Tensor:

@@ -89,3 +89,16 @@ def test_losses_under_bf16_autocast_on_the_device():
     assert loss.dtype == field.dtype == torch.float32
     assert torch.isfinite(loss) and torch.isfinite(field)
     loss.backward()
+
+
+def test_a_pfgmpp_training_step_never_waits_for_the_host():
+    """The kernel draw, the preconditioning and the loss stay on the device: no synchronising call in a step."""
+    unet = tiny_unet().to(CUDA)
+    x = torch.rand(8, 3, 8, 8, device=CUDA) * 2 - 1
+    scheduler = PFGMScheduler(aug_dim=128)
+    pfgmpp_loss(unet, scheduler, x).backward()  # warm-up: lazy initialisation may synchronise once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pfgmpp_loss(unet, scheduler, x).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -258,3 +258,11 @@ def test_low_precision_is_computed_in_float32_and_refused_where_it_cannot_hold()
     # the hyperplane prior's clip brings every radius back into range: then float16 is fine
     clipped = sample_pfgm_prior((20000, 3, 2, 2), 80.0, 3000.0, torch.Generator().manual_seed(5), dtype=torch.float16)
     assert torch.isfinite(clipped).all()
+
+
+def test_sample_kernel_noise_with_one_generator_per_sample_matches_single_draws():
+    sigma = torch.tensor([0.5, 2.0, 9.0])
+    batch = sample_kernel_noise((3, 4, 4), sigma, 8, generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    for i in range(3):
+        single = sample_kernel_noise((1, 4, 4), sigma[i : i + 1], 8, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(batch[i : i + 1], single)
