@@ -731,3 +731,15 @@ def test_bf16_two_processes(tmp_path, image_folder, unet_config):
     )
     run_training(tmp_path, args, num_processes=2)
     assert (out / "model_index.json").is_file()
+
+
+def test_a_non_finite_loss_stops_the_run_with_its_step(tmp_path, image_folder, unet_config):
+    from pfgm_diffusers.losses import pfgmpp_loss
+
+    out = tmp_path / "out"
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=6, logging_steps=2, checkpointing_steps=2)
+    with in_process(tmp_path) as train_pfgm:
+        train_pfgm.pfgmpp_loss = lambda *args, **kwargs: pfgmpp_loss(*args, **kwargs) * float("nan")
+        with pytest.raises(RuntimeError, match="loss became nan within the 2 steps before step 2"):
+            train_pfgm.main([str(arg) for arg in args])
+    assert not (out / "model_index.json").exists()  # no pipeline saved from a diverged run

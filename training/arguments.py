@@ -204,8 +204,8 @@ def check_args(args):
             f"--large_batch_size ({args.large_batch_size}) must be >= --train_batch_size "
             f"({args.train_batch_size}): the small batch is the first rows of the large one"
         )
-    if args.P_std <= 0 or args.sigma_data <= 0:
-        raise ValueError(f"--P_std and --sigma_data must be > 0, got {args.P_std} and {args.sigma_data}")
+    if args.P_std <= 0:  # --sigma_data is the scheduler's to check
+        raise ValueError(f"--P_std must be > 0, got {args.P_std}")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise ValueError("--hub_token with --report_to wandb: wandb records the command line; use `hf auth login`")
     if args.report_to != "none":

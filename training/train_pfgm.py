@@ -347,6 +347,11 @@ def main(argv=None):
             last_step = global_step == args.max_train_steps
             if global_step % args.logging_steps == 0 or last_step:
                 logs = {"loss": (loss_sum / loss_count).item(), "lr": lr_scheduler.get_last_lr()[0]}
+                if not math.isfinite(logs["loss"]):  # read every --logging_steps only: no per-step host sync
+                    raise RuntimeError(
+                        f"the training loss became {logs['loss']} within the {args.logging_steps} steps before step "
+                        f"{global_step}: lower --learning_rate or check the data; checkpoints before it are intact"
+                    )
                 if ema_model is not None:
                     logs["ema_decay"] = ema_model.cur_decay_value
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
