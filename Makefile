@@ -33,6 +33,12 @@ format: $(VENV)/.installed
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Every speed ratio of docs/benchmarks.md, docs/training.md and docs/pipeline.md, each printed with the CPU, threads,
+# load and spread (about 10 minutes on 2 idle cores). On a GPU: python benchmarks/gpu_check.py.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_field_target.py
-	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_field_target.py --threads 1 --json field_target_1thread.json
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_field_target.py --threads 2 --no-official --json field_target_2threads.json
+	$(PY) benchmarks/bench_scheduler_step.py --json scheduler_step.json
+	$(PY) benchmarks/bench_trainer.py --repeats 3 --steps 150 --skip_field
+	$(PY) benchmarks/bench_trainer.py --skip_trainer
+	$(PY) benchmarks/bench_pipeline_ode.py

@@ -53,7 +53,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -63,6 +62,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from machine import cpu_model
 
 from pfgm_diffusers import pfgm_perturb, poisson_field_target
 
@@ -316,15 +316,6 @@ def official_values_error():
         got = torch.cat([target_x[0], target_z]).double()
         worst = max(worst, (got - torch.tensor(expected, dtype=torch.float64)).abs().max().item())
     return worst
-
-
-def cpu_model():
-    """The CPU's model name and the number of logical CPUs, from /proc/cpuinfo (Linux) or `platform`."""
-    try:
-        names = re.findall(r"^model name\s*:\s*(.+)$", open("/proc/cpuinfo").read(), flags=re.MULTILINE)
-    except OSError:
-        names = []
-    return f"{names[0] if names else platform.processor() or 'unknown CPU'} ({os.cpu_count()} logical CPUs)"
 
 
 def time_floor_and_target(input_name, args, device):

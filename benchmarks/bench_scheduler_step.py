@@ -24,7 +24,6 @@ the thread count and the 1-minute load average (before and after) are printed wi
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -32,6 +31,7 @@ import time
 
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from machine import cpu_model
 
 from pfgm_diffusers import PFGMScheduler
 
@@ -54,17 +54,6 @@ def pairs(aug_dim):
             EDMDPMSolverMultistepScheduler,
         ),
     ]
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synchronize(device):

@@ -22,7 +22,6 @@ Every figure is printed with the CPU model, the thread count and the 1-minute lo
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -38,19 +37,7 @@ TRAINING_DIR = os.path.join(REPO, "training")
 SCRIPT = os.path.join(TRAINING_DIR, "train_pfgm.py")
 sys.path[:0] = [REPO, TRAINING_DIR]
 
-
-def machine():
-    """CPU model, torch version and the load average: printed beside every figure."""
-    model = platform.processor() or "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        model = f"{names[0]} ({len(names)} logical CPUs)" if names else model
-    return f"{model}, usable cores {len(os.sched_getaffinity(0))}, torch {torch.__version__}"
-
-
-def load_average():
-    return os.getloadavg()[0]
+from machine import describe, load_average  # noqa: E402
 
 
 def trainer_steps_per_second(steps, train_batch_size, threads):
@@ -135,7 +122,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="Also write the figures to this file.")
     args = parser.parse_args()
-    results = {"machine": machine(), "threads": args.threads, "load_before": load_average()}
+    results = {"machine": describe(), "threads": args.threads, "load_before": load_average()}
     print(f"{results['machine']}; {args.threads} thread(s); load average {results['load_before']:.2f}")
 
     if not args.skip_trainer:

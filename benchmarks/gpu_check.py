@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
 
 from diffusers import UNet2DModel  # noqa: E402
+from machine import cpu_model, load_average  # noqa: E402
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, pfgm_perturb, poisson_field_target  # noqa: E402
 
@@ -58,7 +59,7 @@ def environment(device):
             gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version()
         )
     else:
-        info.update(cpu=platform.processor() or "unknown", threads=torch.get_num_threads(), load=os.getloadavg()[0])
+        info.update(cpu=cpu_model(), threads=torch.get_num_threads(), load=load_average())
     return info
 
 
