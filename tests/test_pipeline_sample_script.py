@@ -1,6 +1,7 @@
 """scripts/sample.py on a saved tiny pipeline: grid, folder, per-image seeds, solvers, labels, bad flags."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +86,18 @@ def test_solvers_report_their_evaluations(saved_pipeline, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "message"),
     [
-        [],  # neither --output nor --output_dir
-        ["--output", "x.png", "--num_images", "0"],
-        ["--output", "x.png", "--num_images", "3", "--class_labels", "0", "1"],
-        ["--output", "x.png", "--dtype", "fp16", "--device", "cpu"],
-        ["--output", "x.png", "--solver", "dpm"],
+        ([], "give --output"),  # neither --output nor --output_dir
+        (["--output", "x.png", "--num_images", "0"], "--num_images and --batch_size must be >= 1, got 0"),
+        (["--output", "x.png", "--num_images", "3", "--class_labels", "0", "1"], "takes 1 or --num_images=3 labels"),
+        (["--output", "x.png", "--dtype", "fp16", "--device", "cpu"], "fp16 runs on a GPU only"),
+        (["--output", "x.png", "--solver", "dpm"], "argument --solver: .*'dpm'"),
+        (["--output", "x.png", "--num_images", "two"], "argument --num_images: invalid int value: 'two'"),
     ],
 )
-def test_bad_flags_exit(saved_pipeline, extra):
-    with pytest.raises(SystemExit):
+def test_bad_flags_exit_with_their_own_message(saved_pipeline, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         load_script().parse_args(["--model", str(saved_pipeline)] + extra)
+    assert exit_info.value.code == 2  # argparse's usage error, not a crash
+    assert re.search(message, capsys.readouterr().err), message
