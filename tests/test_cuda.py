@@ -6,28 +6,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from exact_networks import exact_network, landed, run_loop
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, ideal_denoiser, pfgm_perturb, poisson_field_target
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-
-
-def tiny_unet(out_channels=3):
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=out_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
 
 
 @pytest.mark.parametrize("solver", ["heun", "euler", "dpmpp_2m"])
@@ -50,7 +36,9 @@ def test_scheduler_loop_on_the_device_matches_the_cpu(solver, aug_dim):
 def test_pipeline_samples_on_the_device_as_on_the_cpu(solver):
     images = {}
     for device in ("cpu", "cuda"):
-        pipe = PFGMPipeline(unet=tiny_unet(), scheduler=PFGMScheduler(aug_dim=128)).to(device)
+        pipe = PFGMPipeline(unet=tiny_unet(block_out_channels=(8, 16)), scheduler=PFGMScheduler(aug_dim=128)).to(
+            device
+        )
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator("cpu").manual_seed(0)
         output = pipe(batch_size=4, num_inference_steps=6, generator=generator, output_type="pt", solver=solver)
@@ -84,8 +72,8 @@ def test_field_target_and_ideal_denoiser_at_cifar_size_agree_with_the_cpu():
 def test_losses_under_bf16_autocast_on_the_device():
     x = torch.rand(8, 3, 8, 8, device=CUDA) * 2 - 1
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = pfgmpp_loss(tiny_unet().to(CUDA), PFGMScheduler(aug_dim=128), x)
-        field = poisson_field_loss(tiny_unet(out_channels=4).to(CUDA), x[:4], x)
+        loss = pfgmpp_loss(tiny_unet(block_out_channels=(8, 16)).to(CUDA), PFGMScheduler(aug_dim=128), x)
+        field = poisson_field_loss(tiny_unet(out_channels=4, block_out_channels=(8, 16)).to(CUDA), x[:4], x)
     assert loss.dtype == field.dtype == torch.float32
     assert torch.isfinite(loss) and torch.isfinite(field)
     loss.backward()
@@ -93,7 +81,7 @@ def test_losses_under_bf16_autocast_on_the_device():
 
 def test_a_pfgmpp_training_step_never_waits_for_the_host():
     """The kernel draw, the preconditioning and the loss stay on the device: no synchronising call in a step."""
-    unet = tiny_unet().to(CUDA)
+    unet = tiny_unet(block_out_channels=(8, 16)).to(CUDA)
     x = torch.rand(8, 3, 8, 8, device=CUDA) * 2 - 1
     scheduler = PFGMScheduler(aug_dim=128)
     pfgmpp_loss(unet, scheduler, x).backward()  # warm-up: lazy initialisation may synchronise once

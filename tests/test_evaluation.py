@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from PIL import Image
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, evaluation, scheduling_pfgm
 from pfgm_diffusers.evaluation import (
@@ -235,17 +235,7 @@ def test_digits_metrics_compare_at_equal_sample_size_and_stream(heldout):
 
 
 def save_tiny_pipeline(folder, in_channels=1, sample_size=16):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(in_channels=in_channels, sample_size=sample_size)
     PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128)).save_pretrained(folder)
     return str(folder)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from PIL import Image
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 
@@ -24,18 +24,7 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=2,
-    )
+    unet = tiny_unet(num_class_embeds=2)
     folder = tmp_path_factory.mktemp("pipeline")
     pipe = PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128), class_names=["zero", "one"])
     pipe.save_pretrained(folder)

@@ -5,8 +5,7 @@ import os
 import re
 
 import pytest
-import torch
-from diffusers import UNet2DModel
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 
@@ -18,20 +17,6 @@ def python_blocks():
         return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
 
 
-def tiny_unet(channels):
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
-
-
 def test_the_readme_has_its_examples():
     assert len(python_blocks()) >= 2
 
@@ -39,8 +24,8 @@ def test_the_readme_has_its_examples():
 @pytest.mark.parametrize("index", range(len(python_blocks())))
 def test_readme_example_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    pipe = PFGMPipeline(unet=tiny_unet(1), scheduler=PFGMScheduler(aug_dim=128))
+    pipe = PFGMPipeline(unet=tiny_unet(in_channels=1), scheduler=PFGMScheduler(aug_dim=128))
     pipe.save_pretrained("pfgm-digits")  # what `make train` leaves behind, in miniature
-    unet = tiny_unet(3)  # the README's scheduler loop samples (4, 3, 32, 32): a UNet of any size runs it
+    unet = tiny_unet(in_channels=3)  # the README's scheduler loop samples (4, 3, 32, 32): a UNet of any size runs it
     namespace = {"unet": lambda x, t: unet(x, t)}
     exec(compile(python_blocks()[index], f"README.md python block {index}", "exec"), namespace)

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, EDMDPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDPMPipeline, EDMDPMSolverMultistepScheduler
 from exact_networks import exact_network, landed, run_loop
 from scipy import stats
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMScheduler
 from pfgm_diffusers.perturbation import chi2_quantiles, kernel_radius
@@ -199,20 +200,6 @@ def test_plain_randn_start_is_never_degenerate_and_is_warned_about(aug_dim, capl
     text = caplog.text
     assert text.count("not a `randn * init_noise_sigma` draw") == 1 and "set_begin_index" in text
     assert text.count("`scale_model_input` was not called") == 1  # once per run
-
-
-def tiny_unet(seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    ).eval()
 
 
 @pytest.mark.parametrize("solver", ["heun", "dpmpp_2m"])
