@@ -20,8 +20,10 @@ test: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
+# A second `make train` into the same pfgm-digits/ is refused: `make train TRAIN_ARGS=--overwrite_output_dir` replaces
+# the first run, `TRAIN_ARGS="--resume_from_checkpoint latest"` continues it.
 train: $(VENV)/.installed
-	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train_pfgm.py
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no training/train_pfgm.py $(TRAIN_ARGS)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
@@ -31,9 +33,15 @@ format: $(VENV)/.installed
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Every speed ratio of docs/benchmarks.md, docs/training.md and docs/pipeline.md, each printed with the CPU, threads,
+# load and spread (about 10 minutes on 2 idle cores). On a GPU: python benchmarks/gpu_check.py.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_field_target.py
-	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_field_target.py --threads 1 --json field_target_1thread.json
+	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_field_target.py --threads 2 --no-official --json field_target_2threads.json
+	$(PY) benchmarks/bench_scheduler_step.py --json scheduler_step.json
+	$(PY) benchmarks/bench_trainer.py --repeats 3 --steps 150 --skip_field
+	$(PY) benchmarks/bench_trainer.py --skip_trainer
+	$(PY) benchmarks/bench_pipeline_ode.py
 
 # The papers' claims at CPU scale: rewrites the evidence section of docs/benchmarks.md and docs/evidence_*.png
 # (~45 min on 2 idle cores; results are kept in outputs/evidence/full and reused by a rerun with the same settings).

@@ -16,7 +16,6 @@ setup(
         "accelerate>=1.0",
         "datasets>=3.0",
         "huggingface_hub>=0.26",
-        "einops",
         "numpy",
         # scipy: exact Beta/chi-square quantiles for the PFGM++ kernel and the RK45 sampler of the original PFGM
         "scipy",

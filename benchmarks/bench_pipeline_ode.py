@@ -15,7 +15,6 @@ Runs alternate between the cases; each figure is the median over `--repeats` run
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +24,8 @@ from diffusers import UNet2DModel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from machine import describe  # noqa: E402
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler  # noqa: E402
 
@@ -101,8 +102,7 @@ def main():
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    print(f"CPU {cpu} ({os.cpu_count()} cores), torch threads {args.threads}, {platform.python_version()}")
+    print(describe())
     print(f"load average before: {os.getloadavg()}")
     pipes = {}
     for name in args.cases:

@@ -1,10 +1,12 @@
 """Image datasets for the trainer: a `datasets` Hub id or local path, an image folder, or the embedded digits.
 
-Every loader returns a `datasets.Dataset` with an `"image"` column (PIL images) and, when the source has classes,
-a `"label"` column of integers. `ImageTransform` turns those images into tensors in [-1, 1] without torchvision;
-`TrainingDataset` applies it with reproducible randomness.
+Every loader returns a `datasets.Dataset` with an `"image"` column (PIL images) and, when labels are asked for and
+the source has classes, a `"label"` column of integer class ids with the class names beside it. `ImageTransform` turns
+those images into tensors in [-1, 1] without torchvision; `TrainingDataset` and `EpochSampler` give every process the
+same order and augmentations, whatever the worker count or resume point.
 """
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,66 +18,102 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 DIGITS_PATH = os.path.join(os.path.dirname(__file__), "data", "digits.npz")
+# High-bit-depth single-channel modes and the value range each is read from (mapped onto [-1, 1]): 16-bit integers,
+# `I` (32-bit integers; Pillow's mode for some 16-bit PNG and TIFF files) as 16-bit data, `F` (float) as [0, 1].
+HIGH_BIT_DEPTH_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
 # Modes PIL uses for single-channel images; everything else is trained as RGB.
-GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F", "P;L")
+GRAYSCALE_MODES = ("1", "L", "LA", "P;L", *HIGH_BIT_DEPTH_RANGES)
 MAX_LISTED = 10
 
 
 @dataclass
 class ImageDataset:
-    """A loaded training set: the `datasets.Dataset`, its channel count and its number of classes (None: none)."""
+    """A loaded training set: the `datasets.Dataset`, its channel count and its class names (None: no labels)."""
 
     dataset: object  # datasets.Dataset, imported lazily
     num_channels: int
-    num_classes: int | None
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.class_names is None else len(self.class_names)
 
 
-def load_digits_dataset():
+def load_digits_dataset(with_labels=True):
     """The embedded default: scikit-learn's 1797 handwritten 8x8 digits (UCI, CC BY 4.0), grayscale, 10 classes."""
     import datasets
 
     with np.load(DIGITS_PATH) as npz:
         images, labels = npz["images"], npz["labels"]  # (1797, 8, 8) uint8, (1797,) uint8
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])}
-    )
+    names = [str(digit) for digit in range(10)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     data = {"image": [Image.fromarray(image, mode="L") for image in images], "label": labels.tolist()}
-    return ImageDataset(datasets.Dataset.from_dict(data, features=features), num_channels=1, num_classes=10)
+    dataset = datasets.Dataset.from_dict(data, features=features)
+    if not with_labels:
+        return ImageDataset(dataset.select_columns(["image"]), num_channels=1)
+    return ImageDataset(dataset, num_channels=1, class_names=names)
+
+
+def is_saved_dataset(path):
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
 
 def load_hub_dataset(dataset_name, dataset_config_name=None, cache_dir=None, image_column=None, label_column="label"):
-    """The train split of a `datasets` Hub id or local path, with its image column renamed to `"image"`."""
+    """The train split of a `datasets` Hub id, a local data folder or a `save_to_disk` folder, with its image column
+    renamed to `"image"` and, unless `label_column` is None, its labels as class ids in `"label"`."""
     import datasets
 
-    dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+    if is_saved_dataset(dataset_name):
+        dataset = _load_saved_train_split(dataset_name)
+    else:
+        try:
+            dataset = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        except ValueError as error:  # e.g. 'Instruction "train" corresponds to no data!', naming no dataset
+            raise ValueError(f"cannot load the train split of {dataset_name!r}: {error}") from error
+    if len(dataset) == 0:
+        raise ValueError(f"the dataset {dataset_name!r} has no rows")
     if image_column is None:
         image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
         if not image_columns:
-            raise ValueError(
-                f"--dataset_name {dataset_name!r} has no image column; its columns: {dataset.column_names}"
-            )
+            raise ValueError(f"the dataset {dataset_name!r} has no image column; its columns: {dataset.column_names}")
         image_column = image_columns[0]
     elif image_column not in dataset.column_names:
         raise ValueError(
             f"--image_column {image_column!r} is not in {dataset_name!r}; its columns: {dataset.column_names}"
         )
-    if image_column != "image":
-        dataset = dataset.rename_column(image_column, "image")
-    if label_column != "label" and label_column in dataset.column_names:
-        dataset = dataset.rename_column(label_column, "label")
-    if "label" in dataset.column_names:
-        dataset = dataset.select_columns(["image", "label"])
-        num_classes = _count_classes(dataset)
-    else:
-        dataset = dataset.select_columns(["image"])
-        num_classes = None
-    return ImageDataset(dataset, num_channels=_channels_of_mode(dataset[0]["image"].mode), num_classes=num_classes)
+    if label_column is not None and label_column not in dataset.column_names:
+        label_column = None  # a dataset without labels: --class_conditional says so later
+    columns = {image_column: "image"} if label_column is None else {image_column: "image", label_column: "label"}
+    dataset = dataset.select_columns(list(columns))
+    dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
+    dataset, class_names = _with_class_ids(dataset) if label_column is not None else (dataset, None)
+    return ImageDataset(dataset, _channels_of_mode(dataset[0]["image"].mode), class_names)
 
 
-def load_image_folder(train_data_dir, cache_dir=None):
-    """An `imagefolder` dataset; class sub-folders become labels. Corrupt images are skipped with a warning."""
+def _load_saved_train_split(path):
+    """A `save_to_disk` folder's dataset (its "train" split for a DatasetDict), refusing an empty one by name:
+    `load_from_disk` of a dataset without rows fails with a bare IndexError."""
     import datasets
 
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        splits = sorted(os.listdir(path))
+        if "train" not in splits:
+            raise ValueError(f"{path!r} is a saved DatasetDict without a 'train' split: {splits}")
+        path = os.path.join(path, "train")
+    with open(os.path.join(path, "state.json")) as f:
+        if not json.load(f).get("_data_files"):
+            raise ValueError(f"the dataset {path!r} has no rows")
+    return datasets.load_from_disk(path)
+
+
+def load_image_folder(train_data_dir, cache_dir=None, with_labels=True):
+    """An `imagefolder` dataset; class sub-folders become labels. Corrupt images are skipped with a warning.
+    A `save_to_disk` folder is loaded as a dataset instead (its `"label"` column holds the labels)."""
+    import datasets
+
+    if os.path.isdir(train_data_dir) and is_saved_dataset(train_data_dir):
+        return load_hub_dataset(train_data_dir, label_column="label" if with_labels else None)
     image_paths = list_image_files(train_data_dir)
     readable, corrupt = [], []
     channels = set()
@@ -102,14 +140,13 @@ def load_image_folder(train_data_dir, cache_dir=None):
             " ..." if len(corrupt) > MAX_LISTED else "",
         )
     dataset = datasets.load_dataset("imagefolder", data_files={"train": readable}, cache_dir=cache_dir, split="train")
-    num_classes = None
-    if "label" in dataset.column_names:
-        dataset = dataset.select_columns(["image", "label"])
-        num_classes = _count_classes(dataset)
+    class_names = None
+    if with_labels and "label" in dataset.column_names:
+        dataset, class_names = _with_class_ids(dataset.select_columns(["image", "label"]))
     else:
         dataset = dataset.select_columns(["image"])
     # A folder that mixes grayscale and colour images is trained in colour
-    return ImageDataset(dataset, num_channels=max(channels), num_classes=num_classes)
+    return ImageDataset(dataset, num_channels=max(channels), class_names=class_names)
 
 
 def list_image_files(train_data_dir):
@@ -141,33 +178,48 @@ def _channels_of_mode(mode):
     return 1 if mode in GRAYSCALE_MODES else 3
 
 
-def _count_classes(dataset):
+def _with_class_ids(dataset):
+    """The dataset with integer class ids in `"label"`, and the class names: a ClassLabel's names, the sorted unique
+    strings of a string column (`class_encode_column`), or "0" .. "K-1" for non-negative integer labels."""
     import datasets
 
     feature = dataset.features["label"]
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
+        dataset = dataset.class_encode_column("label")  # sorted unique strings -> 0 .. K-1
+        feature = dataset.features["label"]
     if isinstance(feature, datasets.ClassLabel):
-        return feature.num_classes
+        return dataset, list(feature.names)
     labels = dataset["label"]
     if not all(isinstance(label, int) and label >= 0 for label in labels):
-        raise ValueError("the dataset's 'label' column must hold non-negative integers (or be a ClassLabel)")
-    return max(labels) + 1
+        raise ValueError(
+            "the dataset's label column must hold strings, non-negative integers or a ClassLabel; "
+            f"found e.g. {labels[:3]!r}"
+        )
+    return dataset, [str(label) for label in range(max(labels) + 1)]
 
 
 class ImageTransform:
     """PIL image -> float tensor (C, H, W) in [-1, 1]: shorter side resized to `resolution`, then a center or random
     square crop and an optional horizontal flip (torchvision's Resize, CenterCrop/RandomCrop, RandomHorizontalFlip,
-    ToTensor, Normalize(0.5, 0.5)). Random choices come from the `generator` given with each image."""
+    ToTensor, Normalize(0.5, 0.5)). Random choices come from the `generator` given with each image.
+
+    8-bit images map 0..255 onto [-1, 1]. High-bit-depth grayscale images keep their precision: 16-bit modes (`I;16`
+    and `I`, whose values must lie in 0..65535) map 0..65535 onto [-1, 1], float images (`F`, values in [0, 1]) map
+    [0, 1]; a value outside its mode's range is a ValueError, never clipped."""
 
     def __init__(self, resolution, num_channels, center_crop=False, random_flip=False):
         if num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}")
         self.resolution = resolution
-        self.mode = "L" if num_channels == 1 else "RGB"
+        self.num_channels = num_channels
         self.center_crop = center_crop
         self.random_flip = random_flip
 
     def __call__(self, image, generator=None):
-        image = image.convert(self.mode)
+        if image.mode in HIGH_BIT_DEPTH_RANGES:
+            image = _float_image(image)  # mode "F" in 0..255, resized and cropped without losing bits
+        else:
+            image = image.convert("L" if self.num_channels == 1 else "RGB")
         width, height = image.size
         scale = self.resolution / min(width, height)
         size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))
@@ -182,9 +234,23 @@ class ImageTransform:
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W) or (H, W, 3)
         tensor = torch.from_numpy(array).reshape(self.resolution, self.resolution, -1).permute(2, 0, 1)  # (C, H, W)
+        if tensor.shape[0] != self.num_channels:  # a grayscale high-bit-depth image in an RGB dataset
+            tensor = tensor.expand(self.num_channels, -1, -1)
         if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             tensor = tensor.flip(-1)
         return tensor.contiguous()
+
+
+def _float_image(image):
+    """A high-bit-depth grayscale image as a float ("F") image with its range mapped onto 0..255 (not clipped)."""
+    max_value = HIGH_BIT_DEPTH_RANGES[image.mode]
+    array = np.asarray(image, dtype=np.float64)
+    if array.min() < 0 or array.max() > max_value:
+        raise ValueError(
+            f"a mode {image.mode!r} image with values in [{array.min():g}, {array.max():g}]: this mode is read as "
+            f"values in [0, {max_value:g}]; convert the image to 8 or 16 bits (or floats in [0, 1]) first"
+        )
+    return Image.fromarray((array * (255.0 / max_value)).astype(np.float32))  # float32: mode "F"
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -220,6 +286,25 @@ class TrainingDataset(torch.utils.data.Dataset):
                 example["label"] = rows["label"][position]
             examples.append(example)
         return examples
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A random order that depends only on (seed, epoch): identical on every process and after a resume."""
+
+    def __init__(self, num_samples, seed):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
 def collate(examples):

@@ -9,42 +9,189 @@ import math
 
 import torch
 
-# Nearest charges per query whose distances and contributions are computed exactly (see `_pull_toward_charges`).
-_NUM_EXACT = 16
-# Bound on the number of elements of the (rows, k, N) float64 difference block built at once.
+# Bound on the number of elements of the (pairs, N) float64 block of exact differences built at once.
 _CHUNK_ELEMENTS = 1 << 18
+# lambda of the probabilistic rounding-error bound of a dot product (see `_expansion_error`).
+_ERROR_LAMBDA = 8.0
+# Rows where the expansion may misjudge a log-weight by this much take all their weights from exact distances.
+_MAX_LOG_WEIGHT_ERROR = 1.0
+# Elsewhere, charges that carry at least this share of their row's weight are recomputed exactly (`_heavy_reach`) ...
+_HEAVY_WEIGHT = 1e-4
+# ... or, where more than this many charges do, those that carry at least this share.
+_MAX_HEAVY_CHARGES, _SPREAD_HEAVY_WEIGHT = 32, 1e-2
 
 
-def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, log_weight, num_exact: int = _NUM_EXACT) -> torch.Tensor:
-    """g_i = sum_j w_ij (x_j - y_i), (B, N) in float64, with w_i = softmax_j(log_weight(|y_i - x_j|^2, rows)).
+def _log_weight(dist_sq, nearest, exponent, scale):
+    """log w(dist_sq) - log w(nearest) for the PFGM++ kernel w(d^2) = (d^2 + scale)^(-exponent) (math.md §1).
 
-    y (B, N) and x (L, N) share a dtype; `log_weight(dist_sq, rows)` maps a block of squared distances (r, L) and
-    its row slice to log-weights. No (B, L, N) tensor is built: all distances come from the expansion
-    |y|^2 + |x|^2 - 2 y.x (one matrix product), which loses digits to cancellation when a distance is small next to the
-    norms, and the weights raise distances to the power (N + D)/2. So for the `num_exact` nearest charges of each
-    query, the only ones with weight when distances are small, both the distance and the term w_ij (x_j - y_i) come
-    from explicit float64 differences; the far charges' part is one more matrix product.
+    exponent = (N + D) / 2 and scale = r^2 = sigma^2 D; `exponent=None` is the D -> infinity limit
+    w(d^2) = exp(-d^2 / scale), scale = 2 sigma^2. `nearest` and `scale` broadcast against `dist_sq`.
+    Relative to the nearest charge, so that z^2 = inf (z > 1e154) still gives what it should: equal weights.
     """
-    gram = y @ x.T  # (B, L), the product that dominates the cost
+    if exponent is None:
+        return torch.addcmul(nearest / scale, dist_sq, -1 / scale)  # -(d^2 - nearest) / scale
+    inv = 1 / (nearest + scale)
+    # log((d^2 + scale) / (nearest + scale)), with an absolute error of ~1e-16: all that weights need
+    return torch.addcmul(1 - nearest * inv, dist_sq, inv).log_().mul_(-exponent)
+
+
+def _weights(dist_sq, nearest, exponent, scale, negligible):
+    """w(dist_sq) / w(nearest), zero below exp(`negligible`) (see `_negligible_log_weight`)."""
+    # Zeroing negligible weights keeps float64 denormals out of exp and float32 ones (each costs ~30x on x86) out of
+    # the far product.
+    return torch.nn.functional.threshold_(_log_weight(dist_sq, nearest, exponent, scale), negligible, -math.inf).exp_()
+
+
+def _negligible_log_weight(L, dtype):
+    """Charges weighing under exp(this) times the nearest one are dropped: all L of them weigh < eps^2 of the row.
+
+    eps is that of `dtype`, the far product's: below its resolution of the row's total weight, squared for margin.
+    """
+    return math.log(torch.finfo(dtype).eps ** 2 / L)
+
+
+def _dist_sq_at(nearest, log_gap, exponent, scale):
+    """The squared distance whose weight is exp(-log_gap) times that at `nearest` (inverts `_log_weight`), (B,)."""
+    if exponent is None:
+        growth = scale * log_gap
+    else:
+        growth = (nearest + scale) * torch.expm1(log_gap / exponent)
+    return nearest + torch.where(log_gap > 0, growth, 0.0)  # no inf * 0 where scale overflowed
+
+
+def _expansion_error(y_sq, x_sq_max, N, dtype):
+    """A bound Delta_i on |d~_ij^2 - d_ij^2| over the charges j of row i, (B,) float64.
+
+    d~^2 = |y|^2 + |x|^2 - 2 y.x with y.x (one matrix product) and |x| computed in `dtype` (unit roundoff u = eps / 2)
+    and |y|^2 in float64. A computed length-N dot product a.b is off by at most gamma sum_k |a_k b_k| <= gamma |a| |b|:
+    gamma = N u if every rounding error had the same sign, and gamma = lambda sqrt(N) u with probability
+    >= 1 - 2 N exp(-lambda^2 / 2) for independent rounding errors (Higham & Mary, SIAM J. Sci. Comput. 41, 2019).
+    With lambda = 8 (1 - 8e-11 at N = 3072; on the benchmark's inputs gamma <= 7 u and |d~^2 - d^2| <= Delta / 200)
+    and X = max_j |x_j|: 2 |y.x error| <= 2 gamma |y| X and |x|^2 is off by <= (gamma + 3 u) X^2, both covered by
+    lambda sqrt(N) eps X (|y| + X); |y|^2 and the float64 sum by lambda sqrt(N) eps64 |y|^2.
+    """
+    eps, x_max = torch.finfo(dtype).eps, x_sq_max.sqrt()
+    eps64 = torch.finfo(torch.float64).eps
+    return _ERROR_LAMBDA * math.sqrt(N) * (eps * x_max * (y_sq.sqrt() + x_max) + eps64 * y_sq)
+
+
+def _exact_only(nearest, error, exponent, scale):
+    """The rows (B,) where the expansion may misjudge a log-weight by `_MAX_LOG_WEIGHT_ERROR` or more (near charges,
+    small z: the weights raise distances to the power (N + D) / 2); they take every weight from an exact distance.
+
+    `nearest` (B,) is the rows' smallest approximate squared distance; the true one lies in nearest -/+ Delta.
+    """
+    lower, upper = (nearest - error).clamp(min=0), nearest + error
+    # the largest error of the row's log-weights is at its nearest charge: log w is convex in d^2
+    return -_log_weight(upper, lower, exponent, scale) >= _MAX_LOG_WEIGHT_ERROR
+
+
+def _exact_reach(nearest, error, exact_only, exponent, scale, negligible):
+    """Per row, the largest approximate squared distance of a charge recomputed exactly for being near, (B,).
+
+    Every charge that may be the nearest (d~^2 - Delta <= nearest + Delta): ties of any multiplicity are exact. In
+    `exact_only` rows also every charge that may weigh more than the negligible fraction of the nearest one.
+    """
+    margin = torch.where(exact_only, -negligible, 0.0)
+    return _dist_sq_at(nearest + error, margin, exponent, scale) + error
+
+
+def _heavy_reach(weights, total, nearest, exponent, scale):
+    """Per row, the largest approximate squared distance of a charge recomputed exactly for its weight, (F,).
+
+    For rows that take weights from the expansion: every charge that carries `_HEAVY_WEIGHT` of the row's weight, or
+    where more than `_MAX_HEAVY_CHARGES` do, `_SPREAD_HEAVY_WEIGHT`. The other weights keep the expansion's relative
+    error, below `_MAX_LOG_WEIGHT_ERROR` by the bound and 1e-3 at most in practice; they weigh little, and in rows
+    whose weight is spread over many charges their independent rounding errors average out in g.
+    """
+    spread = (weights >= _HEAVY_WEIGHT * total[:, None]).sum(1) > _MAX_HEAVY_CHARGES
+    share = torch.where(spread, _SPREAD_HEAVY_WEIGHT, _HEAVY_WEIGHT)
+    return _dist_sq_at(nearest, -torch.log(share * total), exponent, scale)
+
+
+def _row_blocks(rows, batch_size, max_pairs):
+    """Split the row-sorted pairs `rows` into blocks of consecutive rows with at most `max_pairs` pairs each (a row
+    with more is a block of its own): yields (first row, end row, slice of the pairs)."""
+    ends = torch.bincount(rows, minlength=batch_size).cumsum(0).tolist()
+    start, begin = 0, 0
+    for row, end in enumerate(ends):
+        if end - begin > max_pairs and row > start:
+            yield start, row, slice(begin, ends[row - 1])
+            start, begin = row, ends[row - 1]
+    yield start, batch_size, slice(begin, ends[-1])
+
+
+def _exact_terms(y, x, rows, cols, exponent, scale, negligible):
+    """Exact float64 differences x_j - y_i for the `rows`, `cols` pairs: the rows' nearest squared distances (B,),
+    the sums of w_ij (x_j - y_i) (B, N) and of w_ij (B,) over the pairs, with w_ij relative to the nearest charge."""
+    batch_size, N = y.shape
+    nearest = y.new_full((batch_size,), math.inf, dtype=torch.float64)
+    near, total = y.new_zeros(batch_size, N, dtype=torch.float64), y.new_zeros(batch_size, dtype=torch.float64)
+    for start, stop, pairs in _row_blocks(rows, batch_size, max(1, _CHUNK_ELEMENTS // N)):
+        i, j = rows[pairs], cols[pairs]
+        diff = x.index_select(0, j).double().sub_(y.index_select(0, i))  # (p, N), exact for float32 values
+        dist_sq = torch.linalg.vecdot(diff, diff)  # (p,)
+        # the reference of a row's weights cancels in g: no gradient needed
+        block = dist_sq.new_full((stop - start,), math.inf).scatter_reduce_(0, i - start, dist_sq.detach(), "amin")
+        nearest[start:stop] = block
+        weights = _weights(dist_sq, block[i - start], exponent, scale[i], negligible)  # (p,)
+        # in place unless autograd keeps diff for the backward pass (the ideal denoiser in the pipeline's likelihood)
+        near.index_add_(0, i, weights[:, None] * diff if diff.requires_grad else diff.mul_(weights[:, None]))
+        total.index_add_(0, i, weights)
+    return nearest, near, total
+
+
+def _far_terms(weights, total, rescale, far_rows, rows, cols, x, y):
+    """The part of the charges not recomputed exactly, in the rows `far_rows` (F,) that have one: the sums of
+    rescale_i w_ij (x_j - y_i) (F, N) and of rescale_i w_ij (F,), from the approximate weights (F, L), their sums
+    `total` (F,) and the factors `rescale` (F,)."""
+    local = rows.new_full((y.shape[0],), -1).index_put_((far_rows,), torch.arange(len(far_rows), device=rows.device))
+    in_far = local[rows] >= 0
+    i, j = local[rows[in_far]], cols[in_far]  # the exact pairs of the far rows
+    far_total = rescale * (total - total.new_zeros(total.shape).index_add(0, i, weights[i, j]))  # (F,)
+    far_weights = weights.to(x.dtype, copy=True).index_put_((i, j), weights.new_zeros((), dtype=x.dtype))  # (F, L)
+    far = (far_weights @ x).double().mul_(rescale[:, None])  # (F, N), the second product
+    return far.addcmul_(y.index_select(0, far_rows), -far_total[:, None]), far_total
+
+
+def _pull_toward_charges(y: torch.Tensor, x: torch.Tensor, exponent, scale: torch.Tensor) -> torch.Tensor:
+    """g_i = sum_j w_ij (x_j - y_i), (B, N) in float64, with w_ij ∝ (|y_i - x_j|^2 + scale_i)^(-exponent) over j.
+
+    y (B, N) and x (L, N) share a dtype, scale is (B,) float64; `exponent=None` means w_ij ∝ exp(-|y_i - x_j|^2 /
+    scale_i) (see `_log_weight`). No (B, L, N) tensor is built: all distances come from the expansion
+    |y|^2 + |x|^2 - 2 y.x (one matrix product), whose rounding error (`_expansion_error`) is large next to small
+    distances, and the weights raise distances to the power `exponent`. So the charges where that error can matter
+    (usually one or two per row) get exact float64 distances and exact terms w_ij (x_j - y_i) from explicit
+    differences; the others' part is one more matrix product, over the rows that have such a part. In place where
+    autograd allows (the ideal denoiser is differentiated, for the pipeline's likelihood): every fresh buffer costs
+    page faults.
+    """
+    N, L = y.shape[1], x.shape[0]
+    gram = y @ x.T  # (B, L), the first of the two products that dominate the cost
     y64 = y.double()
     y_sq = torch.linalg.vecdot(y64, y64)  # (B,), exact and cheap
     x_sq = torch.linalg.vector_norm(x, dim=1).double().square()  # (L,): an (L, N) float64 copy would cost a product
-    dist_sq = (y_sq[:, None] + x_sq[None, :] - 2 * gram.double()).clamp_(min=0)  # (B, L), approximate
-    k = min(num_exact, x.shape[0])
-    near_part = torch.empty_like(y64)  # (B, N)
-    far_weights = torch.empty_like(dist_sq)  # (B, L), zero on the nearest charges
-    rows_per_block = max(1, _CHUNK_ELEMENTS // (k * y.shape[1]))
-    for start in range(0, y.shape[0], rows_per_block):
-        rows = slice(start, start + rows_per_block)
-        block = dist_sq[rows]
-        nearest = block.topk(k, dim=1, largest=False).indices  # (r, k)
-        diff = x[nearest] - y64[rows, None, :]  # (r, k, N), exact in float64
-        block.scatter_(1, nearest, torch.linalg.vecdot(diff, diff))
-        weights = torch.softmax(log_weight(block, rows), dim=1)  # (r, L), final once the nearest are exact
-        near_part[rows] = torch.bmm(weights.gather(1, nearest)[:, None, :], diff)[:, 0]
-        far_weights[rows] = weights.scatter(1, nearest, 0.0)
-    far_part = (far_weights.to(x.dtype) @ x).double() - far_weights.sum(1, keepdim=True) * y64
-    return near_part + far_part
+    dist_sq = (y_sq[:, None] + x_sq).sub_(gram, alpha=2).clamp_(min=0)  # (B, L), approximate
+    negligible = _negligible_log_weight(L, x.dtype)
+    nearest = dist_sq.detach().amin(1)  # (B,)
+    error = _expansion_error(y_sq.detach(), x_sq.detach().max(), N, x.dtype)  # (B,)
+    exact_only = _exact_only(nearest, error, exponent, scale)  # (B,)
+    far_rows = (~exact_only).nonzero()[:, 0]  # (F,): the rows that take weights from the expansion too
+    far_nearest, far_scale = nearest[far_rows], scale[far_rows]
+    weights = _weights(dist_sq[far_rows], far_nearest[:, None], exponent, far_scale[:, None], negligible)  # (F, L)
+    total = weights.sum(1)  # (F,)
+
+    reach = _exact_reach(nearest, error, exact_only, exponent, scale, negligible)  # (B,)
+    heavy = _heavy_reach(weights.detach(), total.detach(), far_nearest, exponent, far_scale)  # (F,)
+    reach = reach.index_put((far_rows,), torch.maximum(reach[far_rows], heavy))
+    rows, cols = (dist_sq.detach() <= reach[:, None]).nonzero(as_tuple=True)  # (P,) pairs, sorted by row
+    exact_nearest, g, g_total = _exact_terms(y, x, rows, cols, exponent, scale, negligible)  # (B,), (B, N), (B,)
+
+    # relative to the exact nearest charge like the exact terms: a factor within e^(+-_MAX_LOG_WEIGHT_ERROR)
+    rescale = _log_weight(far_nearest, exact_nearest[far_rows], exponent, far_scale).exp()  # (F,)
+    far, far_total = _far_terms(weights, total, rescale, far_rows, rows, cols, x, y)  # (F, N), (F,)
+    g.index_add_(0, far_rows, far)
+    return g.div_(g_total.index_add_(0, far_rows, far_total)[:, None])
 
 
 def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Tensor, gamma: float = 5.0):
@@ -52,14 +199,15 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
 
     With x~_j = (x_j, 0) and y~_i = (y_i, z_i): c_ij = softmax_j(-(N+1)/2 log |y~_i - x~_j|^2),
     g_i = sum_j c_ij (x~_j - y~_i) (it points toward the data, g_z = -z_i < 0), v_i = sqrt(N) g_i / (|g_i| + gamma).
-    Computed with two matrix products and a float64 log-space softmax; the (B, L, N) difference tensor of the
+    Computed with two matrix products and float64 weights in log space; the (B, L, N) difference tensor of the
     official code is never built. Agrees with the official code to about 2e-6 (it adds 1e-7 to distances and sums).
 
     Args:
         samples (`torch.Tensor` of shape `(B, C, H, W)`): the perturbed points y.
-        z (`torch.Tensor` of shape `(B,)`): their augmented coordinate, > 0.
+        z (`torch.Tensor` of shape `(B,)`): their augmented coordinate, finite and > 0 (at least 1e-154, so that z^2
+            does not underflow in float64; any larger z, even one whose z^2 overflows, gives the right limit).
         data (`torch.Tensor` of shape `(L, C, H, W)`): the large batch of clean data (the charges).
-        gamma (`float`, defaults to 5.0): the normaliser's offset; 0 gives the unit field scaled by sqrt(N).
+        gamma (`float`, defaults to 5.0): the normaliser's offset, >= 0; 0 gives the unit field scaled by sqrt(N).
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: `target_x` shaped like `samples` and `target_z` of shape (B,), float32.
@@ -69,33 +217,51 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
         raise ValueError(f"`data` must hold charges of {N} values each like `samples`, got shape {tuple(data.shape)}.")
     if z.numel() != batch_size:
         raise ValueError(f"`z` must have shape ({batch_size},), got {tuple(z.shape)}.")
-    if gamma < 0:
-        raise ValueError(f"`gamma` must be >= 0, got {gamma}.")
+    if not 0 <= gamma < math.inf:
+        raise ValueError(f"`gamma` must be finite and >= 0, got {gamma}.")
     y = samples.reshape(batch_size, N).float()
     x = data.reshape(data.shape[0], N).to(y.device, torch.float32)
     z = z.reshape(batch_size).to(y.device, torch.float64)
+    _check_z(z)
     # Mixed-precision training calls this inside autocast; the target must stay in float32/float64.
     with torch.autocast(device_type=y.device.type, enabled=False):
         target_x, target_z = _field_target(y, z, x, gamma, samples.shape)
-    # A NaN or inf anywhere in the inputs reaches the rows' normalisers; checking (B,) values is free, the inputs not.
+    # A NaN or inf in the inputs reaches the rows' normalisers: checking (B,) values is free; the inputs on failure.
     if not torch.isfinite(target_z).all():
-        raise ValueError("`samples`, `z` and `data` must be finite (NaN or inf found).")
+        _raise_non_finite(samples, data)
     return target_x, target_z
+
+
+def _check_z(z):
+    """z must be finite and so far above the data plane that z^2 > 0 in float64 (z = 0 on a charge has no field)."""
+    bad = ~(torch.isfinite(z) & (z > 0) & (z**2 > 0))
+    if bad.any():
+        rows = bad.nonzero()[:, 0].tolist()
+        raise ValueError(
+            f"`z` must be finite and > 0 (at least 1e-154, so that z^2 > 0 in float64), got {z[bad].tolist()[:4]} "
+            f"at rows {rows[:4]}."
+        )
+
+
+def _raise_non_finite(samples, data):
+    for name, value in (("samples", samples), ("data", data)):
+        if not torch.isfinite(value).all():
+            raise ValueError(f"`{name}` must be finite, found {torch.isfinite(value).logical_not().sum()} NaN or inf.")
+    raise ValueError(
+        "the field target overflowed: the products y.x of `samples` and `data` must fit in float32 (|y| |x| < 3e38), "
+        f"got max |samples| {samples.abs().max():.3g} and max |data| {data.abs().max():.3g}."
+    )
 
 
 def _field_target(y, z, x, gamma, shape):
     """Algorithm 1 on flattened float32 y (B, N), float64 z (B,) and float32 charges x (L, N)."""
     N = y.shape[1]
-
-    def log_weight(dist_sq, rows):  # c_ij = softmax_j(-(N+1)/2 log(|y_i - x_j|^2 + z_i^2))
-        return -(N + 1) / 2 * torch.log(dist_sq + z[rows, None] ** 2)
-
-    g_x = _pull_toward_charges(y, x, log_weight)  # (B, N)
-    g_z = -z  # sum_j c_ij (0 - z_i)
-    g_norm = torch.sqrt(g_x.pow(2).sum(1) + g_z**2)  # (B,)
+    # c_ij ∝ (|y_i - x_j|^2 + z_i^2)^(-(N+1)/2): the PFGM++ kernel with D = 1 and r = z (math.md §1)
+    g_x = _pull_toward_charges(y, x, (N + 1) / 2, z**2)  # (B, N); g_z = sum_j c_ij (0 - z_i) = -z_i
+    g_norm = torch.hypot(torch.linalg.vector_norm(g_x, dim=1), z)  # (B,); hypot: no z^2 overflow
     scale = math.sqrt(N) / (g_norm + gamma)
-    target_x = (g_x * scale[:, None]).float().reshape(shape)
-    target_z = (g_z * scale).float()
+    target_x = g_x.mul_(scale[:, None]).float().reshape(shape)
+    target_z = (-z * scale).float()
     return target_x, target_z
 
 
@@ -111,14 +277,12 @@ def ideal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, aug_dim: int | No
     y = x.reshape(batch_size, N).to(compute_dtype)
     charges = data.reshape(data.shape[0], N).to(y.device, compute_dtype)
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1).expand(batch_size)
-
-    def log_weight(dist_sq, rows):
-        if aug_dim is None:
-            return -dist_sq / (2 * sigma[rows, None] ** 2)
-        return -(N + aug_dim) / 2 * torch.log(dist_sq + sigma[rows, None] ** 2 * aug_dim)
-
+    if aug_dim is None:
+        exponent, scale = None, 2 * sigma**2
+    else:
+        exponent, scale = (N + aug_dim) / 2, sigma**2 * aug_dim
     with torch.autocast(device_type=y.device.type, enabled=False):
-        denoised = _pull_toward_charges(y, charges, log_weight) + y  # sum_i w_i x_i
+        denoised = _pull_toward_charges(y, charges, exponent, scale) + y  # sum_i w_i x_i
     return denoised.reshape(x.shape).to(x.dtype)
 
 

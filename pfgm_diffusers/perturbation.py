@@ -16,6 +16,8 @@ from scipy import special
 _RESTRICT_M_THRESHOLD = 0.005
 # The official PFGM clamps the perturbed z from below so that log z and 1/z stay finite.
 _MIN_Z = 1e-10
+# The smallest positive normal float64: tail probabilities and Beta quantiles that underflow are read as this.
+_TINY = np.finfo(np.float64).tiny
 
 
 def _check_aug_dim(aug_dim):
@@ -25,14 +27,16 @@ def _check_aug_dim(aug_dim):
         raise ValueError(f"`aug_dim` must be an integer >= 1 or None (D = infinity), got {aug_dim!r}.")
 
 
-def _per_sample(value, batch_size, device):
-    """`value` (float, 0-d or (B,) tensor) as a float64 CPU array of shape (B,)."""
-    if isinstance(value, torch.Tensor):
-        value = value.detach().to("cpu", torch.float64).reshape(-1).numpy()
-    value = np.broadcast_to(np.asarray(value, dtype=np.float64), (batch_size,))
-    if not np.all(np.isfinite(value)) or np.any(value < 0):
-        raise ValueError(f"noise levels must be finite and >= 0, got {value.tolist()}.")
-    return value
+def _noise_levels(sigma, batch_size):
+    """`sigma` (float, 0-d, (1,) or (B,) tensor) as a validated float64 CPU array of shape (B,)."""
+    if isinstance(sigma, torch.Tensor):
+        sigma = sigma.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    sigma = np.asarray(sigma, dtype=np.float64).reshape(-1)
+    if sigma.size not in (1, batch_size):
+        raise ValueError(f"Need one noise level or one per sample ({batch_size}), got {sigma.size}.")
+    if not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
+        raise ValueError(f"noise levels must be finite and >= 0, got {sigma.tolist()}.")
+    return np.broadcast_to(sigma, (batch_size,))
 
 
 def radius_quantiles(R, N, sigma, aug_dim):
@@ -42,33 +46,47 @@ def radius_quantiles(R, N, sigma, aug_dim):
     are returned, each computed directly, so that neither loses digits where the other is close to 1.
     """
     R = np.asarray(R, dtype=np.float64)
-    if aug_dim is None:
-        half_sq = R**2 / (2 * sigma**2)
-        return special.gammainc(N / 2, half_sq), special.gammaincc(N / 2, half_sq)
-    r_sq = sigma**2 * aug_dim
-    beta, beta_c = R**2 / (R**2 + r_sq), r_sq / (R**2 + r_sq)
+    r = sigma if aug_dim is None else sigma * math.sqrt(aug_dim)
+    with np.errstate(over="ignore", invalid="ignore"):  # (R / r)^2 = inf for R beyond 1e154 r reads as B = 1
+        ratio_sq = (R / r) ** 2
+        if aug_dim is None:
+            return chi2_quantiles(ratio_sq, N)
+        beta = np.where(np.isinf(ratio_sq), 1.0, ratio_sq / (1 + ratio_sq))  # R^2 / (R^2 + r^2)
+    beta_c = 1 / (1 + ratio_sq)  # r^2 / (R^2 + r^2), with its own digits
     return special.betainc(N / 2, aug_dim / 2, beta), special.betainc(aug_dim / 2, N / 2, beta_c)
+
+
+def chi2_quantiles(norm_sq, N):
+    """(F(x), 1 - F(x)) of the chi-square law with N degrees of freedom at x = `norm_sq` = |eps|^2 (float64)."""
+    half_sq = np.asarray(norm_sq, dtype=np.float64) / 2
+    return special.gammainc(N / 2, half_sq), special.gammaincc(N / 2, half_sq)
 
 
 def radius_from_quantiles(lower, upper, N, sigma, aug_dim):
     """The kernel radius R with P(R' <= R) = `lower` and P(R' > R) = `upper` (the inverse of `radius_quantiles`).
 
-    For finite D, B = F^{-1}_{Beta(N/2, D/2)}(lower) and R = r sqrt(B / (1 - B)), with 1 - B inverted from its own
-    tail (1 - B ~ Beta(D/2, N/2) at probability `upper`) so that it keeps its digits for D << N (B ~ 1).
+    For finite D, B = F^{-1}_{Beta(N/2, D/2)}(lower) and R = r sqrt(B / (1 - B)). B and 1 - B (Beta(D/2, N/2)) are
+    both inverted from the smaller of the two tail probabilities, which keeps its digits where the other is ~1, so
+    that R keeps its digits in both tails and for D << N (B ~ 1). A tail probability that underflowed to 0 (an input
+    some 30 standard deviations out) is read as the smallest positive float64, and so are B and 1 - B: the radius is
+    then extreme but never exactly 0 or infinite.
     """
-    lower, upper = np.asarray(lower, dtype=np.float64), np.asarray(upper, dtype=np.float64)
+    lower, upper = np.maximum(lower, _TINY), np.maximum(upper, _TINY)
+    in_lower_tail = lower < upper
     if aug_dim is None:
-        half_sq = np.where(lower < 0.5, special.gammaincinv(N / 2, lower), special.gammainccinv(N / 2, upper))
-        return sigma * np.sqrt(2 * half_sq)
-    beta = special.betaincinv(N / 2, aug_dim / 2, lower)  # B
-    beta_c = special.betaincinv(aug_dim / 2, N / 2, upper)  # 1 - B
-    return sigma * math.sqrt(aug_dim) * np.sqrt(beta / beta_c)
+        half_sq = np.where(in_lower_tail, special.gammaincinv(N / 2, lower), special.gammainccinv(N / 2, upper))
+        return sigma * np.sqrt(2 * np.maximum(half_sq, _TINY))
+    a, b = N / 2, aug_dim / 2
+    beta = np.where(in_lower_tail, special.betaincinv(a, b, lower), special.betainccinv(a, b, upper))  # B
+    beta_c = np.where(in_lower_tail, special.betainccinv(b, a, lower), special.betaincinv(b, a, upper))  # 1 - B
+    return sigma * math.sqrt(aug_dim) * np.sqrt(np.maximum(beta, _TINY) / np.maximum(beta_c, _TINY))
 
 
 def radius_to_normal(R, N, sigma, aug_dim):
     """The standard normal value with the same quantile as the kernel radius R (both tails kept, float64)."""
     lower, upper = radius_quantiles(R, N, sigma, aug_dim)
-    return np.where(lower < 0.5, special.ndtri(lower), -special.ndtri(upper))
+    lower, upper = np.maximum(lower, _TINY), np.maximum(upper, _TINY)
+    return np.where(lower < upper, special.ndtri(lower), -special.ndtri(upper))
 
 
 def normal_to_radius(normal, N, sigma, aug_dim):
@@ -77,31 +95,74 @@ def normal_to_radius(normal, N, sigma, aug_dim):
     return radius_from_quantiles(special.ndtr(normal), special.ndtr(-normal), N, sigma, aug_dim)
 
 
+def kernel_radius(norm_sq, N, sigma, aug_dim):
+    """The kernel radius (float64, (B,)) with the chi-square quantile of `norm_sq` = |eps|^2: math.md §2's radial map
+    q = F_{chi2_N}(|eps|^2), B = F^{-1}_{Beta(N/2, D/2)}(q), R = r sqrt(B / (1 - B)), r = sigma sqrt(D)."""
+    return radius_from_quantiles(*chi2_quantiles(norm_sq, N), N, sigma, aug_dim)
+
+
+def squared_norms(x: torch.Tensor) -> np.ndarray:
+    """|x_b|^2 of each sample, as float64 on the CPU (B,): the one host sync of a radial map.
+
+    One float32 pass (float64 inputs stay float64): its relative error, ~1e-7, is float32 rounding of the output
+    anyway. Where that norm overflows (elements beyond ~1e19) it is redone in float64, so that inf or NaN in the result
+    means inf or NaN in `x`.
+    """
+    x = x.detach().reshape(x.shape[0], -1)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=dtype if x.dtype != dtype else None).cpu()
+    if not torch.isfinite(norms).all():  # rare: tell overflow from non-finite input
+        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).cpu()
+    return norms.double().numpy() ** 2
+
+
+def rescale_radii(x: torch.Tensor, norm_sq: np.ndarray, radius: np.ndarray) -> torch.Tensor:
+    """`x` with each sample's radius moved from sqrt(`norm_sq`) to `radius` (CPU float64 arrays, (B,)), direction kept.
+
+    The product is taken in float32 for half-precision `x` (in float64 where the factor exceeds float32), and a radius
+    that `x.dtype` cannot hold is refused rather than returned as inf.
+    """
+    batch_size, dtype = x.shape[0], x.dtype
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(norm_sq > 0, radius / np.sqrt(norm_sq), 0.0)  # R / |x|
+    largest = torch.finfo(dtype).max
+    if radius.max(initial=0.0) > largest:  # only then can an element overflow: check them (a rare second sync)
+        peak = x.detach().abs().reshape(batch_size, -1).amax(1).double().cpu().numpy() * scale  # (B,) max |out|
+        if np.any(peak > largest):
+            i = int(np.argmax(peak))
+            raise ValueError(
+                f"Sample {i} gets radius {radius[i]:.4g} (largest value {peak[i]:.4g}), which {dtype} cannot represent"
+                f" (largest finite value {largest:.4g}): compute in float32, e.g. `dtype=torch.float32`, or clip the"
+                " prior (`upper_norm`)."
+            )
+    compute_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    if scale.max(initial=0.0) > torch.finfo(compute_dtype).max:
+        compute_dtype = torch.float64
+    scale = torch.from_numpy(scale).to(x.device, compute_dtype).reshape((batch_size,) + (1,) * (x.ndim - 1))
+    return (x.to(compute_dtype) * scale).to(dtype)
+
+
 def kernel_noise(noise: torch.Tensor, sigma, aug_dim: int | None) -> torch.Tensor:
     """Map Gaussian `noise` (B, ...) onto a draw of the PFGM++ kernel at noise level `sigma` (math.md §2).
 
     The direction of each sample's noise is kept and its radius is moved through the quantiles, so that
     `x + kernel_noise(randn, sigma, D)` is distributed as p_r(y | x) ∝ (|y - x|^2 + r^2)^(-(N + D)/2) with
     r = sigma * sqrt(D). Deterministic given `noise`; `aug_dim=None` returns exactly `sigma * noise` (the Gaussian).
+    `sigma` is a float, or a 0-d, (1,) or (B,) tensor.
     """
     _check_aug_dim(aug_dim)
     batch_size, N = noise.shape[0], noise[0].numel()
-    view = (batch_size,) + (1,) * (noise.ndim - 1)
     if aug_dim is None:
         if not isinstance(sigma, torch.Tensor):
             return noise * sigma
-        return noise * sigma.to(noise.device, noise.dtype).reshape(view)
-    sigma = _per_sample(sigma, batch_size, noise.device)
-    norm_sq = noise.detach().reshape(batch_size, -1).double().pow(2).sum(1).cpu().numpy()  # (B,)
+        if sigma.numel() not in (1, batch_size):
+            raise ValueError(f"Need one noise level or one per sample ({batch_size}), got {sigma.numel()}.")
+        return noise * sigma.to(noise.device, noise.dtype).reshape((-1,) + (1,) * (noise.ndim - 1))
+    sigma = _noise_levels(sigma, batch_size)
+    norm_sq = squared_norms(noise)  # (B,)
     if not np.all(np.isfinite(norm_sq)):
         raise ValueError("`noise` contains NaN or infinite values.")
-    # q = F_{chi2_N}(|eps|^2), kept in both tails, then the kernel radius with the same quantile
-    lower, upper = special.gammainc(N / 2, norm_sq / 2), special.gammaincc(N / 2, norm_sq / 2)
-    R = radius_from_quantiles(lower, upper, N, sigma, aug_dim)  # (B,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(norm_sq > 0, R / np.sqrt(norm_sq), 0.0)  # R / |eps|
-    scale = torch.from_numpy(scale).to(noise.device, noise.dtype).reshape(view)
-    return noise * scale
+    return rescale_radii(noise, norm_sq, kernel_radius(norm_sq, N, sigma, aug_dim))
 
 
 def gaussian(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -114,10 +175,37 @@ def gaussian(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype or torch.float32)
 
 
+def _standard_gamma(concentration, batch_size, generator, device):
+    """Gamma(concentration, 1) draws (B,) in float64 on `device`, from one generator or one per sample."""
+    if isinstance(generator, list):
+        alphas = [torch.full((1,), concentration, dtype=torch.float64, device=g.device) for g in generator]
+        return torch.cat([torch._standard_gamma(a, g).to(device) for a, g in zip(alphas, generator, strict=True)])
+    gen_device = generator.device if generator is not None else device
+    alpha = torch.full((batch_size,), concentration, dtype=torch.float64, device=gen_device)
+    return torch._standard_gamma(alpha, generator=generator).to(device)
+
+
 def sample_kernel_noise(shape, sigma, aug_dim, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Draw the PFGM++ kernel perturbation y - x of shape `shape` at noise level `sigma` (math.md §2)."""
+    """Draw the PFGM++ kernel perturbation y - x of shape `shape` at noise level `sigma` (math.md §2), on `device`.
+
+    No host round trip (a training step on a GPU never waits for the CPU): the direction is a normalised Gaussian and
+    the radius R = r sqrt(G_N / G_D) with G_N ~ Gamma(N/2), G_D ~ Gamma(D/2), since R^2 / r^2 = B / (1 - B) with
+    B ~ Beta(N/2, D/2) is the ratio of those Gammas; the ratio keeps its digits where 1 - B would not (D << N).
+    Draws: the Gaussian first, then G_N, then G_D. `aug_dim=None` is `sigma * randn`. `sigma` is a float or (B,).
+    """
+    _check_aug_dim(aug_dim)
     noise = gaussian(shape, generator, device, dtype)
-    return kernel_noise(noise, sigma, aug_dim)
+    batch_size, N = noise.shape[0], noise[0].numel()
+    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=noise.device).reshape(-1)
+    view = (-1,) + (1,) * (noise.ndim - 1)
+    if aug_dim is None:
+        return noise * sigma.to(noise.dtype).reshape(view)
+    ratio = _standard_gamma(N / 2, batch_size, generator, noise.device) / _standard_gamma(
+        aug_dim / 2, batch_size, generator, noise.device
+    )  # (B,) = B / (1 - B)
+    radius = sigma * math.sqrt(aug_dim) * ratio.sqrt()  # (B,) float64
+    direction_scale = radius / noise.reshape(batch_size, -1).double().norm(dim=1)  # R / |eps|
+    return noise * direction_scale.to(noise.dtype).reshape(view)
 
 
 def pfgmpp_prior_from_noise(noise: torch.Tensor, sigma_max: float, aug_dim: int | None) -> torch.Tensor:
@@ -129,17 +217,13 @@ def pfgmpp_noise_from_prior(x: torch.Tensor, sigma_max: float, aug_dim: int | No
     """The standard Gaussian `noise` with `pfgmpp_prior_from_noise(noise, sigma_max, aug_dim) == x`: the inverse
     radial quantile map (direction kept, radius R moved to the chi_N radius of the same quantile)."""
     _check_aug_dim(aug_dim)
-    batch_size, N = x.shape[0], x[0].numel()
     if aug_dim is None:
         return x / sigma_max
-    R = x.detach().reshape(batch_size, -1).double().norm(dim=1).cpu().numpy()  # (B,)
-    if not np.all(np.isfinite(R)):
+    R_sq = squared_norms(x)  # (B,)
+    if not np.all(np.isfinite(R_sq)):
         raise ValueError("`x` contains NaN or infinite values.")
-    lower, upper = radius_quantiles(R, N, sigma_max, aug_dim)
-    norm = radius_from_quantiles(lower, upper, N, 1.0, None)  # |noise| with the same quantile
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(R > 0, norm / R, 0.0)
-    return x * torch.from_numpy(scale).to(x.device, x.dtype).reshape((batch_size,) + (1,) * (x.ndim - 1))
+    lower, upper = radius_quantiles(np.sqrt(R_sq), x[0].numel(), sigma_max, aug_dim)
+    return rescale_radii(x, R_sq, radius_from_quantiles(lower, upper, x[0].numel(), 1.0, None))
 
 
 def sample_pfgmpp_prior(shape, sigma_max, aug_dim, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -148,19 +232,26 @@ def sample_pfgmpp_prior(shape, sigma_max, aug_dim, generator=None, device=None, 
     return pfgmpp_prior_from_noise(noise, sigma_max, aug_dim)
 
 
+def pfgm_prior_radius(norm_sq, N, z_max, upper_norm=None):
+    """The radius (float64, (B,)) `pfgm_prior_from_noise` gives Gaussian noise of squared norms `norm_sq`."""
+    R = kernel_radius(norm_sq, N, z_max, 1)
+    if upper_norm is None:
+        return R
+    if upper_norm < 1:
+        raise ValueError(f"`upper_norm` must be >= 1 (the official clip is [1, upper_norm]), got {upper_norm}.")
+    return np.clip(R, 1.0, upper_norm)
+
+
 def pfgm_prior_from_noise(noise: torch.Tensor, z_max: float, upper_norm: float | None = None) -> torch.Tensor:
     """Map Gaussian `noise` onto the hyperplane prior of the original PFGM at z = z_max (math.md §3).
 
     This is the PFGM++ prior with D = 1 and r = z_max. Its radius has an infinite mean, so the official code clips
     it to [1, upper_norm]; `upper_norm=None` applies no clip at all (the exact prior).
     """
-    x = pfgmpp_prior_from_noise(noise, z_max, 1)
-    if upper_norm is None:
-        return x
-    if upper_norm < 1:
-        raise ValueError(f"`upper_norm` must be >= 1 (the official clip is [1, upper_norm]), got {upper_norm}.")
-    norm = x.reshape(x.shape[0], -1).norm(dim=1).reshape((-1,) + (1,) * (x.ndim - 1))
-    return x * (norm.clamp(1.0, upper_norm) / norm)
+    norm_sq = squared_norms(noise)  # (B,)
+    if not np.all(np.isfinite(norm_sq)):
+        raise ValueError("`noise` contains NaN or infinite values.")
+    return rescale_radii(noise, norm_sq, pfgm_prior_radius(norm_sq, noise[0].numel(), z_max, upper_norm))
 
 
 def sample_pfgm_prior(shape, z_max, upper_norm=None, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -174,7 +265,7 @@ def prior_log_prob(x: torch.Tensor, sigma_max: float, aug_dim: int | None) -> to
 
     For finite D the prior is a multivariate Student-t with D degrees of freedom and scale sigma_max:
     log p = lgamma((N+D)/2) - lgamma(D/2) - N/2 log(pi r^2) - (N+D)/2 log(1 + |x|^2 / r^2), r = sigma_max sqrt(D).
-    `aug_dim=None` is N(0, sigma_max^2 I). The original PFGM's hyperplane prior is `aug_dim=1, sigma_max=z_max`.
+    `aug_dim=None` is N(0, sigma_max^2 I).
     """
     _check_aug_dim(aug_dim)
     N = x[0].numel()

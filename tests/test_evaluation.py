@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 from PIL import Image
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, evaluation, scheduling_pfgm
 from pfgm_diffusers.evaluation import (
@@ -235,17 +235,7 @@ def test_digits_metrics_compare_at_equal_sample_size_and_stream(heldout):
 
 
 def save_tiny_pipeline(folder, in_channels=1, sample_size=16):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=sample_size,
-        in_channels=in_channels,
-        out_channels=in_channels,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    unet = tiny_unet(in_channels=in_channels, sample_size=sample_size)
     PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128)).save_pretrained(folder)
     return str(folder)
 
@@ -267,7 +257,8 @@ def test_evaluate_script_writes_the_results_offline(digits_pipeline, tmp_path, c
     for key in ("sampling_seconds", "metric_seconds", "images_per_second"):
         assert results[key] > 0
     assert results["settings"]["seed"] == 7 and results["settings"]["solver"] == "euler"
-    assert results["scheduler"]["solver"] == "euler" and results["unet"]["sample_size"] == 16
+    # The saved scheduler's config is recorded as it is; this call ran Euler (nfe == 3 above shows it)
+    assert results["scheduler"]["solver"] == "heun" and results["unet"]["sample_size"] == 16
     assert results["frechet_distance"] == returned["frechet_distance"]
     assert "held-out real" in capsys.readouterr().out
     assert not list(output.parent.glob(".*.tmp"))
@@ -280,9 +271,10 @@ def test_evaluate_script_writes_the_results_offline(digits_pipeline, tmp_path, c
 
 def test_evaluate_script_solver_choices_follow_the_scheduler(digits_pipeline, monkeypatch):
     script = load_script()
-    assert set(script.solver_choices()) == {"scheduler", "rk45", *scheduling_pfgm._SOLVERS}
-    monkeypatch.setattr(scheduling_pfgm, "_SOLVERS", (*scheduling_pfgm._SOLVERS, "dpmpp_2m"))
-    assert script.parse_args(["--model", digits_pipeline, "--solver", "dpmpp_2m"]).solver == "dpmpp_2m"
+    assert set(script.solver_choices()) == {"rk45", *scheduling_pfgm.SOLVERS} >= {"heun", "euler", "dpmpp_2m"}
+    assert script.parse_args(["--model", digits_pipeline]).solver is None  # the saved scheduler's own
+    monkeypatch.setattr(scheduling_pfgm, "SOLVERS", (*scheduling_pfgm.SOLVERS, "unipc"))
+    assert script.parse_args(["--model", digits_pipeline, "--solver", "unipc"]).solver == "unipc"
     for bad in (["--solver", "dpm"], ["--num_images", "1"], ["--batch_size", "0"], ["--num_inference_steps", "0"]):
         with pytest.raises(SystemExit):
             script.parse_args(["--model", digits_pipeline] + bad)

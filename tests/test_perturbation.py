@@ -15,7 +15,7 @@ from pfgm_diffusers import (
     sample_pfgm_prior,
     sample_pfgmpp_prior,
 )
-from pfgm_diffusers.perturbation import radius_from_quantiles, radius_quantiles
+from pfgm_diffusers.perturbation import chi2_quantiles, radius_from_quantiles, radius_quantiles, radius_to_normal
 
 
 def radii(x):
@@ -69,16 +69,26 @@ def test_kernel_infinite_D_is_gaussian_and_large_D_tends_to_it():
     assert (kernel_noise(noise, 0.5, 128) - noise * 0.5).abs().max() > 1e-2
 
 
-def test_kernel_is_stable_for_large_N():
-    N = 196608
-    for D in (1, 128, 10**6):
-        out = sample_kernel_noise((4, N), 1.0, D, generator=torch.Generator().manual_seed(D))
-        R = radii(out)
-        assert np.all(np.isfinite(R)) and np.all(R > 0)
-        B = beta_statistic(R, math.sqrt(D))
-        # each radius sits inside the central 99.9% of its Beta law
-        law = stats.beta(N / 2, D / 2)
-        assert np.all((B > law.ppf(5e-4)) & (B < law.ppf(1 - 5e-4)))
+@pytest.mark.parametrize("D", [1, 128, 10**6])
+def test_kernel_is_the_quantile_map_for_large_N(D):
+    """The radial map of math.md §2, checked draw by draw: F_Beta(N/2, D/2)(B) of each output radius equals
+    F_chi2_N(|eps|^2) of its input, in both tails (a plain Gaussian sigma * eps fails this by orders of magnitude)."""
+    N, sigma = 196608, 1.0
+    noise = torch.randn(4, N, generator=torch.Generator().manual_seed(D), dtype=torch.float64)
+    noise[0] *= 0.99  # and two draws out in the tails, about six standard deviations out
+    noise[1] *= 1.01
+    out = kernel_noise(noise, sigma, D)
+    R = radii(out)
+    assert np.all(np.isfinite(R)) and np.all(R > 0)
+    r = sigma * math.sqrt(D)
+    B, B_c = beta_statistic(R, r), r**2 / (R**2 + r**2)  # 1 - B, with its digits
+    norm_sq = radii(noise) ** 2
+    for beta_tail, chi2_tail in [
+        (stats.beta(N / 2, D / 2).cdf(B), stats.chi2(N).cdf(norm_sq)),
+        (stats.beta(D / 2, N / 2).cdf(B_c), stats.chi2(N).sf(norm_sq)),
+    ]:
+        np.testing.assert_allclose(beta_tail, chi2_tail, rtol=1e-6, atol=1e-300)
+    assert stats.chi2(N).cdf(norm_sq[0]) < 1e-6 and stats.chi2(N).sf(norm_sq[1]) < 1e-6
 
 
 @pytest.mark.parametrize(("N", "D"), [(16, 1), (192, 128), (12, None)])
@@ -200,3 +210,59 @@ def test_radius_quantile_round_trip_in_both_tails(N, D):
     back_small = np.where(lower < 0.5, back_lower, back_upper)
     np.testing.assert_allclose(back_small, small, rtol=1e-4)
     assert np.all(np.diff(R) > 0)
+
+
+@pytest.mark.parametrize("D", [None, 8])
+@pytest.mark.parametrize("sigma", [torch.tensor(0.7), torch.tensor([0.7]), 0.7])
+def test_kernel_one_sigma_for_a_batch(sigma, D):
+    """A 0-d or (1,) sigma applies to the whole batch (the D = None branch used to raise a reshape error)."""
+    noise = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    out = kernel_noise(noise, sigma, D)
+    torch.testing.assert_close(out, kernel_noise(noise, 0.7, D))
+    with pytest.raises(ValueError, match="one per sample"):
+        kernel_noise(noise, torch.tensor([0.7, 0.8]), D)
+
+
+@pytest.mark.parametrize("D", [1, 128, None])
+def test_extreme_quantiles_never_give_a_zero_or_infinite_radius(D):
+    """A chi-square quantile that underflows (|eps| far below or above sqrt(N)) is read as the smallest positive
+    float64: the radius is extreme, but never 0 (the start the scheduler once returned) and never inf."""
+    N = 192
+    lower, upper = chi2_quantiles(np.array([1e-3, 1e5]), N)
+    assert lower[0] == 0 and upper[1] == 0  # both underflow
+    R = radius_from_quantiles(lower, upper, N, 80.0, D)
+    assert np.all(np.isfinite(R)) and R[0] > 0 and R[1] > R[0]
+    z = radius_to_normal(R, N, 80.0, D)
+    assert np.all(np.isfinite(z)) and z[0] < -20 and z[1] > 20  # beyond any randn draw
+    noise = torch.randn(2, N, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    noise[0] *= 1e-3 / noise[0].norm()
+    out = kernel_noise(noise, 80.0, D)
+    assert torch.isfinite(out).all() and (out.norm(dim=1) > 0).all()
+
+
+def test_low_precision_is_computed_in_float32_and_refused_where_it_cannot_hold():
+    """D = 1 in float16: about 0.35 % of prior draws exceed 65504. They raise instead of coming back as inf; the
+    others equal the float32 computation rounded once."""
+    noise = torch.randn(20000, 3, 2, 2, generator=torch.Generator().manual_seed(4))
+    prior32 = kernel_noise(noise, 80.0, 1)
+    too_big = prior32.abs().reshape(20000, -1).amax(1) > torch.finfo(torch.float16).max
+    assert 0.001 < too_big.float().mean() < 0.01
+    with pytest.raises(ValueError, match="float16 cannot represent"):
+        kernel_noise(noise.half(), 80.0, 1)
+    fits = noise[~too_big][:1000]
+    half = kernel_noise(fits.half(), 80.0, 1)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    torch.testing.assert_close(half, kernel_noise(fits.half().float(), 80.0, 1).half(), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="float16 cannot represent"):
+        sample_pfgmpp_prior((20000, 3, 2, 2), 80.0, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float16)
+    # the hyperplane prior's clip brings every radius back into range: then float16 is fine
+    clipped = sample_pfgm_prior((20000, 3, 2, 2), 80.0, 3000.0, torch.Generator().manual_seed(5), dtype=torch.float16)
+    assert torch.isfinite(clipped).all()
+
+
+def test_sample_kernel_noise_with_one_generator_per_sample_matches_single_draws():
+    sigma = torch.tensor([0.5, 2.0, 9.0])
+    batch = sample_kernel_noise((3, 4, 4), sigma, 8, generator=[torch.Generator().manual_seed(i) for i in range(3)])
+    for i in range(3):
+        single = sample_kernel_noise((1, 4, 4), sigma[i : i + 1], 8, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(batch[i : i + 1], single)

@@ -14,29 +14,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, EDMEulerScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline, EDMEulerScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.utils import filter_repo_objects
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 from pfgm_diffusers.pipeline_pfgm import PFGMPipelineOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_unet(out_channels=3, num_class_embeds=None, seed=0):
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=out_channels,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds,
-    ).eval()
 
 
 def make_pipe(unet=None, scheduler=None):

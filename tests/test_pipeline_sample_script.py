@@ -1,13 +1,14 @@
 """scripts/sample.py on a saved tiny pipeline: grid, folder, per-image seeds, solvers, labels, bad flags."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
 from PIL import Image
+from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
 
@@ -23,18 +24,7 @@ def load_script():
 
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4, 8),
-        layers_per_block=1,
-        norm_num_groups=4,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=2,
-    )
+    unet = tiny_unet(num_class_embeds=2)
     folder = tmp_path_factory.mktemp("pipeline")
     pipe = PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128), class_names=["zero", "one"])
     pipe.save_pretrained(folder)
@@ -85,15 +75,18 @@ def test_solvers_report_their_evaluations(saved_pipeline, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "extra",
+    ("extra", "message"),
     [
-        [],  # neither --output nor --output_dir
-        ["--output", "x.png", "--num_images", "0"],
-        ["--output", "x.png", "--num_images", "3", "--class_labels", "0", "1"],
-        ["--output", "x.png", "--dtype", "fp16", "--device", "cpu"],
-        ["--output", "x.png", "--solver", "dpm"],
+        ([], "give --output"),  # neither --output nor --output_dir
+        (["--output", "x.png", "--num_images", "0"], "--num_images and --batch_size must be >= 1, got 0"),
+        (["--output", "x.png", "--num_images", "3", "--class_labels", "0", "1"], "takes 1 or --num_images=3 labels"),
+        (["--output", "x.png", "--dtype", "fp16", "--device", "cpu"], "fp16 runs on a GPU only"),
+        (["--output", "x.png", "--solver", "dpm"], "argument --solver: .*'dpm'"),
+        (["--output", "x.png", "--num_images", "two"], "argument --num_images: invalid int value: 'two'"),
     ],
 )
-def test_bad_flags_exit(saved_pipeline, extra):
-    with pytest.raises(SystemExit):
+def test_bad_flags_exit_with_their_own_message(saved_pipeline, extra, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         load_script().parse_args(["--model", str(saved_pipeline)] + extra)
+    assert exit_info.value.code == 2  # argparse's usage error, not a crash
+    assert re.search(message, capsys.readouterr().err), message

@@ -1,5 +1,6 @@
 """PFGMScheduler: the diffusers contract, the EDM limit, and sampling against exact answers (math.md §4)."""
 
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -8,31 +9,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+from exact_networks import exact_network, run_loop
 from scipy import stats
 
-from pfgm_diffusers import PFGMScheduler, PFGMSchedulerOutput, ideal_denoiser
+from pfgm_diffusers import PFGMScheduler, PFGMSchedulerOutput
+from pfgm_diffusers.scheduling_pfgm import SOLVERS
 
 ORACLE = Path(__file__).resolve().parent / "oracle"  # the official code's outputs (see oracle/README.md)
-
-
-def run_loop(scheduler, x, model, generic=False):
-    """A plain diffusers loop: one model call per timestep."""
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(x, t)
-        x = scheduler.step(model(model_input, t, scheduler), t, x).prev_sample
-    return x
-
-
-def exact_model(data, aug_dim):
-    """A 'sample'-prediction model that returns the ideal denoiser at the scheduler's current sigma."""
-
-    def model(model_input, t, scheduler):
-        sigma = scheduler.sigmas[scheduler.step_index]
-        x = model_input  # prediction_type="sample" has c_in applied; undo it
-        x = x / (1 / (sigma**2 + scheduler.config.sigma_data**2) ** 0.5)
-        return ideal_denoiser(x, sigma, data, aug_dim)
-
-    return model
 
 
 # ----- the EDM limit: aug_dim=None is EDMEulerScheduler to the last bit -----
@@ -133,34 +116,27 @@ def test_save_load_round_trip(tmp_path):
     assert PFGMScheduler.from_pretrained(tmp_path / "inf").config.aug_dim is None
 
 
-def test_public_api():
-    scheduler = PFGMScheduler()
-    for name in (
-        "order",
-        "init_noise_sigma",
-        "timesteps",
-        "sigmas",
-        "num_inference_steps",
-        "step_index",
-        "begin_index",
-        "set_begin_index",
-        "set_timesteps",
-        "scale_model_input",
-        "step",
-        "add_noise",
-        "precondition_inputs",
-        "precondition_noise",
-        "precondition_outputs",
-        "sample_prior",
-        "mark_prior_sample",
-        "prior_from_noise",
-    ):
-        assert hasattr(scheduler, name), name
-    assert len(scheduler) == 1000
-    assert scheduler.order == 2 and PFGMScheduler(solver="euler").order == 1
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_order_counts_model_calls_per_step(solver):
+    """`order` is what diffusers' pipelines read: n steps take order * n - (order - 1) model calls (Heun's last step
+    is a plain Euler step), one per entry of `timesteps`; `step_index` counts the calls."""
+    scheduler = PFGMScheduler(solver=solver, prediction_type="sample")
+    assert len(scheduler) == 1000 == scheduler.config.num_train_timesteps
+    for n in (1, 4, 9):
+        scheduler.set_timesteps(n)
+        calls = scheduler.order * n - (scheduler.order - 1)
+        assert len(scheduler.timesteps) == calls and scheduler.num_inference_steps == n
+        x = scheduler.sample_prior((1, 1, 2, 2), generator=torch.Generator().manual_seed(n))
+        scheduler.set_begin_index(0)
+        for k, t in enumerate(scheduler.timesteps):
+            scheduler.scale_model_input(x, t)
+            x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+            assert scheduler.step_index == k + 1
+        assert torch.isfinite(x).all()
+    assert {PFGMScheduler(solver=name).order for name in SOLVERS} == {1, 2}
 
 
-@pytest.mark.parametrize("solver", ["heun", "euler"])
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_step_shapes_dict_tuple_and_layout(solver):
     scheduler = PFGMScheduler(solver=solver)
     scheduler.set_timesteps(18, device="cpu")
@@ -182,6 +158,136 @@ def test_step_shapes_dict_tuple_and_layout(solver):
     assert scheduler.step_index == calls
 
 
+# diffusers' SchedulerCommonTest (tests/schedulers/test_schedulers.py in the diffusers repository, not installed)
+# checks every scheduler this way; the same contracts, written for this class:
+
+CONTRACT_CONFIGS = [
+    dict(aug_dim=None, solver="euler"),
+    dict(aug_dim=128),
+    dict(aug_dim=8, solver="dpmpp_2m", prediction_type="v_prediction"),
+    dict(aug_dim=1, prediction_type="poisson_field", sigma_max=40.0, sigma_min=1e-3, sigma_schedule="exponential"),
+]
+
+
+def dummy_sample(seed=0):
+    return torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def dummy_residual(scheduler, sample):
+    """0.1 * sample, with the field's extra channel where the prediction type needs it."""
+    residual = 0.1 * sample
+    if scheduler.config.prediction_type == "poisson_field":
+        residual = torch.cat([residual, -torch.ones_like(sample[:, :1])], dim=1)
+    return residual
+
+
+@pytest.mark.parametrize("config", CONTRACT_CONFIGS)
+def test_scale_model_input_before_set_timesteps_uses_the_training_table(config):
+    scheduler = PFGMScheduler(num_train_timesteps=256, **config)
+    sample = dummy_sample()
+    scaled = scheduler.scale_model_input(sample, scheduler.timesteps[-1])
+    assert scaled.shape == sample.shape and scheduler.step_index == len(scheduler.timesteps) - 1
+    torch.testing.assert_close(scaled, scheduler.precondition_inputs(sample, scheduler.sigmas[scheduler.step_index]))
+    if config["aug_dim"] is None:
+        edm = EDMEulerScheduler(num_train_timesteps=256)
+        assert torch.equal(scaled, edm.scale_model_input(sample, edm.timesteps[-1]))
+
+
+@pytest.mark.parametrize("config", CONTRACT_CONFIGS)
+def test_step_shape_and_outputs_equivalence(config, caplog):
+    scheduler = PFGMScheduler(**config)
+    scheduler.set_timesteps(10)
+    t0, t1 = scheduler.timesteps[0], scheduler.timesteps[1]
+    sample = dummy_sample()
+    out_0 = scheduler.step(dummy_residual(scheduler, sample), t0, sample).prev_sample
+    out_1 = scheduler.step(dummy_residual(scheduler, sample), t1, sample).prev_sample
+    assert out_0.shape == sample.shape == out_1.shape
+    assert torch.isfinite(out_0).all() and out_0.abs().max() > 0  # rand() is no randn start: mapped, not degenerate
+    assert "scale_model_input" in caplog.text and "set_begin_index" in caplog.text  # and both are said
+    twin = PFGMScheduler(**config)
+    twin.set_timesteps(10)
+    as_tuple = twin.step(dummy_residual(twin, sample), t0, sample, return_dict=False)
+    assert torch.equal(as_tuple[0], out_0) and len(as_tuple) == 2
+
+
+@pytest.mark.parametrize("num_train_timesteps", [10, 50, 100, 1000])
+@pytest.mark.parametrize("config", CONTRACT_CONFIGS)
+def test_saved_and_loaded_schedulers_step_alike(config, num_train_timesteps, tmp_path):
+    scheduler = PFGMScheduler(num_train_timesteps=num_train_timesteps, **config)
+    time_step = scheduler.timesteps[-1]  # of the training table, as diffusers' check_over_configs takes it
+    scheduler.save_config(tmp_path)
+    loaded = PFGMScheduler.from_pretrained(tmp_path)
+    public = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    assert public == dict(loaded.config)
+    sample = dummy_sample()
+    outputs = []
+    for s in (scheduler, loaded):
+        s.set_timesteps(10)
+        s.scale_model_input(sample, s.timesteps[-1])
+        outputs.append(s.step(dummy_residual(s, sample), time_step, sample).prev_sample)
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("config", CONTRACT_CONFIGS)
+def test_compatibles_round_trip(config):
+    scheduler = PFGMScheduler(**config)
+    assert all(c is not None for c in scheduler.compatibles)
+    for compatible in scheduler.compatibles:
+        other = compatible.from_config(scheduler.config)
+        back = PFGMScheduler.from_config(other.config)
+        assert {k: v for k, v in back.config.items() if k in scheduler.config} == dict(scheduler.config)
+        extra = {k for k in back.config if k not in scheduler.config}
+        assert not extra & set(inspect.signature(PFGMScheduler.__init__).parameters)
+
+
+@pytest.mark.parametrize("config", CONTRACT_CONFIGS)
+def test_add_noise_at_a_schedule_timestep(config):
+    scheduler = PFGMScheduler(**config)
+    scheduler.set_timesteps(50)
+    sample = dummy_sample()
+    scaled = scheduler.scale_model_input(sample, scheduler.timesteps[-1])
+    noised = scheduler.add_noise(scaled, torch.randn(scaled.shape), scheduler.timesteps[5][None])
+    assert noised.shape == scaled.shape and torch.isfinite(noised).all()
+
+
+def test_config_attributes_and_no_deprecated_kwargs():
+    scheduler = PFGMScheduler()
+    scheduler.dummy_attribute = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scheduler.dummy_attribute == 5 and callable(scheduler.save_pretrained)
+    scheduler.register_to_config(test_attribute=5)
+    with pytest.warns(FutureWarning):
+        assert scheduler.test_attribute == 5
+    with pytest.raises(AttributeError) as error:
+        scheduler.does_not_exist  # noqa: B018
+    assert str(error.value) == "'PFGMScheduler' object has no attribute 'does_not_exist'"
+    assert "kwargs" not in inspect.signature(PFGMScheduler.__init__).parameters
+    assert not PFGMScheduler._deprecated_kwargs
+    assert "check_finite" not in scheduler.config  # an attribute, so from_config with EDM's schedulers is unchanged
+
+
+def test_full_loop_no_noise_is_edm_euler_for_infinite_D():
+    """diffusers' EDMEulerSchedulerTest.test_full_loop_no_noise, run against EDMEulerScheduler itself."""
+    num_elems = 4 * 3 * 8 * 8
+    sample_deter = (torch.arange(num_elems) / num_elems).reshape(3, 8, 8, 4).permute(3, 0, 1, 2)
+
+    def model(sample, t):
+        t = t.reshape(-1, *(1,) * (sample.ndim - 1)).to(sample.dtype)
+        return sample * t / (t + 1)
+
+    results = []
+    ours = PFGMScheduler(num_train_timesteps=256, aug_dim=None, solver="euler")
+    for scheduler in (EDMEulerScheduler(num_train_timesteps=256), ours):
+        scheduler.set_timesteps(10)
+        sample = sample_deter * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            sample = scheduler.step(model(scheduler.scale_model_input(sample, t), t), t, sample).prev_sample
+        results.append(sample)
+    assert torch.equal(results[0], results[1])
+    assert abs(results[1].abs().sum().item() - 34.1855) < 1e-3  # diffusers' figure for EDMEulerScheduler
+
+
 def test_heun_matches_edm_heun_sigma_grid():
     """EDM's Heun in sigma: model calls at each level, the interior ones twice, 2n - 1 calls (math.md §2)."""
     ref = np.load(ORACLE / "pfgmpp_heun_exact_denoiser_D128.npz")
@@ -198,7 +304,8 @@ def test_no_future_warnings():
         scheduler = PFGMScheduler.from_config(EDMEulerScheduler().config)
         scheduler.set_timesteps(3)
         x = scheduler.sample_prior((1, 1, 4, 4), generator=torch.Generator().manual_seed(0))
-        run_loop(scheduler, x, lambda m, t, s: torch.zeros_like(m))
+        scheduler.set_begin_index(0)
+        run_loop(scheduler, x, lambda model_input, t: torch.zeros_like(model_input))
         scheduler.add_noise(x, torch.randn_like(x), sigmas=torch.tensor([1.0]))
 
 
@@ -213,12 +320,12 @@ def test_official_pfgmpp_sampler_trajectory():
     x = torch.tensor(ref["D128__latents"], dtype=torch.float32).reshape(-1, C, H, W)
     scheduler = PFGMScheduler(aug_dim=128, prediction_type="sample")
     scheduler.set_timesteps(18)
-    scheduler.mark_prior_sample()  # the official latents are prior draws already
-    model = exact_model(data, 128)
+    scheduler.set_begin_index(0)  # the official latents are prior draws already: used as they are
+    network = exact_network(scheduler, data)
     states, evaluated = [], []
     for t in scheduler.timesteps:
         evaluated.append(float(scheduler.sigmas[scheduler.index_for_timestep(t)]))
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t, scheduler), t, x).prev_sample
+        x = scheduler.step(network(scheduler.scale_model_input(x, t), t), t, x).prev_sample
         if scheduler.state_in_first_order:
             states.append(x.reshape(len(x), -1))
     np.testing.assert_allclose(evaluated, ref["D128_steps18__sigmas_evaluated"], rtol=1e-6)
@@ -228,12 +335,13 @@ def test_official_pfgmpp_sampler_trajectory():
     assert (np.abs(trajectory - expected) / np.maximum(1, np.abs(expected))).max() < 1e-4
 
 
-@pytest.mark.parametrize("solver", ["heun", "euler"])
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_one_point_exact_path(solver):
-    """One data point x_c: the exact path x(sigma) = x_c + (sigma / sigma_max)(x_T - x_c); both solvers follow it."""
+    """One data point x_c: the exact path x(sigma) = x_c + (sigma / sigma_max)(x_T - x_c); every solver follows it."""
     x_c = torch.tensor([0.5, -0.25, 0.1, 0.9]).reshape(1, 1, 2, 2)
     scheduler = PFGMScheduler(aug_dim=8, solver=solver, prediction_type="sample")
     scheduler.set_timesteps(10)
+    scheduler.set_begin_index(0)
     x_T = scheduler.sample_prior((3, 1, 2, 2), generator=torch.Generator().manual_seed(6))
     x = x_T
     for t in scheduler.timesteps:
@@ -245,35 +353,13 @@ def test_one_point_exact_path(solver):
     torch.testing.assert_close(x, x_c.expand_as(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("aug_dim", [1, 8, 128, None])
-@pytest.mark.parametrize("solver", ["heun", "euler"])
-def test_ideal_denoiser_lands_on_each_point_equally_often(aug_dim, solver):
-    g = torch.Generator().manual_seed(11)
-    data = torch.tensor([[1.5, 0.2, -0.4], [-1.0, 0.9, 0.3], [0.1, -1.2, 0.8], [0.4, 0.5, 1.6]]).reshape(4, 1, 1, 3)
-    scheduler = PFGMScheduler(aug_dim=aug_dim, solver=solver, prediction_type="sample")
-    scheduler.set_timesteps(18 if solver == "heun" else 40)
-    x = scheduler.sample_prior((2000, 1, 1, 3), generator=g)
-    x = run_loop(scheduler, x, exact_model(data, aug_dim))
-    dist = (x.reshape(-1, 1, 3) - data.reshape(1, 4, 3)).norm(dim=-1)
-    landed = dist.min(1).values < 1e-3
-    if aug_dim == 1:
-        # D = 1: the prior's radius has an infinite mean; draws from its far tail (R > ~50 sigma_max here) are still
-        # (sigma_min / sigma_max) R away at the last level, so a fixed grid cannot bring them in (why the official
-        # PFGM clips the prior at `upper_norm`). They are rare:
-        assert landed.float().mean() > 0.97
-    else:
-        assert landed.all()  # every sample ends on a data point
-    counts = np.bincount(dist.argmin(1)[landed].numpy(), minlength=4)
-    assert stats.chisquare(counts).pvalue > 1e-3, counts
-
-
-@pytest.mark.parametrize("solver", ["heun", "euler"])
+@pytest.mark.parametrize("solver", SOLVERS)
 def test_one_charge_field_lines_in_field_mode(solver):
     """One charge: straight field lines, so stepping in z ends at x_c + (z_min / z_max)(x_0 - x_c) (math.md §4)."""
     x_c = torch.tensor([0.3, -0.7, 0.2, 0.5]).reshape(1, 1, 2, 2)
     N, gamma = 4, 5.0
 
-    def field_model(x, z, scheduler):
+    def field_model(x, z):
         g_x = x_c - x  # (B, 1, 2, 2)
         g_z = -z.expand(x.shape[0]).reshape(-1, 1, 1, 1)
         norm = torch.sqrt(g_x.pow(2).sum((1, 2, 3), keepdim=True) + g_z**2)
@@ -292,12 +378,13 @@ def test_one_charge_field_lines_in_field_mode(solver):
     scheduler.set_timesteps(12)
     assert torch.equal(scheduler.timesteps, scheduler.sigmas[:-1])  # the network sees the raw z
     torch.testing.assert_close(scheduler.sigmas[-1], torch.tensor(1e-3))
+    scheduler.set_begin_index(0)
     x0 = scheduler.sample_prior((3, 1, 2, 2), generator=torch.Generator().manual_seed(7))
     x = x0
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(x, t)
         assert torch.equal(model_input, x)  # unscaled input, as in the official code
-        x = scheduler.step(field_model(model_input, t, scheduler), t, x).prev_sample
+        x = scheduler.step(field_model(model_input, t), t, x).prev_sample
     torch.testing.assert_close(x, x_c + (1e-3 / 40.0) * (x0 - x_c), rtol=1e-5, atol=1e-5)
 
 
@@ -309,45 +396,6 @@ def test_field_mode_grid_is_uniform_in_log_z():
     assert len(scheduler.timesteps) == 10 and len(scheduler.sigmas) == 11
     torch.testing.assert_close(log_z, torch.linspace(math.log(40.0), math.log(1e-3), 11, dtype=torch.float64),
                                rtol=0, atol=1e-6)  # fmt: skip
-
-
-# ----- the prior, in generic loops and from sample_prior -----
-
-
-@pytest.mark.parametrize("aug_dim", [1, 16])
-def test_generic_loop_start_is_mapped_onto_the_exact_prior(aug_dim):
-    N, n = 12, 3000
-    scheduler = PFGMScheduler(aug_dim=aug_dim)
-    scheduler.set_timesteps(4)
-    start = torch.randn(n, 3, 2, 2, generator=torch.Generator().manual_seed(8)) * scheduler.init_noise_sigma
-    t0 = scheduler.timesteps[0]
-    mapped = scheduler.scale_model_input(start, t0) * (80.0**2 + 0.5**2) ** 0.5
-    R = mapped.reshape(n, -1).double().norm(dim=1).numpy()
-    r_max = 80.0 * math.sqrt(aug_dim)
-    assert stats.kstest(R**2 / (R**2 + r_max**2), stats.beta(N / 2, aug_dim / 2).cdf).pvalue > 1e-3
-    cos = torch.nn.functional.cosine_similarity(mapped.reshape(n, -1), start.reshape(n, -1), dim=1)
-    assert (cos > 1 - 1e-5).all()  # same direction, new radius
-    # step uses the same mapped start: with a model returning 0 ("sample"), Euler gives x_T * sigma_1 / sigma_0
-    euler = PFGMScheduler(aug_dim=aug_dim, solver="euler", prediction_type="sample")
-    euler.set_timesteps(4)
-    out = euler.step(torch.zeros_like(start), t0, start).prev_sample
-    torch.testing.assert_close(out, mapped * euler.sigmas[1] / euler.sigmas[0], rtol=1e-5, atol=1e-4)
-
-
-def test_sample_prior_start_is_used_as_is_and_only_once():
-    scheduler = PFGMScheduler(aug_dim=4, solver="euler", prediction_type="sample")
-    x = scheduler.sample_prior((2, 1, 2, 2), generator=torch.Generator().manual_seed(9))
-    scheduler.set_timesteps(3)  # set_timesteps after sample_prior keeps the mark
-    t0 = scheduler.timesteps[0]
-    out = scheduler.step(torch.zeros_like(x), t0, x).prev_sample
-    torch.testing.assert_close(out, x * scheduler.sigmas[1] / scheduler.sigmas[0])
-    scheduler.set_timesteps(3)  # a new run without sample_prior maps its start again
-    out = scheduler.step(torch.zeros_like(x), t0, x).prev_sample
-    assert (out - x * scheduler.sigmas[1] / scheduler.sigmas[0]).abs().max() > 1e-3
-    scheduler.set_timesteps(3)
-    scheduler.mark_prior_sample()
-    out = scheduler.step(torch.zeros_like(x), t0, x).prev_sample
-    torch.testing.assert_close(out, x * scheduler.sigmas[1] / scheduler.sigmas[0])
 
 
 def test_add_noise_draws_the_kernel_at_continuous_sigma():
@@ -378,6 +426,19 @@ def test_add_noise_draws_the_kernel_at_continuous_sigma():
         (dict(aug_dim=True), "aug_dim"),
         (dict(sigma_min=1.0, sigma_max=1.0), "sigma_min"),
         (dict(sigma_min=5.0, sigma_max=1.0), "sigma_min"),
+        (dict(sigma_max=float("inf")), "sigma_max"),
+        (dict(sigma_min=float("nan")), "sigma_min"),
+        (dict(sigma_data=0.0), "sigma_data"),
+        (dict(sigma_data=-0.5), "sigma_data"),
+        (dict(sigma_data=float("nan")), "sigma_data"),
+        (dict(rho=0.0), "rho"),
+        (dict(rho=float("nan")), "rho"),
+        (dict(num_train_timesteps=0), "num_train_timesteps"),
+        (dict(num_train_timesteps=10.5), "num_train_timesteps"),
+        (dict(gamma=float("nan")), "gamma"),
+        (dict(vz_eps=float("inf")), "vz_eps"),
+        (dict(z_exp=float("nan")), "z_exp"),
+        (dict(upper_norm=float("inf")), "upper_norm"),
         (dict(prediction_type="flow"), "prediction_type"),
         (dict(solver="rk4"), "solver"),
         (dict(sigma_schedule="linear"), "sigma_schedule"),
@@ -411,17 +472,103 @@ def test_bad_calls():
         scheduler.step(x, scheduler.timesteps[1].half(), x)
     with pytest.raises(ValueError, match="generators"):
         scheduler.sample_prior((3, 1, 2, 2), generator=[torch.Generator()] * 2)
-    scheduler.set_timesteps(4)
-    bad = x.clone()
-    bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        scheduler.step(bad, scheduler.timesteps[0], x)
-    with pytest.raises(ValueError, match="sigmas"):
+    with pytest.raises(ValueError, match="finite"):
         scheduler.add_noise(x, x, sigmas=torch.tensor([float("nan")]))
+    with pytest.raises(ValueError, match=">= 0"):
+        scheduler.add_noise(x, x, sigmas=torch.tensor([-1.0]))
     with pytest.raises(ValueError, match="exactly one"):
         scheduler.add_noise(x, x)
+    scheduler.set_timesteps(4)
     with pytest.raises(ValueError, match="s_churn"):
         scheduler.step(x, scheduler.timesteps[0], x, s_churn=1.0)
+    scheduler.set_timesteps(1)
+    scheduler.set_begin_index(0)
+    t = scheduler.timesteps[0]
+    scheduler.scale_model_input(x, t)
+    scheduler.step(torch.zeros_like(x), t, x)
+    with pytest.raises(ValueError, match="all 1 calls"):
+        scheduler.step(x, t, x)
+    with pytest.raises(ValueError, match="sigmas. must be finite"):
+        PFGMScheduler(aug_dim=None).add_noise(x, x, sigmas=torch.tensor([float("nan")]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("aug_dim", [8, None])
+def test_a_non_finite_start_is_blamed_on_the_latents(aug_dim, bad):
+    scheduler = PFGMScheduler(aug_dim=aug_dim, solver="euler", prediction_type="sample")
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    x[1, 0, 0, 0] = bad
+    for begin_index in (None, 2):  # a generic run, and an img2img one
+        scheduler.set_timesteps(4)
+        if begin_index is not None:
+            scheduler.set_begin_index(begin_index)
+        t = scheduler.timesteps[begin_index or 0]
+        with pytest.raises(ValueError, match=r"first sample of this run contains NaN or inf \(batch items \[1\]\)"):
+            scheduler.scale_model_input(x, t)
+        with pytest.raises(ValueError, match="first sample of this run"):
+            scheduler.step(torch.zeros_like(x), t, x)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_non_finite_model_output_is_found_once_per_run(solver, bad):
+    """No host sync per call: a bad model output (+inf passed the old NaN-only check) surfaces at the run's last
+    call, naming the opt-in per-call check, which then finds the call."""
+    scheduler = PFGMScheduler(aug_dim=8, solver=solver, prediction_type="sample")
+
+    def run(bad_call):
+        scheduler.set_timesteps(4)
+        x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
+        for k, t in enumerate(scheduler.timesteps):
+            out = torch.zeros_like(scheduler.scale_model_input(x, t))
+            if k == bad_call:
+                out[0, 0, 0, 1] = bad
+            x = scheduler.step(out, t, x).prev_sample
+        return x
+
+    assert torch.isfinite(run(bad_call=None)).all()
+    with pytest.raises(ValueError, match="became NaN or inf during this run") as error:
+        run(bad_call=1)
+    assert "check_finite = True" in str(error.value)
+    assert scheduler.step_index == len(scheduler.timesteps) - 1  # raised at the last call
+    scheduler.check_finite = True
+    with pytest.raises(ValueError, match="model output at call 1 "):
+        run(bad_call=1)
+    assert scheduler.step_index == 1
+
+
+def test_float16_outputs_refuse_a_start_they_cannot_hold():
+    """D = 1: 51 of 20,000 first-step outputs were inf in float16; now the run refuses its start at the first call."""
+    scheduler = PFGMScheduler(aug_dim=1, solver="euler", prediction_type="sample")
+    scheduler.set_timesteps(4)
+    t = scheduler.timesteps[0]
+    x = (torch.randn(20000, 3, 2, 2, generator=torch.Generator().manual_seed(2)) * scheduler.init_noise_sigma).half()
+    model_input = scheduler.scale_model_input(x, t)
+    assert model_input.dtype == torch.float16 and torch.isfinite(model_input).all()  # c_in x is small
+    with pytest.raises(ValueError, match="more than torch.float16 can hold"):
+        scheduler.step(torch.zeros_like(x), t, x)
+    scheduler.set_timesteps(4)
+    scheduler.scale_model_input(x[:100], t)
+    out = scheduler.step(torch.zeros_like(x[:100]), t, x[:100]).prev_sample  # these 100 fit
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "poisson_field"])
+def test_model_output_must_have_the_exact_shape(prediction_type):
+    """A model output of batch 1, or of 1 channel, broadcasts silently in the arithmetic: refused (field: C + 1)."""
+    aug_dim = 1 if prediction_type == "poisson_field" else 8
+    scheduler = PFGMScheduler(aug_dim=aug_dim, prediction_type=prediction_type, solver="euler")
+    scheduler.set_timesteps(3)
+    x = torch.randn(2, 3, 4, 4) * scheduler.init_noise_sigma
+    t = scheduler.timesteps[0]
+    channels = 4 if prediction_type == "poisson_field" else 3
+    for shape in [(1, channels, 4, 4), (2, 1, 4, 4), (2, channels, 4, 1), (2, channels + 1, 4, 4)]:
+        with pytest.raises(ValueError, match=r"model output must have shape \(2, " + str(channels)):
+            scheduler.scale_model_input(x, t)
+            scheduler.step(torch.zeros(shape), t, x)
+    with pytest.raises(ValueError, match="model output must have shape"):
+        scheduler.precondition_outputs(x, torch.zeros(1, channels, 4, 4), 1.0)
+    scheduler.step(torch.zeros(2, channels, 4, 4), t, x)  # the right shape still goes through
 
 
 def test_field_mode_needs_the_extra_channel():
@@ -430,6 +577,25 @@ def test_field_mode_needs_the_extra_channel():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="C\\+1"):
         scheduler.step(torch.randn(2, 3, 4, 4), scheduler.timesteps[0], x)
+
+
+@pytest.mark.parametrize("aug_dim", [8, None])
+def test_add_noise_shapes_must_match(aug_dim):
+    """One noise for the whole batch, or a wrong number of levels, is refused (EDM broadcasts it silently)."""
+    scheduler = PFGMScheduler(aug_dim=aug_dim)
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(ValueError, match="noise"):
+        scheduler.add_noise(x, torch.randn(1, 3, 2, 2), sigmas=torch.ones(4))
+    with pytest.raises(ValueError, match="noise"):
+        scheduler.add_noise(x, torch.randn(4, 1, 2, 2), sigmas=torch.ones(4))
+    with pytest.raises(ValueError, match="1 or 4"):
+        scheduler.add_noise(x, torch.randn_like(x), sigmas=torch.ones(3))
+    with pytest.raises(ValueError, match="1 or 4"):
+        scheduler.add_noise(x, torch.randn_like(x), scheduler.timesteps[:2])
+    # one level for the whole batch is diffusers' img2img call (timesteps[:1]) and stays allowed
+    noise = torch.randn_like(x)
+    one = scheduler.add_noise(x, noise, scheduler.timesteps[3:4])
+    torch.testing.assert_close(one, scheduler.add_noise(x, noise, sigmas=scheduler.sigmas[3].expand(4)))
 
 
 def test_custom_sigmas_are_the_noise_levels():

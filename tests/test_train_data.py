@@ -79,7 +79,7 @@ def test_image_folder_labels_from_class_folders_and_corrupt_files_skipped(tmp_pa
     (tmp_path / "b" / "bad.jpg").write_bytes(b"\xff\xd8\xff truncated")
     folder = load_image_folder(str(tmp_path), cache_dir=str(tmp_path / ".cache"))
     assert len(folder.dataset) == 4 and folder.num_classes == 2 and folder.num_channels == 1
-    assert sorted(folder.dataset["label"]) == [0, 0, 1, 1]
+    assert sorted(folder.dataset["label"]) == [0, 0, 1, 1] and folder.class_names == ["a", "b"]
     assert "skipping 1 corrupt image(s) of 5" in caplog.text and "bad.jpg" in caplog.text
 
 
@@ -101,3 +101,118 @@ def test_dataset_name_accepts_a_local_path_and_finds_the_image_column(tmp_path):
     assert unlabelled.num_classes is None and unlabelled.dataset.column_names == ["image"]
     with pytest.raises(ValueError, match="--image_column 'picture' is not in"):
         load_hub_dataset(str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), image_column="picture")
+
+
+@pytest.mark.parametrize(
+    "mode, values, full_scale",
+    [("I;16", np.uint16, 65535), ("I", np.int32, 65535), ("F", np.float32, 1.0)],
+)
+def test_high_bit_depth_images_use_their_whole_range(mode, values, full_scale):
+    # A 16-bit ramp over the full range: convert("L") would clip 255/256 of it to +1
+    ramp = np.linspace(0, full_scale, 64).reshape(8, 8).astype(values)
+    image = Image.fromarray(ramp)
+    assert image.mode == mode
+    tensor = ImageTransform(8, num_channels=1, center_crop=True)(image)
+    expected = torch.from_numpy(ramp.astype(np.float64) / full_scale * 2 - 1).float()
+    torch.testing.assert_close(tensor[0], expected, rtol=0, atol=1e-5)
+    assert (tensor.abs() > 0.999).float().mean() <= 2 / 64  # only the two ends of the ramp
+    rgb = ImageTransform(8, num_channels=3, center_crop=True)(image)  # a folder mixing it with colour images
+    assert rgb.shape == (3, 8, 8) and torch.equal(rgb[0], rgb[2]) and torch.equal(rgb[0], tensor[0])
+
+
+def test_high_bit_depth_resize_keeps_the_precision_of_16_bits():
+    ramp = np.linspace(1000, 1255, 16 * 16).reshape(16, 16).astype(np.uint16)  # 256 levels within one 8-bit step
+    tensor = ImageTransform(8, num_channels=1, center_crop=True)(Image.fromarray(ramp))
+    assert len(torch.unique(tensor)) > 32
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((4, 4), 70000, dtype=np.int32), r"mode 'I' image with values in \[70000, 70000\]"),
+        (np.full((4, 4), -1, dtype=np.int32), r"values in \[0, 65535\]"),
+        (np.full((4, 4), 2.5, dtype=np.float32), r"mode 'F' image with values in \[2.5, 2.5\]: .* \[0, 1\]"),
+    ],
+)
+def test_high_bit_depth_values_outside_the_mode_range_are_an_error(array, message):
+    with pytest.raises(ValueError, match=message):
+        ImageTransform(4, num_channels=1)(Image.fromarray(array))
+
+
+def labelled_table(labels, label_type="string"):
+    import datasets
+
+    images = [Image.fromarray(np.full((6, 6, 3), 30 * i, dtype=np.uint8)) for i in range(len(labels))]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value(label_type)})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def test_string_labels_become_sorted_class_ids_with_their_names(tmp_path):
+    from pfgm_diffusers.data import load_hub_dataset
+
+    labelled_table(["dog", "cat", "emu", "cat"]).save_to_disk(str(tmp_path / "saved"))
+    loaded = load_hub_dataset(str(tmp_path / "saved"))
+    assert loaded.class_names == ["cat", "dog", "emu"] and loaded.num_classes == 3
+    assert loaded.dataset["label"] == [1, 0, 2, 0]
+
+
+def test_unconditional_loading_ignores_labels_it_could_not_use(tmp_path):
+    from pfgm_diffusers.data import load_hub_dataset
+
+    labelled_table([-3, 7, -1], label_type="int64").save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="label column must hold strings, non-negative integers"):
+        load_hub_dataset(str(tmp_path / "saved"))
+    unlabelled = load_hub_dataset(str(tmp_path / "saved"), label_column=None)
+    assert unlabelled.dataset.column_names == ["image"] and unlabelled.class_names is None
+
+
+def test_save_to_disk_folders_load_through_either_flag(tmp_path):
+    import datasets
+
+    from pfgm_diffusers.data import load_hub_dataset
+
+    table = labelled_table(["b", "a", "b", "a"])
+    table.save_to_disk(str(tmp_path / "dataset"))
+    datasets.DatasetDict({"train": table, "test": table.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    for path in ("dataset", "dict"):
+        by_name = load_hub_dataset(str(tmp_path / path))
+        by_folder = load_image_folder(str(tmp_path / path))
+        for loaded in (by_name, by_folder):
+            assert len(loaded.dataset) == 4 and loaded.class_names == ["a", "b"] and loaded.num_channels == 3
+            assert loaded.dataset.column_names == ["image", "label"]
+    assert load_image_folder(str(tmp_path / "dataset"), with_labels=False).class_names is None
+
+
+def test_an_empty_dataset_is_an_error_naming_it(tmp_path):
+    import datasets
+
+    from pfgm_diffusers.data import load_hub_dataset
+
+    empty = labelled_table([])
+    empty.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": empty}).save_to_disk(str(tmp_path / "dict"))
+    empty.to_parquet(str(tmp_path / "parquet" / "train.parquet"))
+    for name in ("saved", "dict"):
+        with pytest.raises(ValueError, match=rf"the dataset '.*{name}.*' has no rows"):
+            load_hub_dataset(str(tmp_path / name))
+    with pytest.raises(ValueError, match=r"cannot load the train split of '.*parquet'"):
+        load_hub_dataset(str(tmp_path / "parquet"), cache_dir=str(tmp_path / "cache"))
+
+
+def test_folder_and_digits_class_names():
+    digits = load_digits_dataset()
+    assert digits.class_names == [str(d) for d in range(10)]
+    unlabelled = load_digits_dataset(with_labels=False)
+    assert unlabelled.class_names is None and unlabelled.dataset.column_names == ["image"]
+
+
+def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
+    from pfgm_diffusers.data import EpochSampler
+
+    sampler = EpochSampler(20, seed=5)
+    first = list(sampler)
+    assert sorted(first) == list(range(20)) and first != list(range(20))
+    torch.manual_seed(0)  # the global generator plays no part
+    assert list(EpochSampler(20, seed=5)) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == list(range(20))

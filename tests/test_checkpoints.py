@@ -1,0 +1,288 @@
+"""The trainer's output folder, run in process on a tiny UNet: one run per folder, exact or refused resumes, atomic and
+verified checkpoints, pipelines a killed run leaves, and the export of a checkpoint to a pipeline."""
+
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import TINY_UNET, TRAINING_DIR, in_process, load_weights, make_image_folder, tiny_args
+
+from pfgm_diffusers import PFGMPipeline
+
+RUN = dict(class_conditional=True, aug_dim=16, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=3)
+
+
+def train(tmp_path, args, **patches):
+    """`main(args)` in this process, with module attributes of the script replaced by `patches`."""
+    with in_process(tmp_path) as train_pfgm:
+        for name, value in patches.items():
+            setattr(train_pfgm, name, value)
+        train_pfgm.main([str(arg) for arg in args])
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def unet_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny_unet.json"
+    path.write_text(json.dumps(TINY_UNET))
+    return path
+
+
+def fail_if_called(*args, **kwargs):
+    raise AssertionError("data was loaded or training started before the problem was reported")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, image_folder, unet_config):
+    """A finished run: checkpoint-1, checkpoint-2 and the pipeline, class-conditional with D = 16."""
+    root = tmp_path_factory.mktemp("trained")
+    train(root, tiny_args(image_folder, unet_config, root / "out", **RUN))
+    return root / "out"
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained_run, out)
+    return out
+
+
+def resume_args(image_folder, unet_config, out, **overrides):
+    return tiny_args(image_folder, unet_config, out, **{**RUN, "resume_from_checkpoint": "latest", **overrides})
+
+
+# ----- one run per folder -----
+
+
+def test_a_new_run_into_another_runs_folder_is_refused_or_replaces_it(
+    run_copy, tmp_path, image_folder, unet_config, caplog
+):
+    (run_copy / "notes.txt").write_text("mine")
+    args = tiny_args(image_folder, unet_config, run_copy, **{**RUN, "max_train_steps": 1})
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, load_images=fail_if_called)
+    message = str(error.value)
+    assert f"--output_dir '{run_copy}' holds another run (checkpoint-1, checkpoint-2, model_index.json" in message
+    assert "--overwrite_output_dir" in message and "--resume_from_checkpoint latest" in message
+    assert sorted(os.listdir(run_copy / "samples")) == ["step_0000002.png"]  # untouched
+
+    train(tmp_path, args + ["--overwrite_output_dir"])
+    removed = "removing checkpoint-1, checkpoint-2, model_index.json, samples, samples.png, scheduler, "
+    assert f"--overwrite_output_dir: {removed}training_args.json, unet from {run_copy}" in caplog.text
+    assert sorted(name for name in os.listdir(run_copy) if name.startswith("checkpoint-")) == ["checkpoint-1"]
+    assert sorted(os.listdir(run_copy / "samples")) == ["step_0000001.png"]  # only the new run's grid
+    assert (run_copy / "notes.txt").read_text() == "mine"  # not a run's output: kept
+
+
+def test_a_second_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, image_folder, unet_config, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".pfgm_train.lock"
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=1)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{other.pid} {os.uname().nodename}\n")
+        with pytest.raises(ValueError, match=rf"another run \(pid {other.pid}\) is training into '{out}'"):
+            train(tmp_path, args, load_images=fail_if_called)
+        assert lock.read_text().split()[0] == str(other.pid)  # the live run's lock stays
+    finally:
+        other.kill()
+        other.wait()
+    train(tmp_path, args)
+    assert f"Removing the stale lock {lock} of process {other.pid}" in caplog.text
+    assert not lock.exists() and (out / "model_index.json").is_file()  # released at the end
+
+
+# ----- resume: exact or refused -----
+
+
+def test_resume_by_checkpoint_name_looks_in_the_output_dir_and_logs_one_line(
+    run_copy, tmp_path, image_folder, unet_config, caplog, capfd
+):
+    caplog.set_level(logging.INFO)
+    train(tmp_path, resume_args(image_folder, unet_config, run_copy, resume_from_checkpoint="checkpoint-1"))
+    assert f"Resumed from {run_copy}/checkpoint-1 at step 1" in caplog.text
+    assert [record.getMessage() for record in caplog.records if "checkpoint-2" in record.getMessage()] == [
+        f"[RANK 0] Saved {run_copy}/checkpoint-2"
+    ]
+    # accelerate's lines per saved or loaded file, and diffusers' warnings about the EMA config, stay quiet
+    assert "loaded successfully" not in caplog.text and "Saving current state" not in caplog.text
+    assert "were passed to UNet2DModel" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(objective="poisson_field", large_batch_size=8, aug_dim=None), "objective: 'pfgmpp' there, 'poisson_"),
+        (dict(aug_dim=32), "aug_dim: 16 there, 32 here"),
+        (dict(aug_dim="inf"), "aug_dim: 16 there, None here"),
+        (dict(resolution=16), "resolution: 8 there, 16 here"),
+        (dict(class_conditional=None), "class_names: ['circles', 'squares'] there, None here"),
+        ("wider model", "model config block_out_channels: [4, 8] there, [8, 8] here"),
+    ],
+)
+def test_resume_refuses_a_checkpoint_of_another_setting_naming_it(
+    run_copy, tmp_path, image_folder, unet_config, overrides, message
+):
+    if overrides == "wider model":
+        wider = tmp_path / "wider.json"
+        wider.write_text(json.dumps(dict(json.loads(unet_config.read_text()), block_out_channels=[8, 8])))
+        overrides = dict(model_config_name_or_path=wider)
+    args = resume_args(image_folder, unet_config, run_copy, **overrides)
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, pfgmpp_loss=fail_if_called, poisson_field_loss=fail_if_called)
+    assert f"checkpoint '{run_copy}/checkpoint-2' does not match this run: " in str(error.value)
+    assert message in str(error.value)
+
+
+def damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # one byte changed, same size
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "name, how", [("model.safetensors", "truncate"), ("random_states_0.pkl", "flip"), ("optimizer.bin", "flip")]
+)
+def test_a_damaged_checkpoint_is_refused_by_name_and_latest_falls_back(
+    run_copy, tmp_path, image_folder, unet_config, caplog, name, how
+):
+    damaged = run_copy / "checkpoint-2" / name
+    damage(damaged, how)
+    named = resume_args(image_folder, unet_config, run_copy, resume_from_checkpoint="checkpoint-2")
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, named, load_images=fail_if_called)
+    assert f"checkpoint '{run_copy}/checkpoint-2' is damaged: '{damaged}' differs from the file that was saved" in str(
+        error.value
+    )
+
+    # `latest` skips it, says so with both names, and continues from checkpoint-1
+    train(tmp_path, resume_args(image_folder, unet_config, run_copy))
+    assert f"'{damaged}' differs from the file that was saved" in caplog.text
+    assert f"resuming from {run_copy}/checkpoint-1 instead" in caplog.text
+    assert f"Resumed from {run_copy}/checkpoint-1 at step 1" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"global_step": 2, "objec', "is damaged: Unterminated string"),
+        ('{"global_step": 2}', "is damaged or from another trainer version: no ['scheduler_config', 'files'"),
+        ("[]", "is damaged or from another trainer version"),
+    ],
+)
+def test_a_damaged_training_state_is_named(run_copy, tmp_path, image_folder, unet_config, content, message):
+    state = run_copy / "checkpoint-2" / "pfgm_training_state.json"
+    state.write_text(content)
+    args = resume_args(image_folder, unet_config, run_copy, resume_from_checkpoint=run_copy / "checkpoint-2")
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, load_images=fail_if_called)
+    assert f"the training state '{state}' " in str(error.value) and message in str(error.value)
+
+
+# ----- writing -----
+
+
+@pytest.mark.parametrize(
+    "target, error",
+    [
+        ("accelerate.utils.other.safe_save_file", OSError(errno.ENOSPC, "No space left on device")),
+        ("torch.save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")),
+    ],
+)
+def test_a_full_disk_during_a_checkpoint_says_what_failed_and_where(
+    tmp_path, image_folder, unet_config, monkeypatch, target, error
+):
+    def full_disk(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(target, full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError) as raised:
+        train(tmp_path, tiny_args(image_folder, unet_config, out, checkpointing_steps=1))
+    message = str(raised.value)
+    assert f"saving checkpoint '{out}/checkpoint-1' failed while writing '{out}/.partial-checkpoint-1'" in message
+    assert "GiB free on that disk" in message and str(error) in message
+    assert not [name for name in os.listdir(out) if "checkpoint" in name]  # nothing half-written left
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename(tmp_path, image_folder, unet_config, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "out"
+    train(tmp_path, tiny_args(image_folder, unet_config, out, max_train_steps=1, checkpointing_steps=1))
+    partial, final = str(out / ".partial-checkpoint-1"), str(out / "checkpoint-1")
+    rename = events.index(("replace", partial, final))
+    synced = {event[1] for event in events[:rename] if event[0] == "fsync"}
+    files = [os.path.join(root, name) for root, _, names in os.walk(final) for name in names]
+    assert len(files) >= 6 and {path.replace(final, partial) for path in files} <= synced
+    assert partial in synced and ("fsync", str(out)) in events[rename:]  # the folder entries too
+
+
+def test_save_pipeline_steps_leaves_a_pipeline_when_a_run_dies(tmp_path, image_folder, unet_config):
+    from pfgm_diffusers.losses import pfgmpp_loss
+
+    calls = []
+
+    def dies_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return pfgmpp_loss(*args, **kwargs)
+
+    out = tmp_path / "out"
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=4, checkpointing_steps=1, save_pipeline_steps=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(tmp_path, args, pfgmpp_loss=dies_at_the_third_step)
+    # The pipeline of step 2 (its EMA weights), whole, although the run never reached its end
+    pipeline = PFGMPipeline.from_pretrained(out)
+    ema = load_weights(out / "checkpoint-2" / "unet_ema")
+    assert all(torch.equal(pipeline.unet.state_dict()[name], ema[name]) for name in ema)
+    assert not (out / ".partial-pipeline").exists() and not (out / "samples.png").exists()
+
+
+def test_export_checkpoint_makes_a_pipeline_of_the_ema_or_trained_weights(run_copy, tmp_path):
+    sys.path.insert(0, TRAINING_DIR)
+    import export_checkpoint
+
+    export_checkpoint.main([str(run_copy / "checkpoint-2"), str(tmp_path / "ema")])
+    export_checkpoint.main([str(run_copy / "checkpoint-1"), str(tmp_path / "trained"), "--no_ema"])
+    ema = PFGMPipeline.from_pretrained(tmp_path / "ema")
+    assert ema.config.class_names == ["circles", "squares"] and ema.scheduler.config.aug_dim == 16
+    expected = load_weights(run_copy / "checkpoint-2" / "unet_ema")
+    assert all(torch.equal(ema.unet.state_dict()[name], expected[name]) for name in expected)
+    saved = load_weights(run_copy / "unet")  # the run's own final pipeline holds the same EMA weights
+    assert all(torch.equal(saved[name], expected[name]) for name in expected)
+    trained = PFGMPipeline.from_pretrained(tmp_path / "trained")
+    model = load_file(run_copy / "checkpoint-1" / "model.safetensors")
+    assert all(torch.equal(trained.unet.state_dict()[name], model[name]) for name in model)
+    images = ema(batch_size=2, class_labels=[0, 1], num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 8, 8, 3)
+    damage(run_copy / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors", "flip")
+    with pytest.raises(ValueError, match="checkpoint-2' is damaged"):
+        export_checkpoint.main([str(run_copy / "checkpoint-2"), str(tmp_path / "again")])

@@ -1,0 +1,274 @@
+"""The trainer's command line: flags, their defaults (from presets.py), the checks that need no data, and the
+scheduler and model configs the flags describe.
+
+Defaults come in three layers, each overriding the one before: the no-argument run (`presets.NO_PRESET`), the
+objective's (`presets.OBJECTIVE_DEFAULTS`), a `--preset`; a flag on the command line wins over all. `--help` shows
+every default. The scheduler's own settings (D, the sigma range) are validated by `PFGMScheduler`, which the trainer
+builds right after parsing.
+"""
+
+import argparse
+import json
+import math
+import os
+
+from diffusers import UNet2DModel
+
+from pfgm_diffusers import PFGMScheduler
+
+# isort: split
+# Siblings in training/ (on sys.path when a script there runs)
+import checkpoints
+from presets import NO_PRESET, OBJECTIVE_DEFAULTS, PRESETS
+
+# Arguments whose names contain these words are secrets: never written to disk, logged or sent to a tracker.
+SECRET_WORDS = ("token", "key", "password", "secret")
+
+
+def parse_aug_dim(value):
+    """`--aug_dim`: an integer D, or `inf` for the diffusion limit, which is None from here on (the scheduler's
+    spelling); the scheduler validates it."""
+    if value.lower() in ("inf", "infinity"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--aug_dim must be an integer >= 1 or 'inf', got {value!r}") from None
+
+
+def optional_float(*words):
+    """A float, `none` (None: the safeguard is off) or one of `words` kept as a string."""
+
+    def parse(value):
+        if value.lower() == "none":
+            return None
+        if value.lower() in words:
+            return value.lower()
+        try:
+            return float(value)
+        except ValueError:
+            allowed = ", ".join(repr(word) for word in ("none", *words))
+            raise argparse.ArgumentTypeError(f"expected a number or {allowed}, got {value!r}") from None
+
+    return parse
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # flags without a default say in their help what happens
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+DESCRIPTION = """Train PFGM++ (--objective pfgmpp) or the original PFGM (--objective poisson_field) with accelerate.
+
+    accelerate launch training/train_pfgm.py                  # no arguments: the embedded digits, on CPU
+    accelerate launch --multi_gpu --num_processes 8 training/train_pfgm.py --preset cifar10 --output_dir out
+
+Defaults: the no-argument run, then the objective's, then --preset's (training/presets.py); flags win. See
+docs/training.md."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), help="Official settings (presets.py); flags override. Default: none.")
+    add("--objective", choices=("pfgmpp", "poisson_field"), help="PFGM++, or the original PFGM (the field).")
+
+    add = parser.add_argument_group("data (default: the embedded 8x8 digits)").add_argument
+    add("--dataset_name", help="A `datasets` Hub id, data folder or save_to_disk folder. Default: none.")
+    add("--dataset_config_name", help="The dataset's configuration, if it has several. Default: none.")
+    add(
+        "--train_data_dir",
+        help="An image folder (class sub-folders are labels) or a save_to_disk folder. Default: none.",
+    )
+    add("--image_column", help="Default: the dataset's first image column.")
+    add("--label_column", default="label", help="The dataset's labels, read only with --class_conditional.")
+    add("--cache_dir", help="The `datasets` cache. Default: datasets' own.")
+    add("--resolution", type=int, help="Images are resized (shorter side) and cropped to this square size.")
+    add("--center_crop", action="store_true", help="Center instead of random crop.")
+    add("--random_flip", action="store_true", help="Random horizontal flips.")
+    add("--class_conditional", action="store_true", help="Condition the UNet on the labels.")
+    add("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
+
+    add = parser.add_argument_group("model").add_argument
+    add("--model_config_name_or_path", help="A UNet2DModel config: JSON file, or folder/Hub id with config.json.")
+    add("--gradient_checkpointing", action="store_true", help="Less memory, more compute.")
+    add("--enable_xformers_memory_efficient_attention", action="store_true", help="With xformers and CUDA only.")
+
+    add = parser.add_argument_group("PFGM++ objective, and the sampler's noise range").add_argument
+    add("--aug_dim", type=parse_aug_dim, help="D (integer) or 'inf' (EDM). --objective poisson_field: 1.")
+    add("--P_mean", type=float, default=-1.2, help="Training noise levels: ln sigma ~ N(P_mean, P_std^2) (EDM).")
+    add("--P_std", type=float, default=1.2, help="See --P_mean.")
+    add("--sigma_data", type=float, default=0.5, help="EDM's preconditioning.")
+    add("--sigma_min", type=float, help="Sampler range; z_min with --objective poisson_field (1e-3).")
+    add("--sigma_max", type=float, help="Sampler range; z_max with --objective poisson_field (40).")
+
+    add = parser.add_argument_group("PFGM objective (--objective poisson_field)").add_argument
+    add("--sigma", type=float, default=0.01, help="Algorithm 2's base noise.")
+    add("--tau", type=float, default=0.03, help="Algorithm 2's growth rate.")
+    add("--M", type=int, default=291, help="Algorithm 2's largest exponent.")
+    add("--gamma", type=float, default=5.0, help="Algorithm 1's normaliser offset.")
+    add("--large_batch_size", type=int, help="Charges per process. Default: 4 x --train_batch_size.")
+    add("--upper_norm", type=optional_float("auto"), help="The sampler's prior radius clip; 'none': off. Default: "
+        "'auto' = sqrt(N + 1) sigma (1 + tau)^M, the largest radius trained on.")  # fmt: skip
+    add("--z_exp", type=optional_float(), help="Below this z the sampler rebuilds v_z; 'none': off. Default: 1.")
+
+    add = parser.add_argument_group("optimisation").add_argument
+    add("--train_batch_size", type=int, help="Per process.")
+    add("--num_epochs", type=int, help="Used when --max_train_steps is not given. Default: none.")
+    add("--max_train_steps", type=int, help="Default: 2000 (or the preset's), unless --num_epochs is given.")
+    add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    add("--learning_rate", type=float, help="AdamW's.")
+    lr_schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+    add("--lr_scheduler", choices=lr_schedulers, help="diffusers' get_scheduler.")
+    add("--lr_warmup_steps", type=int, help="Optimizer steps.")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW's.")
+    add("--adam_beta2", type=float, default=0.999, help="AdamW's.")
+    add("--adam_weight_decay", type=float, help="AdamW's.")
+    add("--adam_epsilon", type=float, default=1e-8, help="AdamW's.")
+    add("--max_grad_norm", type=optional_float(), help="Gradient clipping norm; 'none': no clipping.")
+    add("--mixed_precision", choices=("no", "fp16", "bf16"), help="Default: the launcher's.")
+    add("--seed", type=int, default=0, help="Model init, noise, data order and sample grids.")
+    add("--cpu_threads_per_process", type=int, help="CPU only. Default: torch's (accelerate launch gives 1).")
+
+    add = parser.add_argument_group("EMA").add_argument
+    add("--use_ema", action=argparse.BooleanOptionalAction, default=True, help="Samples and pipeline use it.")
+    add("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up.")
+    add("--ema_power", type=float, default=3 / 4, help="EMA warm-up.")
+    add("--ema_max_decay", type=float, help="EMA decay after the warm-up.")
+
+    add = parser.add_argument_group("outputs: checkpoints, samples, pipeline, logs").add_argument
+    add("--output_dir", help="The run's folder.")
+    add("--overwrite_output_dir", action="store_true", help="Replace another run's outputs in --output_dir.")
+    add("--checkpointing_steps", type=int, help="A checkpoint every N steps and at the end.")
+    add("--checkpoints_total_limit", type=int, default=2, help="Older checkpoints are deleted.")
+    add("--resume_from_checkpoint", help="'latest', a checkpoint folder, or its name in --output_dir. Default: none.")
+    add("--save_images_steps", type=int, help="A sample grid every N steps and at the end.")
+    add("--save_pipeline_steps", type=int, help="Save the EMA pipeline every N steps. Default: at the end only.")
+    add("--eval_batch_size", type=int, help="Images in each sample grid.")
+    add("--num_inference_steps", type=int, help="Sampler steps of the sample grids.")
+    add("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
+    add("--logging_steps", type=int, default=10, help="Log the mean loss every N steps (no per-step host sync).")
+    add("--report_to", choices=("none", "tensorboard", "wandb"), default="none", help="A tracker (installed).")
+
+    add = parser.add_argument_group("Hub").add_argument
+    add("--push_to_hub", action="store_true", help="Upload the pipeline, its card, samples.png and arguments.")
+    add("--hub_model_id", help="Default: the name of --output_dir.")
+    add(
+        "--hub_token",
+        help="Prefer `hf auth login` or HF_TOKEN (others see flags in `ps`). Never saved. Default: none.",
+    )
+    add("--hub_private_repo", action="store_true", help="Create the repository private.")
+    parser.set_defaults(**{key: value for key, value in NO_PRESET.items() if key != "max_train_steps"})
+    parser.set_defaults(**OBJECTIVE_DEFAULTS[NO_PRESET["objective"]])
+    return parser
+
+
+def parse_args(argv=None):
+    """The arguments, with the preset's and the objective's defaults; bad input fails here, before any loading."""
+    parser = build_parser()
+    given = parser.parse_args(argv)
+    preset = dict(PRESETS[given.preset]) if given.preset is not None else {}
+    if given.dataset_name is not None or given.train_data_dir is not None:
+        preset.pop("dataset_name", None)  # the user's data replaces the preset's
+    parser.set_defaults(**preset)
+    objective = parser.parse_args(argv).objective  # the command line's, else the preset's
+    parser.set_defaults(**{**OBJECTIVE_DEFAULTS[objective], **preset})
+    args = parser.parse_args(argv)
+    if args.max_train_steps is None and args.num_epochs is None:
+        args.max_train_steps = preset.get("max_train_steps", NO_PRESET["max_train_steps"])
+    if args.objective == "poisson_field" and args.large_batch_size is None:
+        args.large_batch_size = 4 * args.train_batch_size
+    check_args(args)
+    return args
+
+
+def check_args(args):
+    """Every check that needs no data and no accelerator (the scheduler's settings are checked by the scheduler)."""
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ValueError("give at most one of --dataset_name and --train_data_dir")
+    if args.preset is not None and args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError(f"--preset {args.preset} needs a dataset: give --dataset_name or --train_data_dir")
+    positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
+    positive += ["save_images_steps", "eval_batch_size", "num_inference_steps", "logging_steps"]
+    optional = ["max_train_steps", "num_epochs", "checkpoints_total_limit", "save_pipeline_steps"]
+    for name in positive + [name for name in optional if getattr(args, name) is not None]:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.dataloader_num_workers < 0:
+        raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    field_only = [name for name in ("large_batch_size", "z_exp", "upper_norm") if getattr(args, name) is not None]
+    if args.objective == "pfgmpp" and field_only:
+        raise ValueError(f"--{field_only[0]} is an option of --objective poisson_field, not of PFGM++")
+    if args.objective == "poisson_field" and args.large_batch_size < args.train_batch_size:
+        raise ValueError(
+            f"--large_batch_size ({args.large_batch_size}) must be >= --train_batch_size "
+            f"({args.train_batch_size}): the small batch is the first rows of the large one"
+        )
+    if args.P_std <= 0:  # --sigma_data is the scheduler's to check
+        raise ValueError(f"--P_std must be > 0, got {args.P_std}")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        raise ValueError("--hub_token with --report_to wandb: wandb records the command line; use `hf auth login`")
+    if args.report_to != "none":
+        try:
+            __import__(args.report_to)
+        except ImportError:
+            raise ValueError(f"--report_to {args.report_to} needs `pip install {args.report_to}`") from None
+    if args.resume_from_checkpoint not in (None, "latest"):
+        checkpoints.checkpoint_path(args.resume_from_checkpoint, args.output_dir)
+
+
+def public_arguments(args):
+    """The arguments without secrets (any name with token, key, password or secret), for files and trackers."""
+    return {name: value for name, value in vars(args).items() if not any(word in name for word in SECRET_WORDS)}
+
+
+def build_scheduler(args, num_channels=None):
+    """The sampler saved with the pipeline; it validates aug_dim and the sigma range (DESIGN.md §4). The field
+    objective is the scheduler's `poisson_field` mode, the one place the objective reaches it (math.md §3).
+    `--upper_norm auto` needs N: without `num_channels` the prior is left unclipped until the data is known."""
+    upper_norm = args.upper_norm
+    if upper_norm == "auto":  # the official hyperparam_calculator.py rule (presets.py)
+        N = None if num_channels is None else num_channels * args.resolution**2
+        upper_norm = None if N is None else math.sqrt(N + 1) * args.sigma * (1 + args.tau) ** args.M
+        if upper_norm is not None and upper_norm < 1:
+            raise ValueError(
+                f"--upper_norm auto = sqrt(N + 1) sigma (1 + tau)^M = {upper_norm:.3g} (N = {N}, M = {args.M}) is "
+                "below the prior clip's lower end 1: raise --M, or give --upper_norm (a number or 'none')"
+            )
+    field = dict(prediction_type="poisson_field", sigma_schedule="exponential", gamma=args.gamma)
+    return PFGMScheduler(
+        sigma_min=args.sigma_min,
+        sigma_max=args.sigma_max,
+        sigma_data=args.sigma_data,
+        aug_dim=args.aug_dim,
+        z_exp=args.z_exp,
+        upper_norm=upper_norm,
+        **(field if args.objective == "poisson_field" else {}),
+    )
+
+
+def load_unet_config(args, num_channels, out_channels, num_classes):
+    """The UNet2DModel config of --model_config_name_or_path (a JSON file, or a folder/Hub id with config.json), with
+    the keys the data and the objective decide filled in."""
+    model_config_name_or_path, resolution = args.model_config_name_or_path, args.resolution
+    if os.path.isfile(model_config_name_or_path):
+        with open(model_config_name_or_path) as f:
+            config = {key: value for key, value in json.load(f).items() if not key.startswith("_")}
+    else:
+        config = dict(UNet2DModel.load_config(model_config_name_or_path))
+    derived = dict(sample_size=resolution, in_channels=num_channels, out_channels=out_channels)
+    derived["num_class_embeds"] = num_classes
+    for key, value in derived.items():
+        if key in config and config[key] != value:
+            raise ValueError(
+                f"{model_config_name_or_path}: {key}={config[key]} conflicts with the data/objective ({key}={value}); "
+                "remove it from the config, the trainer derives it"
+            )
+    config.update(derived)
+    downsampling = 2 ** (len(config.get("block_out_channels", UNet2DModel().config.block_out_channels)) - 1)
+    if resolution % downsampling != 0:
+        raise ValueError(
+            f"--resolution {resolution} is not divisible by {downsampling}, the UNet's downsampling factor "
+            f"({model_config_name_or_path})"
+        )
+    return config
