@@ -8,6 +8,7 @@ of their interfaces is a change here only.
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -92,8 +93,8 @@ def load_pipeline(folder: str) -> PFGMPipeline:
 
 
 def scheduler_solvers() -> tuple:
-    """The scheduler's solver names: its public `SOLVERS` once it has one (DESIGN.md §3)."""
-    return tuple(getattr(scheduling_pfgm, "SOLVERS", scheduling_pfgm._SOLVERS))
+    """The scheduler's solver names (DESIGN.md §3): a new solver joins the sweep with no change here."""
+    return tuple(scheduling_pfgm.SOLVERS)
 
 
 def make_scheduler(pipe: PFGMPipeline, solver: str) -> PFGMScheduler:
@@ -240,6 +241,10 @@ def run_model(spec: ModelSpec, workdir: str, settings: dict, log=print) -> dict:
     """Train `spec` in segments (measuring the saved pipeline after each), then measure it with every solver,
     injected noise and quantised weights. Returns a JSON-ready dict."""
     output_dir = os.path.join(workdir, spec.folder)
+    # A folder left by an interrupted job holds checkpoints past its first segments: those points of the training
+    # curve could not be measured again, so the model trains from the start.
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
     training, evaluation = settings["training"], settings["evaluation"]
     judge = DigitsJudge(evaluation["num_bootstrap"])
     num_images, batch_size, seed = evaluation["num_images"], evaluation["batch_size"], evaluation["sample_seed"]
