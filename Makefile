@@ -44,7 +44,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_pipeline_ode.py
 
 # The papers' claims at CPU scale: rewrites the evidence section of docs/benchmarks.md and docs/evidence_*.png
-# (~45 min on 2 idle cores; results are kept in outputs/evidence/full and reused by a rerun with the same settings).
+# (~45-50 min on 2 idle cores; results kept in outputs/evidence/full are reused by a rerun with the same settings).
 evidence: $(VENV)/.installed
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/evidence/run.py

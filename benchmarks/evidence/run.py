@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Test the PFGM / PFGM++ papers' claims at CPU scale and write the evidence section of docs/benchmarks.md.
 
-    python benchmarks/evidence/run.py            # the full sweep (make evidence): ~45 min on 2 idle cores
+    python benchmarks/evidence/run.py            # the full sweep (make evidence): ~45-50 min on 2 idle cores
     python benchmarks/evidence/run.py --quick    # the same machinery at toy sizes (make evidence-quick): minutes
 
 The full sweep trains PFGM++ at D = 8, 64, 128, 2048, infinity and the original PFGM (field objective) on the embedded
@@ -36,8 +36,9 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 import digits_sweep  # noqa: E402
 import report  # noqa: E402
 
-# The settings of the full sweep, chosen with pilots (see docs/benchmarks.md): every model gets the same UNet, batch,
-# learning rate, EMA and steps.
+# The settings of the full sweep, chosen with pilots: every model gets the same UNet, batch, learning rate, EMA and
+# steps. Time on 2 idle cores, from costs measured there: training ~30 min (60 ms per step per job, two jobs at once,
+# ~7 s per trainer start), sampling ~14 min (0.31 ms per image and network call), toys ~2 min.
 FULL = {
     "digits": {
         "models": [
@@ -53,42 +54,39 @@ FULL = {
             "resolution": 8,
             "model_config": digits_sweep.UNET_CONFIG,
             "batch_size": 64,
-            # Pilots (D = 128 and 8, seed 0, 500 samples): confident share 0.82-0.83 at 2000 steps, 0.85-0.86 at
-            # 3000, 0.90 at 4500 with 2e-3; 1e-3 needed 6000 steps for 0.92 and 3e-3 reached 0.88 by 3000
+            # Pilots (D = 128 and 8, seed 0, 500 samples, confident share): with 2e-3, 0.82-0.83 at 2000 steps,
+            # 0.85-0.86 at 3000, 0.90 at 4500, 0.89 at 6000; 1e-3 needed 6000 steps for 0.92 and 3e-3 stalled at 0.88
             "learning_rate": 2e-3,
             "lr_warmup_steps": 200,
             "ema_max_decay": 0.999,
-            "segments": [500, 1000, 2000, 3000, 4500],
+            "segments": [500, 1000, 2000, 3000, 4000],
             # The field model's perturbation reaches the prior's clipped radii at N = 64: sigma sqrt(N) (1 + tau)^M
             # = 0.08 * 1.03^356 ~ 3000 = upper_norm (math.md §3; CIFAR-10's M = 291 is for N = 3072)
             "field": {"M": 356, "upper_norm": 3000.0, "z_exp": 1.0},
         },
         "evaluation": {
-            "num_images": 1000,
-            "curve_images": 500,
-            "batch_size": 500,
+            "num_images": 700,
+            "curve_images": 400,
+            "batch_size": 350,
             "sample_seed": 0,
             "num_bootstrap": 100,
             "reference_steps": 18,
-            "steps": {
-                "heun": [3, 4, 5, 6, 8, 10, 13, 18],
-                "euler": [6, 12, 18, 35],
-                "other": [5, 7, 9, 12, 17, 25, 35],
-            },
+            # Heun 5-35 calls, Euler, and every other scheduler solver (dpmpp_2m) up to 25 calls
+            "steps": {"heun": [3, 4, 6, 9, 13, 18], "euler": [6, 12, 35], "other": [5, 7, 9, 12, 17, 25]},
             "noise_scales": [0.05, 0.1, 0.2],
             "quantization_bits": [5, 6, 7, 8, 9],
             "rk45_all": False,
-            "rk45_batch_size": 250,
+            "rk45_batch_size": 350,
         },
     },
     "toy": {
         "datasets": ["gaussian_mixture", "ring"],
         "aug_dims": [1, 2, 4, 8, 32, None],
         "seeds": [0, 1],
-        "num_steps": 3000,
+        "num_steps": 2000,
         "batch_size": 512,
         "learning_rate": 2e-3,
-        "num_samples": 20000,
+        "num_samples": 10000,
         "num_test": 2000,
         "num_inference_steps": 18,
         "num_projections": 256,
