@@ -362,7 +362,7 @@ def test_markdown_and_plots_from_results(tmp_path):
             for s in (0, 1)
         ]
     }
-    environment = {"date": "2026-01-01", "cpu": "cpu", "cores": 2, "torch": "2", "jobs": 2, "load_start": 0.1}
+    environment = {"date": "2026-01-01", "cpu": "cpu (2 logical CPUs)", "torch": "2", "jobs": 2, "load_start": 0.1}
     environment.update(load_end=0.2, wall_seconds=60.0)
     plots = report.plot_all(results, toy, SETTINGS, str(tmp_path))
     assert sorted(plots) == ["nfe", "robustness", "toy", "training"]

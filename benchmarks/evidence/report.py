@@ -363,8 +363,8 @@ def markdown(results, toy, settings, environment, command, plots) -> str:
         command,
         "```",
         "",
-        f"Measured {environment['date']} on {environment['cpu']} ({environment['cores']} cores, torch "
-        f"{environment['torch']}, {environment['jobs']} jobs of 1 thread each), 1-minute load average "
+        f"Measured {environment['date']} on {environment['cpu']}, torch {environment['torch']}, "
+        f"{environment['jobs']} jobs at a time of 1 thread each, 1-minute load average "
         f"{environment['load_start']:.1f} at the start and {environment['load_end']:.1f} at the end; wall time "
         f"{environment['wall_seconds'] / 60:.1f} min.",
         "",

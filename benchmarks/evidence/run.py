@@ -24,16 +24,16 @@ import hashlib
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # this folder's modules and benchmarks/machine.py
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 import digits_sweep  # noqa: E402
+import machine  # noqa: E402
 import report  # noqa: E402
 
 # The settings of the full sweep, chosen with pilots: every model gets the same UNet, batch, learning rate, EMA and
@@ -229,18 +229,12 @@ def run_all(settings, workdir, jobs=2, log=print):
 def environment(jobs):
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as file:
-            names = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
-        cpu = names[0] if names else cpu
     return {
         "date": datetime.date.today().isoformat(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": machine.cpu_model(),
         "torch": torch.__version__,
         "jobs": jobs,
-        "load_start": os.getloadavg()[0],
+        "load_start": machine.load_average(),
     }
 
 
@@ -266,7 +260,7 @@ def main(argv=None):
     began = time.perf_counter()
     digits, toy = run_all(settings, args.workdir, args.jobs)
     env["wall_seconds"] = time.perf_counter() - began
-    env["load_end"] = os.getloadavg()[0]
+    env["load_end"] = machine.load_average()
 
     plot_folder = os.path.join(REPO, "docs") if args.docs else args.workdir
     plots = report.plot_all(digits, toy, settings, plot_folder)
