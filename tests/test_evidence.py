@@ -363,7 +363,7 @@ def test_markdown_and_plots_from_results(tmp_path):
         ]
     }
     environment = {"date": "2026-01-01", "cpu": "cpu (2 logical CPUs)", "torch": "2", "jobs": 2, "load_start": 0.1}
-    environment.update(load_end=0.2, wall_seconds=60.0)
+    environment.update(load_end=0.2, wall_seconds=60.0, reused_jobs=0, job_seconds=100.0)
     plots = report.plot_all(results, toy, SETTINGS, str(tmp_path))
     assert sorted(plots) == ["nfe", "robustness", "toy", "training"]
     for name in plots.values():
@@ -408,16 +408,17 @@ def test_a_tiny_sweep_trains_in_segments_and_writes_its_report(tmp_path):
         "digits": {"models": [["pfgmpp", 8]], "seeds": [0], "training": training, "evaluation": evaluation},
         "toy": {**run.QUICK["toy"], "aug_dims": [None], "num_steps": 5, "num_samples": 64, "num_test": 4},
     }
-    digits, toy = run.run_all(settings, str(tmp_path), jobs=1, log=lambda message: None)
+    digits, toy, info = run.run_all(settings, str(tmp_path), jobs=1, log=lambda message: None)
+    assert info["reused_jobs"] == 0 and info["job_seconds"] > 0
     (result,) = digits
     assert [p["steps"] for p in result["curve"]] == [2, 3]
     assert sorted(os.listdir(tmp_path / "models" / "D8-seed0")).count("checkpoint-3") == 1
     assert set(result["solvers"]) == set(digits_sweep.scheduler_solvers())
     assert [p["nfe"] for p in result["solvers"]["heun"]] == [3.0, 5.0]
     # A rerun with the same settings reuses the results instead of training again
-    again, _ = run.run_all(settings, str(tmp_path), jobs=1, log=lambda message: None)
-    assert again[0]["job_seconds"] == result["job_seconds"]
+    again, _, info = run.run_all(settings, str(tmp_path), jobs=1, log=lambda message: None)
+    assert again[0]["job_seconds"] == result["job_seconds"] and info["reused_jobs"] == 2
     section = report.markdown(
-        digits, toy, settings, run.environment(1) | {"load_end": 0.0, "wall_seconds": 1.0}, "x", {}
+        digits, toy, settings, run.environment(1) | info | {"load_end": 0.0, "wall_seconds": 1.0}, "x", {}
     )
     assert "D=8" in section and "gaussian_mixture" in section

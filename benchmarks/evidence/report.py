@@ -366,7 +366,13 @@ def markdown(results, toy, settings, environment, command, plots) -> str:
         f"Measured {environment['date']} on {environment['cpu']}, torch {environment['torch']}, "
         f"{environment['jobs']} jobs at a time of 1 thread each, 1-minute load average "
         f"{environment['load_start']:.1f} at the start and {environment['load_end']:.1f} at the end; wall time "
-        f"{environment['wall_seconds'] / 60:.1f} min.",
+        f"{environment['wall_seconds'] / 60:.1f} min"
+        + (
+            f" ({environment['reused_jobs']} of the jobs reused from an earlier run)"
+            if environment.get("reused_jobs")
+            else ""
+        )
+        + f"; the jobs took {environment['job_seconds'] / 60:.1f} min in all.",
         "",
         "**Setup.** The embedded digits at their native 8×8 (N = 64), the same UNet for every model "
         f"(`benchmarks/evidence/unet_digits_8px.json`, {any_result['parameters'] / 1e6:.2f}M parameters, the field "

@@ -206,7 +206,8 @@ def load_cached(job_id, settings, workdir):
 
 
 def run_all(settings, workdir, jobs=2, log=print):
-    """Every job (finished ones reused), `jobs` at a time; returns (digits results, toy results by dataset)."""
+    """Every job (finished ones reused), `jobs` at a time; returns (digits results, toy results by dataset, {number
+    of reused jobs, summed job seconds})."""
     os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
     planned = plan_jobs(settings)
     results = {job_id: load_cached(job_id, settings, workdir) for job_id, _, _ in planned}
@@ -220,7 +221,11 @@ def run_all(settings, workdir, jobs=2, log=print):
             log(f"done: {futures[future]} ({results[futures[future]]['job_seconds'] / 60:.1f} min)")
     digits = [results[job_id] for job_id, kind, _ in planned if kind == "digits"]
     toy = {a["dataset"]: results[job_id]["rows"] for job_id, kind, a in planned if kind == "toy"}
-    return digits, toy
+    jobs_info = {
+        "reused_jobs": len(planned) - len(todo),
+        "job_seconds": sum(result["job_seconds"] for result in results.values()),
+    }
+    return digits, toy, jobs_info
 
 
 # ---------------------------------------------------------------------- main
@@ -258,7 +263,8 @@ def main(argv=None):
         shutil.rmtree(args.workdir)
     env = environment(args.jobs)
     began = time.perf_counter()
-    digits, toy = run_all(settings, args.workdir, args.jobs)
+    digits, toy, jobs_info = run_all(settings, args.workdir, args.jobs)
+    env.update(jobs_info)
     env["wall_seconds"] = time.perf_counter() - began
     env["load_end"] = machine.load_average()
 
