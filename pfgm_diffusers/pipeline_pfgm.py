@@ -268,7 +268,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"`solver` must be None, 'rk45' or a PFGMScheduler solver: {error}") from None
 
     def _prior_from_noise(self, latents: torch.Tensor) -> torch.Tensor:
-        """Standard Gaussian latents -> the ODE's state at sigma_max (DESIGN §1)."""
+        """Standard Gaussian latents -> the ODE's state at sigma_max (docs/scheduler.md)."""
         if isinstance(self.scheduler, PFGMScheduler):
             return self.scheduler.prior_from_noise(latents)
         return latents * self.scheduler.init_noise_sigma  # an EDM scheduler: its own generic start
@@ -353,7 +353,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             progress.close()
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
-            # The generic diffusers start: the scheduler maps it onto its prior at the first call (DESIGN §1).
+            # The generic diffusers start: the scheduler maps it onto its prior at the first call (docs/scheduler.md).
             sample = latents * scheduler.init_noise_sigma
             for t in self.progress_bar(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(sample, t)

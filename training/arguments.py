@@ -223,7 +223,7 @@ def public_arguments(args):
 
 
 def build_scheduler(args, num_channels=None):
-    """The sampler saved with the pipeline; it validates aug_dim and the sigma range (DESIGN.md §4). The field
+    """The sampler saved with the pipeline; it validates aug_dim and the sigma range. The field
     objective is the scheduler's `poisson_field` mode, the one place the objective reaches it (math.md §3).
     `--upper_norm auto` needs N: without `num_channels` the prior is left unclipped until the data is known."""
     upper_norm = args.upper_norm
