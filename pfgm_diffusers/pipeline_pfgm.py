@@ -147,6 +147,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"You passed a list of {len(generator)} generators for a batch of {batch_size}: pass one generator "
