@@ -277,6 +277,8 @@ def ideal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, aug_dim: int | No
     y = x.reshape(batch_size, N).to(compute_dtype)
     charges = data.reshape(data.shape[0], N).to(y.device, compute_dtype)
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1).expand(batch_size)
+    if not (torch.isfinite(sigma).all() and (sigma > 0).all()):  # a test tool: one sync per call is fine
+        raise ValueError(f"`sigma` must be finite and > 0, got {sigma.tolist()}.")
     if aug_dim is None:
         exponent, scale = None, 2 * sigma**2
     else:

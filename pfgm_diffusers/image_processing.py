@@ -22,6 +22,8 @@ def preprocess(images, num_channels: int, do_normalize: bool = True) -> torch.Te
     """
     if isinstance(images, PIL.Image.Image):
         images = [images]
+    if isinstance(images, (list, tuple, np.ndarray, torch.Tensor)) and len(images) == 0:
+        raise ValueError("images is empty: pass at least one image.")
     if isinstance(images, list) and all(isinstance(image, PIL.Image.Image) for image in images):
         images = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
         if images.ndim == 3:

@@ -1,4 +1,6 @@
-"""The pipeline's one latent space (DESIGN §1): standard Gaussian latents (B, C, H, W), and their interpolation.
+"""The pipeline's one latent space: standard Gaussian latents (B, C, H, W), and their interpolation.
+
+The rule of where a run starts is in docs/scheduler.md ("Where a sampling run starts").
 
 A standard Gaussian x in R^N is R u with u uniform on the sphere and R ~ chi_N independent of u. The scheduler maps
 latents onto its prior radially (`PFGMScheduler.prior_from_noise`), so an interpolant that is again standard

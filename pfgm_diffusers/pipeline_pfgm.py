@@ -147,6 +147,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"You passed a list of {len(generator)} generators for a batch of {batch_size}: pass one generator "
@@ -268,7 +270,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"`solver` must be None, 'rk45' or a PFGMScheduler solver: {error}") from None
 
     def _prior_from_noise(self, latents: torch.Tensor) -> torch.Tensor:
-        """Standard Gaussian latents -> the ODE's state at sigma_max (DESIGN §1)."""
+        """Standard Gaussian latents -> the ODE's state at sigma_max (docs/scheduler.md)."""
         if isinstance(self.scheduler, PFGMScheduler):
             return self.scheduler.prior_from_noise(latents)
         return latents * self.scheduler.init_noise_sigma  # an EDM scheduler: its own generic start
@@ -353,7 +355,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             progress.close()
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
-            # The generic diffusers start: the scheduler maps it onto its prior at the first call (DESIGN §1).
+            # The generic diffusers start: the scheduler maps it onto its prior at the first call (docs/scheduler.md).
             sample = latents * scheduler.init_noise_sigma
             for t in self.progress_bar(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(sample, t)

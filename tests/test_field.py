@@ -320,3 +320,9 @@ def test_field_split_and_safeguards():
     v_z_expected = -math.sqrt(27) * 0.5 / (math.sqrt(a**2 + 0.25) + 5.0)
     torch.testing.assert_close(rebuilt, torch.full((2, 3, 3, 3), 0.1 / v_z_expected))
     assert torch.equal(field_dx_dz(v_small, 2.0, z_exp=1.0, vz_eps=0.0), field_dx_dz(v_small, 2.0, vz_eps=0.0))
+
+
+@pytest.mark.parametrize("sigma", [-1.0, 0.0, float("nan"), float("inf"), torch.tensor([1.0, -2.0])])
+def test_ideal_denoiser_refuses_a_noise_level_that_is_not_positive_and_finite(sigma):
+    with pytest.raises(ValueError, match="`sigma` must be finite and > 0"):
+        ideal_denoiser(torch.zeros(2, 4), sigma, torch.randn(3, 4), 8)

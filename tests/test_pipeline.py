@@ -324,6 +324,9 @@ def test_class_labels_by_name(tmp_path):
         (dict(num_inference_steps=2.5), "num_inference_steps"),
         (dict(solver="dpm"), "solver.*'dpm'"),
         (dict(latents=torch.full((1, 3, 8, 8), float("nan"))), "NaN"),
+        (dict(batch_size=0), "batch_size` must be an integer >= 1, got 0"),
+        (dict(batch_size=-2), "batch_size` must be an integer >= 1, got -2"),
+        (dict(batch_size=2.0), "batch_size` must be an integer >= 1, got 2.0"),
     ],
 )
 def test_bad_input_raises_value_error(kwargs, match):
@@ -546,3 +549,11 @@ def test_docstring_example_runs():
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     runner.run(doctest.DocTestParser().get_doctest(code, {}, "PFGMPipeline.__call__", None, 0))
     assert runner.summarize(verbose=False) == (0, 11)
+
+
+@pytest.mark.parametrize("images", [torch.rand(0, 3, 8, 8), np.zeros((0, 8, 8, 3)), []])
+def test_invert_and_likelihood_refuse_an_empty_batch(images):
+    pipe = make_pipe()
+    for method in (pipe.invert, pipe.log_likelihood):
+        with pytest.raises(ValueError, match="images is empty"):
+            method(images)

@@ -206,6 +206,29 @@ def check_args(args):
         )
     if args.P_std <= 0:  # --sigma_data is the scheduler's to check
         raise ValueError(f"--P_std must be > 0, got {args.P_std}")
+    ranges = {  # name: the allowed interval as (lowest, highest, "[" or "(", "]" or ")"); NaN fails every comparison
+        "learning_rate": (0, math.inf, "(", ")"),
+        "lr_warmup_steps": (0, math.inf, "[", ")"),
+        "adam_beta1": (0, 1, "[", ")"),
+        "adam_beta2": (0, 1, "[", ")"),
+        "adam_epsilon": (0, math.inf, "(", ")"),
+        "adam_weight_decay": (0, math.inf, "[", ")"),
+        "ema_max_decay": (0, 1, "[", "]"),
+        "ema_inv_gamma": (0, math.inf, "(", ")"),
+        "ema_power": (0, math.inf, "(", ")"),
+        "sigma": (0, math.inf, "(", ")"),
+        "tau": (0, math.inf, "(", ")"),
+        "M": (0, math.inf, "(", ")"),
+    }
+    if args.max_grad_norm is not None:
+        ranges["max_grad_norm"] = (0, math.inf, "(", ")")
+    for name, (lowest, highest, left, right) in ranges.items():
+        value = getattr(args, name)
+        above = value >= lowest if left == "[" else value > lowest
+        below = value <= highest if right == "]" else value < highest
+        if not (above and below):
+            allowed = f"{left}{lowest}, {highest}{right}"
+            raise ValueError(f"--{name} must lie in {allowed}, got {value}")
     if args.report_to == "wandb" and args.hub_token is not None:
         raise ValueError("--hub_token with --report_to wandb: wandb records the command line; use `hf auth login`")
     if args.report_to != "none":
@@ -223,7 +246,7 @@ def public_arguments(args):
 
 
 def build_scheduler(args, num_channels=None):
-    """The sampler saved with the pipeline; it validates aug_dim and the sigma range (DESIGN.md §4). The field
+    """The sampler saved with the pipeline; it validates aug_dim and the sigma range. The field
     objective is the scheduler's `poisson_field` mode, the one place the objective reaches it (math.md §3).
     `--upper_norm auto` needs N: without `num_channels` the prior is left unclipped until the data is known."""
     upper_norm = args.upper_norm
