@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from .data import DIGITS_PATH, ImageTransform
 
 DIGIT_CLASSIFIER_PATH = os.path.join(os.path.dirname(__file__), "data", "digit_classifier.safetensors")
-# The classifier's input: the trainer's default digits, 8x8 upscaled bilinearly to 16x16, one channel in [0, 1].
+# The classifier's input: the digits upscaled bilinearly from 8x8 to 16x16, one channel in [0, 1] (other sizes, the
+# trainer's default 8x8 included, are resized to it).
 DIGITS_RESOLUTION = 16
 NUM_DIGIT_CLASSES = 10
 # The fixed split of the 1797 digits: a permutation by np.random.default_rng(DIGITS_SPLIT_SEED), the first 20 % held

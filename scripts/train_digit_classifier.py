@@ -3,7 +3,7 @@
 
     python scripts/train_digit_classifier.py  # rewrites pfgm_diffusers/data/digit_classifier.safetensors
 
-Data: the 1797 embedded digits as the trainer sees them by default (8x8 upscaled bilinearly to 16x16, in [0, 1]),
+Data: the 1797 embedded digits as a 16x16 trainer sees them (8x8 upscaled bilinearly to 16x16, in [0, 1]),
 split by `evaluation.digits_split()`: a permutation by `np.random.default_rng(0)`, its first 359 digits (20 %) held
 out, the other 1438 trained on. Training: Adam with a one-cycle learning rate, cross-entropy, random shifts of up to
 1 pixel; nothing else (no noise images: the metrics must not be tuned to the noise they are tested against).

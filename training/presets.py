@@ -16,23 +16,23 @@ _SCHEDULER_DEFAULTS = {
     name: parameter.default for name, parameter in inspect.signature(PFGMScheduler.__init__).parameters.items()
 }
 
-# The no-argument run (`make train`): PFGM++ on the embedded 8x8 digits upscaled to 16x16, CPU, about 8 minutes on
-# 2 cores. The one place to tune it.
+# The no-argument run (`make train`): PFGM++ on the embedded digits at their native 8x8, CPU, about 6 minutes on
+# 2 cores. The one place to tune it; the values come from the pilots of the evidence sweep (docs/benchmarks.md).
 NO_PRESET = dict(
     objective="pfgmpp",
-    resolution=16,
-    model_config_name_or_path=os.path.join(CONFIG_DIR, "unet_digits.json"),
+    resolution=8,  # the digits' native size
+    model_config_name_or_path=os.path.join(CONFIG_DIR, "unet_digits_8px.json"),
     train_batch_size=64,
-    max_train_steps=2000,
-    learning_rate=1e-3,
+    max_train_steps=6000,
+    learning_rate=2e-3,
     lr_scheduler="constant_with_warmup",
     lr_warmup_steps=200,
     adam_weight_decay=0.0,
     max_grad_norm=1.0,
     ema_max_decay=0.999,
     output_dir="pfgm-digits",
-    checkpointing_steps=500,
-    save_images_steps=1000,
+    checkpointing_steps=1000,
+    save_images_steps=2000,
     eval_batch_size=64,
     num_inference_steps=18,
 )

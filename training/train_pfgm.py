@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train PFGM++ (Xu et al., ICML 2023) or the original PFGM (Xu et al., NeurIPS 2022) with accelerate.
 
-    accelerate launch training/train_pfgm.py            # no arguments: embedded 8x8 digits upscaled to 16x16, CPU
+    accelerate launch training/train_pfgm.py            # no arguments: the embedded 8x8 digits, CPU
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 training/train_pfgm.py \\
         --preset cifar10 --aug_dim 2048 --push_to_hub --hub_model_id me/pfgmpp-cifar10
     accelerate launch training/train_pfgm.py --objective poisson_field --train_data_dir ./my_images \\
@@ -25,6 +25,7 @@ import datasets
 import diffusers
 import huggingface_hub
 import numpy as np
+import PIL.Image
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -412,6 +413,8 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
     ).images  # (B, H, W, C) in [0, 1]
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     grid = image_grid(PFGMPipeline.numpy_to_pil(samples), padding=1)
+    scale = max(1, 32 // args.resolution)  # small images drawn at >= 32 pixels, so that a person can see them
+    grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
     grid.save(os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
