@@ -24,7 +24,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "ruff"],
+        # matplotlib: the tests draw the evidence plots too
+        "test": ["pytest", "ruff", "matplotlib"],
         "train": ["tensorboard"],
         "xformers": ["xformers"],
         # FID/KID in pfgm_diffusers.evaluation and scripts/evaluate.py (the digits metrics need nothing extra)

@@ -164,7 +164,7 @@ def test_two_processes_pfgmpp_checkpoint_limit_and_saved_pipeline(tmp_path, imag
     assert os.path.isfile(out / "checkpoint-4" / "random_states_1.pkl")  # every process's RNG state
     assert os.path.isfile(out / "checkpoint-4" / "unet_ema" / "diffusion_pytorch_model.safetensors")
     assert sorted(os.listdir(out / "samples")) == ["step_0000002.png", "step_0000004.png"]
-    assert Image.open(out / "samples.png").size == (2 * 9 + 1, 2 * 9 + 1)  # 4 images of 8x8 in a 2x2 grid
+    assert Image.open(out / "samples.png").size == (4 * (2 * 9 + 1),) * 2  # 4 images of 8x8 in a 2x2 grid, drawn 4x
     saved_args = json.loads((out / "training_args.json").read_text())
     assert saved_args["objective"] == "pfgmpp" and saved_args["aug_dim"] == 16
 
@@ -456,7 +456,7 @@ def test_sample_grids_go_to_the_tracker_and_the_loss_every_logging_steps(
     else:
         assert isinstance(values["samples"], list) and len(values["samples"]) == 4
         images = np.stack(values["samples"])
-    assert np.abs(images[0] - grid[1:9, 1:9]).max() <= 0.5 / 255 + 1e-6  # the grid's first image
+    assert np.abs(images[0] - grid[4:36:4, 4:36:4]).max() <= 0.5 / 255 + 1e-6  # the grid's first image, drawn 4x
 
 
 def test_push_to_hub_without_the_hub_fails_in_one_line_before_training(
@@ -597,7 +597,7 @@ def test_help_shows_every_default(tmp_path, capsys):
     assert len(flags) > 60
     missing = [entry.split()[0] for entry in flags if "default" not in entry.lower()]
     assert missing == [], f"flags whose --help gives no default: {missing}"
-    assert "--learning_rate LEARNING_RATE" in text and "(default: 0.001)" in text
+    assert "--learning_rate LEARNING_RATE" in text and "(default: 0.002)" in text
 
 
 def test_preset_takes_the_users_data_flag_instead_of_its_dataset(tmp_path, image_folder):
