@@ -29,3 +29,14 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     unet = tiny_unet(in_channels=3)  # the README's scheduler loop samples (4, 3, 32, 32): a UNet of any size runs it
     namespace = {"unet": lambda x, t: unet(x, t)}
     exec(compile(python_blocks()[index], f"README.md python block {index}", "exec"), namespace)
+
+
+def test_no_documented_recipe_runs_remote_code():
+    # trust_remote_code=True runs a repository's Python files; a relative custom_pipeline is read as a Hub repo id
+    root = os.path.dirname(README)
+    pages = [README] + [os.path.join(root, "docs", name) for name in os.listdir(os.path.join(root, "docs"))]
+    for page in (page for page in pages if page.endswith(".md")):
+        with open(page, encoding="utf-8") as f:
+            code = "\n".join(re.findall(r"```[a-z]*\n(.*?)```", f.read(), flags=re.S))
+        assert "trust_remote_code" not in code, page
+        assert not re.search(r"custom_pipeline\s*=\s*[\"'](?!/)", code), page

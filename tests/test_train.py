@@ -548,6 +548,7 @@ def fail_if_called(*args, **kwargs):
         (dict(large_batch_size=64), "--large_batch_size is an option of --objective poisson_field"),
         (dict(z_exp=2.0), "--z_exp is an option of --objective poisson_field"),
         (dict(objective="poisson_field", z_exp=-1.0), "`z_exp` must be > 0 or None, got -1.0"),
+        (dict(hub_token="hf_secret", report_to="wandb"), "--hub_token with --report_to wandb: wandb records the"),
     ],
 )
 def test_bad_arguments_fail_before_loading_anything(tmp_path, image_folder, unet_config, overrides, message):
