@@ -331,6 +331,28 @@ def test_claims_follow_the_numbers_and_their_error_bars():
     assert outcome(report.decide_claims(report.group_by_model(reverse), {}, SETTINGS), "A middle D") == "opposite"
 
 
+def test_a_stalled_rk45_is_reported_and_pfgm_is_judged_by_its_heun_instead():
+    results = []
+    for seed in (0, 1):
+        results.append(fake_result("D=64", seed, 1.0 + 0.1 * seed, 2, 2, 2))
+        results.append(fake_result("D=inf", seed, 2.0, 2, 2, 2))
+        pfgm = fake_result("PFGM", seed, 5.0 + 0.1 * seed, 9, 9, 9)
+        del pfgm["solvers"]["rk45"]
+        pfgm["rk45_stalled"] = {"num_images": 100, "max_nfe": 1000, "sigma_reached": 4.9 + seed}
+        results.append(pfgm)
+    claims = report.decide_claims(report.group_by_model(results), {}, SETTINGS)
+    (stall,) = [c for c in claims if c["claim"].startswith("The field model's RK45 (official")]
+    assert stall["outcomes"]["frechet_distance"] == (
+        "did not finish",
+        "2 of 2 seeds spent 1000 calls on 100 images and had reached only z = 4.9, 5.9",
+    )
+    # The comparison with PFGM falls back to its Heun at the reference (5.05 against D=64's 1.05)
+    (versus,) = [c for c in claims if c["claim"].startswith("The best middle D beats the original PFGM")]
+    assert "Heun at 35 NFE" in versus["claim"] and versus["outcomes"]["frechet_distance"][0] == "reproduced"
+    assert "PFGM 5.05" in versus["outcomes"]["frechet_distance"][1]
+    assert not [c for c in claims if "RK45 quality" in c["claim"]]
+
+
 def test_confident_share_claims_count_a_higher_share_as_better():
     results = []
     for seed in (0, 1):
@@ -422,3 +444,18 @@ def test_a_tiny_sweep_trains_in_segments_and_writes_its_report(tmp_path):
         digits, toy, settings, run.environment(1) | info | {"load_end": 0.0, "wall_seconds": 1.0}, "x", {}
     )
     assert "D=8" in section and "gaussian_mixture" in section
+
+
+def test_rk45_within_a_budget_of_calls_stops_and_leaves_the_pipeline_as_it_was():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_models import tiny_unet
+
+    scheduler = PFGMScheduler(aug_dim=1, prediction_type="poisson_field", sigma_max=40.0, upper_norm=3000.0)
+    pipe = PFGMPipeline(unet=tiny_unet(in_channels=1, out_channels=2), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(digits_sweep.RK45Stalled) as stalled:
+        digits_sweep.sample_rk45(pipe, 2, 0, 2, max_nfe=5)
+    assert 1e-3 <= stalled.value.sigma < 40.0  # where it had got to, in z
+    assert "denoise" not in vars(pipe)  # the pipeline's own method again
+    images, nfe = digits_sweep.sample_rk45(pipe, 2, 0, 2)
+    assert images.shape == (2, 1, 8, 8) and nfe > 5

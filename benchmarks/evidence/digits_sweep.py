@@ -128,16 +128,40 @@ def sample_loop(unet, scheduler, latents, num_inference_steps, noise_scale=0.0, 
     return x, num_calls
 
 
-def sample_rk45(pipe, num_images, seed, batch_size):
-    """Images in [0, 1] from the pipeline's adaptive RK45 (image i seeded `seed + i`) and the mean NFE per image."""
-    images, nfe = [], []
-    for start in range(0, num_images, batch_size):
-        generators = [
-            torch.Generator().manual_seed(seed + i) for i in range(start, min(start + batch_size, num_images))
-        ]
-        output = pipe(batch_size=len(generators), generator=generators, solver="rk45", output_type="pt")
-        images.append(output.images)
-        nfe += [output.nfe] * len(generators)
+class RK45Stalled(Exception):
+    """RK45 spent its evaluation budget before reaching sigma_min; `sigma` is where it was."""
+
+    def __init__(self, sigma: float):
+        super().__init__(f"RK45 stalled at sigma = {sigma:.3g}")
+        self.sigma = sigma
+
+
+def sample_rk45(pipe, num_images, seed, batch_size, max_nfe=None):
+    """Images in [0, 1] from the pipeline's adaptive RK45 (image i seeded `seed + i`) and the mean NFE per image.
+
+    With `max_nfe`, a batch that needs more network calls raises `RK45Stalled`: on the sweep's field models the
+    official tolerances (1e-4) can need tens of thousands of calls (the step size collapses where v_z nears 0)."""
+    images, nfe, calls = [], [], []
+    denoise = pipe.denoise
+
+    def counted(sample, sigma, class_labels=None):
+        calls.append(sigma)
+        if max_nfe is not None and len(calls) > max_nfe:
+            raise RK45Stalled(min(calls))
+        return denoise(sample, sigma, class_labels)
+
+    pipe.denoise = counted
+    try:
+        for start in range(0, num_images, batch_size):
+            calls.clear()
+            generators = [
+                torch.Generator().manual_seed(seed + i) for i in range(start, min(start + batch_size, num_images))
+            ]
+            output = pipe(batch_size=len(generators), generator=generators, solver="rk45", output_type="pt")
+            images.append(output.images)
+            nfe += [output.nfe] * len(generators)
+    finally:
+        del pipe.denoise  # the class's method again
     return torch.cat(images), float(np.mean(nfe))
 
 
@@ -284,8 +308,13 @@ def run_model(spec: ModelSpec, workdir: str, settings: dict, log=print) -> dict:
             points.append({"num_inference_steps": num_steps, "nfe": nfe, **_summary(judge(images))})
         solvers[solver] = points
     if is_field_model(pipe) or evaluation["rk45_all"]:
-        images, nfe = sample_rk45(pipe, num_images, seed, evaluation["rk45_batch_size"])
-        solvers["rk45"] = [{"num_inference_steps": None, "nfe": nfe, **_summary(judge(images))}]
+        rk45_images, max_nfe = evaluation["rk45_images"], evaluation["rk45_max_nfe"]
+        try:
+            images, nfe = sample_rk45(pipe, rk45_images, seed, evaluation["rk45_batch_size"], max_nfe)
+            solvers["rk45"] = [{"num_inference_steps": None, "nfe": nfe, **_summary(judge(images))}]
+        except RK45Stalled as stalled:
+            result["rk45_stalled"] = {"num_images": rk45_images, "max_nfe": max_nfe, "sigma_reached": stalled.sigma}
+            log(f"{spec.folder}: RK45 stalled at sigma {stalled.sigma:.3g} after {max_nfe} calls")
     result["solvers"] = solvers
 
     result["noise"] = []
