@@ -672,9 +672,11 @@ def plot_all(results, toy, settings, folder, prefix="evidence_") -> dict:
         written[kind] = name
 
     def log_y(ax):
+        # Labels at 1, 2 and 5 times a power of ten only: labelled minor ticks overlap on a log axis
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
     def errorbar(ax, x, estimates, name, **kwargs):
         ax.errorbar(x, [e.mean for e in estimates], yerr=[e.error for e in estimates], color=colours[name],
@@ -729,6 +731,9 @@ def plot_all(results, toy, settings, folder, prefix="evidence_") -> dict:
                     )
     for ax, key in zip(axes, ("frechet_distance", "confident_share"), strict=True):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([5, 7, 10, 15, 20, 35]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("network evaluations per sample")
         ax.set_ylabel(METRICS[key][0])
     log_y(axes[0])
