@@ -69,11 +69,12 @@ def bare_steps_per_second(steps, train_batch_size, threads):
 
     torch.set_num_threads(threads)
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.accelerator.is_available())  # as the trainer
-    flags = argparse.Namespace(model_config_name_or_path=NO_PRESET["model_config_name_or_path"], resolution=16)
+    resolution = NO_PRESET["resolution"]  # the trainer's default run: its UNet at its resolution
+    flags = argparse.Namespace(model_config_name_or_path=NO_PRESET["model_config_name_or_path"], resolution=resolution)
     unet = UNet2DModel.from_config(load_unet_config(flags, num_channels=1, out_channels=1, num_classes=None))
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    x = torch.randn(train_batch_size, 1, 16, 16, device=accelerator.device)
+    x = torch.randn(train_batch_size, 1, resolution, resolution, device=accelerator.device)
     timestep = torch.randn(train_batch_size, device=accelerator.device)
     times, cpu_times = [], []
     for _ in range(steps):
