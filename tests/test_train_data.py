@@ -216,3 +216,33 @@ def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
     assert list(EpochSampler(20, seed=5)) == first
     sampler.set_epoch(1)
     assert list(sampler) != first and sorted(sampler) == list(range(20))
+
+
+def test_a_small_dataset_decoded_once_gives_the_same_batches():
+    from pfgm_diffusers.data import load_digits_dataset
+
+    images = load_digits_dataset(with_labels=True)
+    transform = ImageTransform(8, 1, random_flip=True)
+    cached = TrainingDataset(images.dataset, transform, seed=5)
+    assert cached.decoded is not None and len(cached.decoded["image"]) == 1797  # ~0.2 MB encoded: kept decoded
+    plain = TrainingDataset(images.dataset, transform, seed=5)
+    plain.decoded = None  # the per-batch read of larger datasets
+    for epoch in (0, 3):
+        cached.set_epoch(epoch), plain.set_epoch(epoch)
+        a, b = collate(cached.__getitems__([7, 1500, 3, 3])), collate(plain.__getitems__([7, 1500, 3, 3]))
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["label"].tolist() == b["label"].tolist()
+
+
+def test_an_unchanged_mode_and_size_skip_no_random_draw():
+    # The fast path (no convert, no crop) must still draw the two crop offsets, or the flips would change
+    image = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)[None]
+    transform = ImageTransform(8, 1, random_flip=True)
+    flips = []
+    for seed in range(20):
+        expected = torch.Generator().manual_seed(seed)
+        torch.randint(1, (), generator=expected), torch.randint(1, (), generator=expected)  # left, top
+        flips.append(bool(torch.rand((), generator=expected) < 0.5))
+        out = transform(image, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, pixels.flip(-1) if flips[-1] else pixels)
+    assert 0 < sum(flips) < 20
