@@ -24,7 +24,7 @@ HIGH_BIT_DEPTH_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N":
 # Modes PIL uses for single-channel images; everything else is trained as RGB.
 GRAYSCALE_MODES = ("1", "L", "LA", "P;L", *HIGH_BIT_DEPTH_RANGES)
 MAX_LISTED = 10
-# A dataset whose encoded images take at most this many bytes (the embedded digits: ~0.2 MB) is decoded once and kept
+# A dataset whose encoded images take at most this many bytes (the embedded digits: 0.25 MB) is decoded once and kept
 # in memory: decoding 64 small PNGs per step cost about a tenth of the default run's step.
 MAX_DECODED_ONCE_BYTES = 8 * 2**20
 
@@ -221,8 +221,8 @@ class ImageTransform:
     def __call__(self, image, generator=None):
         if image.mode in HIGH_BIT_DEPTH_RANGES:
             image = _float_image(image)  # mode "F" in 0..255, resized and cropped without losing bits
-        elif image.mode != ("L" if self.num_channels == 1 else "RGB"):
-            image = image.convert("L" if self.num_channels == 1 else "RGB")
+        elif image.mode != (mode := "L" if self.num_channels == 1 else "RGB"):
+            image = image.convert(mode)
         width, height = image.size
         scale = self.resolution / min(width, height)
         size = (max(self.resolution, round(width * scale)), max(self.resolution, round(height * scale)))

@@ -93,7 +93,7 @@ def load_pipeline(folder: str) -> PFGMPipeline:
 
 
 def scheduler_solvers() -> tuple:
-    """The scheduler's solver names (DESIGN.md §3): a new solver joins the sweep with no change here."""
+    """The scheduler's solver names (`scheduling_pfgm.SOLVERS`): a new solver joins the sweep with no change here."""
     return tuple(scheduling_pfgm.SOLVERS)
 
 
