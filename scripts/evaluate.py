@@ -9,14 +9,14 @@
 `--reference digits` (the default) needs no network: it reports the Fréchet distance in the digit classifier's
 features to the real training split, the share of confidently classified images and the coverage of the 10
 classes, each beside the same figure for the held-out real digits. It refuses, before sampling, a model whose images
-are not 1-channel and square or whose classes are not the ten digits (an unconditional 1-channel model of other data
-cannot be told apart: its figures then say only how digit-like its images are). Any other `--reference` (a `datasets` Hub id or a
-folder of images, resized like the trainer does to the model's resolution) gives FID and KID with torch-fidelity's
-Inception-v3, whose weights are downloaded once or read from `--inception_weights`; offline without them it stops
-with one line that says what to do. Image i is drawn from a generator seeded `seed + i` (as scripts/sample.py), so
-the figures do not depend on `--batch_size` (except with RK45, which adapts its steps to each batch). The JSON holds
-`frechet_distance`, `nfe` (network evaluations per image), every metric, the timings and every setting used;
-`--output` is checked before sampling (not a folder, not under a file, in a writable folder).
+are not 1-channel and square or whose classes are not the ten digits (an unconditional 1-channel model of other
+data cannot be told apart: its figures then say only how digit-like its images are). Any other `--reference` (a
+`datasets` Hub id or a folder of images, resized like the trainer does to the model's resolution) gives FID and KID
+with torch-fidelity's Inception-v3, whose weights are downloaded once or read from `--inception_weights`; offline
+without them it stops with one line that says what to do. Image i is drawn from a generator seeded `seed + i` (as
+scripts/sample.py), so the figures do not depend on `--batch_size` (except with RK45, which adapts its steps to each
+batch). The JSON holds `frechet_distance`, `nfe` (network evaluations per image), every metric, the timings and
+every setting used; `--output` is checked before sampling (not a folder, not under a file, in a writable folder).
 """
 
 import argparse
