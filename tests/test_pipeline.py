@@ -727,7 +727,8 @@ def test_invert_and_likelihood_refuse_an_empty_batch(images):
 
 @pytest.mark.parametrize("num_classes, names", [(10, ["a", "b", "c"]), (None, ["a", "b"]), (2, ["a", "b", "c"])])
 def test_class_names_must_match_the_unet_at_construction(num_classes, names):
-    with pytest.raises(ValueError, match=f"Got {len(names)} class_names for a UNet with num_class_embeds={num_classes}"):
+    message = f"Got {len(names)} class_names for a UNet with num_class_embeds={num_classes}"
+    with pytest.raises(ValueError, match=message):
         PFGMPipeline(unet=tiny_unet(num_class_embeds=num_classes), scheduler=PFGMScheduler(), class_names=names)
 
 

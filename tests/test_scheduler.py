@@ -619,7 +619,7 @@ def test_custom_sigmas_are_the_noise_levels():
 def test_set_begin_index_refuses_what_is_not_a_timestep_index(begin_index):
     scheduler = PFGMScheduler(aug_dim=8, solver="euler")
     scheduler.set_timesteps(7)
-    with pytest.raises(ValueError, match=re.escape(f"an integer in [0, 6]") + f".*got {re.escape(repr(begin_index))}"):
+    with pytest.raises(ValueError, match=re.escape("an integer in [0, 6]") + f".*got {re.escape(repr(begin_index))}"):
         scheduler.set_begin_index(begin_index)
     assert scheduler.begin_index is None
 
