@@ -212,9 +212,7 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: `target_x` shaped like `samples` and `target_z` of shape (B,), float32.
     """
-    batch_size, N = samples.shape[0], samples[0].numel()
-    if data.ndim < 2 or data[0].numel() != N:
-        raise ValueError(f"`data` must hold charges of {N} values each like `samples`, got shape {tuple(data.shape)}.")
+    batch_size, N = _batch_sizes(samples, "samples", data, "data")
     if z.numel() != batch_size:
         raise ValueError(f"`z` must have shape ({batch_size},), got {tuple(z.shape)}.")
     if not 0 <= gamma < math.inf:
@@ -230,6 +228,23 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
     if not torch.isfinite(target_z).all():
         _raise_non_finite(samples, data)
     return target_x, target_z
+
+
+def _batch_sizes(points, points_name, charges, charges_name):
+    """(B, N) of `points` (B, ...) after checking that `charges` (L, ...) holds L >= 1 charges of N values each.
+
+    A softmax over no charges and a mean over no points have no value: an empty batch is refused, not returned empty.
+    """
+    shape, charge_shape = tuple(points.shape), tuple(charges.shape)
+    if points.ndim == 0 or shape[0] == 0 or math.prod(shape[1:]) == 0:
+        raise ValueError(f"`{points_name}` must hold at least one point of at least one value, got shape {shape}.")
+    N = math.prod(shape[1:])
+    if charges.ndim == 0 or charge_shape[0] == 0 or math.prod(charge_shape[1:]) != N:
+        raise ValueError(
+            f"`{charges_name}` must hold at least one charge of {N} values like `{points_name}` {shape}, "
+            f"got shape {charge_shape}."
+        )
+    return shape[0], N
 
 
 def _check_z(z):
@@ -272,7 +287,7 @@ def ideal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, aug_dim: int | No
     w_i ∝ exp(-|x - x_i|^2 / (2 sigma^2)). This is the exact minimiser of the denoising loss on `data`: an exact
     "model" for tests. `sigma` is a float or a (B,) tensor; the result has the shape and dtype of `x`.
     """
-    batch_size, N = x.shape[0], x[0].numel()
+    batch_size, N = _batch_sizes(x, "x", data, "data")
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.reshape(batch_size, N).to(compute_dtype)
     charges = data.reshape(data.shape[0], N).to(y.device, compute_dtype)
