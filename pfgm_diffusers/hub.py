@@ -24,9 +24,16 @@ PIPELINE_FILES = [
     "unet/diffusion_pytorch_model*.bin",
     "unet/diffusion_pytorch_model*.bin.index.json",
     "scheduler/scheduler_config.json",
+    # a latent pipeline's AutoencoderKL (PFGMPipeline's optional `vae`)
+    "vae/config.json",
+    "vae/diffusion_pytorch_model*.safetensors",
+    "vae/diffusion_pytorch_model*.safetensors.index.json",
+    "vae/diffusion_pytorch_model*.bin",
+    "vae/diffusion_pytorch_model*.bin.index.json",
 ]
-CONFIG_FILES = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"]
+CONFIG_FILES = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "vae/config.json"]
 WEIGHTS_FOLDER = "unet"
+OPTIONAL_WEIGHTS_FOLDERS = ("vae",)  # fetched when the repository has their config (a latent pipeline)
 WEIGHTS_NAME = "diffusion_pytorch_model"
 MODEL_CARD = "README.md"
 
@@ -53,21 +60,25 @@ def check_local_folder(name) -> None:
 # `diffusion_pytorch_model[.variant].ext`, or shards `diffusion_pytorch_model[.variant]-00001-of-00002.ext` (before
 # diffusers 0.27 `...-00001-of-00002.variant.ext`) listed by `diffusion_pytorch_model.ext.index[.variant].json`
 # (before 0.27 `...ext.variant.index.json`).
-_WEIGHT_FILE = re.compile(
-    rf"{WEIGHTS_FOLDER}/{WEIGHTS_NAME}(?:\.(?P<variant>[^./-]+))?"
-    rf"(?:-(?P<shard>\d{{5}}-of-\d{{5}})(?:\.(?P<legacy_variant>[^./]+))?)?\.(?P<format>safetensors|bin)"
-)
-_INDEX_FILE = re.compile(
-    rf"{WEIGHTS_FOLDER}/{WEIGHTS_NAME}\.(?P<format>safetensors|bin)"
-    r"(?:\.index(?:\.(?P<variant>[^./]+))?|\.(?P<legacy_variant>[^./]+)\.index)\.json"
-)
+def _weight_patterns(folder):
+    """The (index, weights) file patterns of a component folder."""
+    weights = re.compile(
+        rf"{folder}/{WEIGHTS_NAME}(?:\.(?P<variant>[^./-]+))?"
+        rf"(?:-(?P<shard>\d{{5}}-of-\d{{5}})(?:\.(?P<legacy_variant>[^./]+))?)?\.(?P<format>safetensors|bin)"
+    )
+    index = re.compile(
+        rf"{folder}/{WEIGHTS_NAME}\.(?P<format>safetensors|bin)"
+        r"(?:\.index(?:\.(?P<variant>[^./]+))?|\.(?P<legacy_variant>[^./]+)\.index)\.json"
+    )
+    return index, weights
 
 
 def pipeline_files(filenames, variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
     r"""
     The files of a repository listing that `PFGMPipeline.from_pretrained(..., variant=, use_safetensors=)` reads.
 
-    The configurations, the model card, and the UNet weights of one variant in one format, as diffusers' loader
+    The configurations, the model card, and the UNet weights (and a latent pipeline's VAE weights) of one variant in
+    one format, as diffusers' loader
     picks them: safetensors when the variant has them, else torch `.bin` (only safetensors with
     `use_safetensors=True`, only `.bin` with `False`); a sharded checkpoint is its index and its shards. Other
     variants, formats, checkpoints, code and anything else in the repository are left out.
@@ -84,9 +95,18 @@ def pipeline_files(filenames, variant: str | None = None, use_safetensors: bool 
         `ValueError`: when the listing holds no UNet weights of that variant and format; the message lists the
         variants and formats it does hold.
     """
+    listed = set(filenames)
+    folders = [WEIGHTS_FOLDER] + [name for name in OPTIONAL_WEIGHTS_FOLDERS if f"{name}/config.json" in listed]
+    weights = [name for folder in folders for name in _folder_weights(filenames, folder, variant, use_safetensors)]
+    return sorted([name for name in CONFIG_FILES + [MODEL_CARD] if name in listed] + weights)
+
+
+def _folder_weights(filenames, folder, variant, use_safetensors):
+    """The weight files of one component folder that `pipeline_files` picks (see there)."""
+    index_pattern, weights_pattern = _weight_patterns(folder)
     groups = {}  # (variant, format) -> {"single": [...], "index": [...], "shards": [...]}
     for name in filenames:
-        for kind, pattern in (("index", _INDEX_FILE), ("weights", _WEIGHT_FILE)):
+        for kind, pattern in (("index", index_pattern), ("weights", weights_pattern)):
             match = pattern.fullmatch(name)
             if match is not None:
                 key = (match["variant"] or match["legacy_variant"], match["format"])
@@ -99,13 +119,11 @@ def pipeline_files(filenames, variant: str | None = None, use_safetensors: bool 
     if chosen is None or not (chosen["single"] or chosen["index"]):
         held = ", ".join(f"{v or 'no variant'} {f}" for v, f in sorted(groups, key=str)) or "none"
         raise ValueError(
-            f"the repository has no {WEIGHTS_FOLDER} weights for variant={variant!r} in "
+            f"the repository has no {folder} weights for variant={variant!r} in "
             f"{' or '.join(formats)} (use_safetensors={use_safetensors}); its weights: {held}"
         )
     # A sharded checkpoint is read through its index, even beside a single file (diffusers' loader looks first)
-    weights = chosen["index"] + chosen["shards"] if chosen["index"] else chosen["single"]
-    listed = set(filenames)
-    return sorted([name for name in CONFIG_FILES + [MODEL_CARD] if name in listed] + weights)
+    return chosen["index"] + chosen["shards"] if chosen["index"] else chosen["single"]
 
 
 def download_pipeline(repo_id: str, **kwargs) -> str:

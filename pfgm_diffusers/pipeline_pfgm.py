@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -21,6 +21,7 @@ from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
 from .latents import slerp_gaussian
 from .perturbation import chi2_quantiles, prior_log_prob, squared_norms
 from .scheduling_pfgm import PFGMScheduler
+from .vae import LatentScaling, check_vae, decode_latents, encode_latents
 
 __all__ = ["PFGMLikelihoodOutput", "PFGMPipeline", "PFGMPipelineOutput", "image_grid"]
 
@@ -82,6 +83,7 @@ class PFGMLikelihoodOutput(BaseOutput):
         bits_per_dim (`torch.Tensor` of shape `(B,)`):
             `-log_prob / (N ln 2) + 7`: the negative log-likelihood of 8-bit data in bits per dimension (the
             density on [-1, 1] turned into a probability of 256 levels, as the official PFGM and score_sde code).
+            For a latent pipeline `-log_prob / (N ln 2)`: bits per latent dimension of the images' latents.
         log_prob (`torch.Tensor` of shape `(B,)`):
             The log-density in nats of the (dequantised) images in model space ([-1, 1]), float64.
         latents (`torch.Tensor` of shape `(B, C, H, W)`):
@@ -118,20 +120,29 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         class_names (`list[str]`, *optional*):
             The names of the classes of a class-conditional UNet, in label order (saved with the pipeline), so that
             `class_labels` can name them.
+        vae ([`~diffusers.AutoencoderKL`], *optional*):
+            For a latent model (docs/pipeline.md, "Latent models"): the UNet works on the VAE's scaled latents and
+            images are `vae.decode(latents / scaling_factor + shift)` (the VAE config's scaling as diffusers
+            pipelines apply it, `vae.LatentScaling`). Without it the UNet works on pixels.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
     def __init__(
         self,
         unet: UNet2DModel,
         scheduler: PFGMScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
+        vae: AutoencoderKL | None = None,
     ):
         super().__init__()
         _check_scheduler(scheduler)
         _check_class_names(class_names, unet)
-        self.register_modules(unet=unet, scheduler=scheduler)
+        if vae is not None:
+            check_vae(vae, unet.config.in_channels)
+        # A pixel model saves `"vae": [null, null]` (diffusers' optional component); folders without it load as before
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         # Saved in model_index.json, so that a class-conditional model can be sampled by class name
         self.register_to_config(class_names=None if class_names is None else list(class_names))
 
@@ -146,8 +157,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             or num_inference_steps < 1
         ):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        allowed = OUTPUT_TYPES if getattr(self, "vae", None) is None else (*OUTPUT_TYPES, "latent")  # a latent model
+        if output_type not in allowed:
+            raise ValueError(f"`output_type` must be one of {allowed}, got {output_type!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
         if isinstance(generator, list) and len(generator) != batch_size:
@@ -303,6 +315,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         solver: str | None = None,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        decode_batch_size: int | None = None,
     ) -> PFGMPipelineOutput | tuple:
         r"""
         Generate images by carrying prior samples to the data along the PFGM ODE.
@@ -324,7 +337,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 Standard Gaussian latents to start from (by default `randn_tensor` from `generator`), e.g. from
                 [`~PFGMPipeline.invert`] or [`~PFGMPipeline.slerp`]. The scheduler maps them onto its prior.
             output_type (`str`, defaults to `"pil"`):
-                `"pil"` (`PIL.Image`), `"np"` (`(B, H, W, C)` array) or `"pt"` (`(B, C, H, W)` tensor), in [0, 1].
+                `"pil"` (`PIL.Image`), `"np"` (`(B, H, W, C)` array) or `"pt"` (`(B, C, H, W)` tensor), in [0, 1];
+                with a `vae`, also `"latent"`: the ODE's final samples, the scaled VAE latents, not decoded
+                (`vae.decode(latents / scaling_factor + shift)` gives the images).
             return_dict (`bool`, defaults to `True`):
                 Return a [`PFGMPipelineOutput`] instead of a tuple.
             solver (`str`, *optional*):
@@ -334,6 +349,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 at 0 (PFGM++ modes), a final denoising step x = D(x, sigma_min) follows, EDM's last Euler step.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
+            decode_batch_size (`int`, *optional*):
+                A latent model decodes this many images at a time (decoding is sampling's memory peak); all at once
+                by default. Only with a `vae`.
 
         Examples:
 
@@ -369,11 +387,50 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 sample = scheduler.step(model_output.float(), t, sample).prev_sample
             nfe = len(scheduler.timesteps)
 
-        image = postprocess(sample, output_type)
+        image = self._postprocess(sample, output_type, decode_batch_size)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image, nfe)
         return PFGMPipelineOutput(images=image, nfe=nfe)
+
+    def _postprocess(self, sample, output_type, decode_batch_size=None):
+        """The ODE's final samples -> the output: themselves for "latent", else images (decoded by the VAE first)."""
+        if decode_batch_size is not None and self.vae is None:
+            raise ValueError(f"decode_batch_size={decode_batch_size!r} needs a latent pipeline: this one has no vae.")
+        if output_type == "latent":
+            return sample
+        if self.vae is not None:
+            sample = decode_latents(self.vae, sample, LatentScaling.from_config(self.vae.config), decode_batch_size)
+        return postprocess(sample, output_type)
+
+    def _model_space(self, images, do_normalize):
+        """Images as `invert` and `log_likelihood` take them -> the ODE's space: pixels in [-1, 1], or for a latent
+        model the scaled posterior means of the VAE (`vae.encode_latents`)."""
+        device = self._execution_device
+        if self.vae is None:
+            return preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        return encode_latents(self.vae, preprocess(images, self.vae.config.in_channels, do_normalize).to(device))
+
+    def _require_vae(self, method):
+        if self.vae is None:
+            raise ValueError(
+                f"{method} needs a latent pipeline (a vae); this one works on pixels and decodes nothing."
+            )
+        return self.vae
+
+    def enable_vae_slicing(self):
+        """Decode one image at a time inside the VAE (less memory); see also `decode_batch_size`."""
+        self._require_vae("enable_vae_slicing").enable_slicing()
+
+    def disable_vae_slicing(self):
+        self._require_vae("disable_vae_slicing").disable_slicing()
+
+    def enable_vae_tiling(self):
+        """Decode large images in overlapping tiles (less memory, possible seams): `AutoencoderKL.enable_tiling`."""
+        self._require_vae("enable_vae_tiling").enable_tiling()
+
+    def disable_vae_tiling(self):
+        self._require_vae("disable_vae_tiling").disable_tiling()
 
     # ------------------------------------------------------------------ the flow's other direction
 
@@ -407,6 +464,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 for scipy's adaptive RK45 in ln sigma.
             do_normalize (`bool`, defaults to `True`):
                 Map images from [0, 1] to the model's [-1, 1]. With `False`, `images` is a tensor in model space.
+                A latent model encodes the images first (the VAE posterior's mean, scaled); with `False` they are
+                pixels in [-1, 1].
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"`.
 
@@ -416,7 +475,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         self.check_inputs(num_inference_steps)
         scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = self._model_space(images, do_normalize)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
         denoise, progress = self._denoiser(labels)
         if solver == "rk45":
@@ -473,6 +532,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         D = 1 at z_max, ignoring the sampler's radius clip). The images are the state at sigma_min. The ODE state is
         float64, each evaluation float32.
 
+        A latent model (with a `vae`) measures the density of the images' latents (the scaled posterior means), not of
+        the images: `bits_per_dim` is then in bits per latent dimension, without the 8-bit offset (the decoder is not
+        invertible, so no pixel likelihood follows), and `dequantize` is refused.
+
         Args:
             images (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`):
                 As in [`~PFGMPipeline.invert`]: in [0, 1], or in model space with `do_normalize=False`.
@@ -507,8 +570,13 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 "makes the adaptive solver take 2-3x the evaluations and moves the likelihood. Call "
                 "`pipe.to(torch.float32)` first (the weights are the same model)."
             )
+        if dequantize and self.vae is not None:
+            raise ValueError(
+                "dequantize=True dequantizes 8-bit pixels, but this latent pipeline measures the density of VAE "
+                "latents (bits per latent dimension): pass dequantize=False."
+            )
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = self._model_space(images, do_normalize)
         batch_size, N = x.shape[0], x[0].numel()
         self.check_inputs(1, batch_size=batch_size, generator=generator)
         labels = self.prepare_class_labels(class_labels, batch_size, device=device, required=True)
@@ -524,7 +592,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
-        bits_per_dim = -log_prob / (N * math.log(2)) + _BITS_PER_DIM_OFFSET
+        offset = _BITS_PER_DIM_OFFSET if self.vae is None else 0.0  # latents are no 8-bit data
+        bits_per_dim = -log_prob / (N * math.log(2)) + offset
         latents = self._noise_from_prior(x_T)
         self.maybe_free_model_hooks()
         if not return_dict:

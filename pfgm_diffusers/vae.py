@@ -252,3 +252,25 @@ def decode_latents(
     step = z.shape[0] if decode_batch_size is None else decode_batch_size
     images = [vae.decode(chunk.to(vae.device, vae.dtype)).sample.float() for chunk in z.split(max(step, 1))]
     return torch.cat(images)
+
+
+def check_vae(vae, num_latent_channels: int) -> None:
+    """Refuse a `vae` that is not an `AutoencoderKL` or whose latent channels differ from the UNet's input
+    channels (`num_latent_channels`)."""
+    if not isinstance(vae, AutoencoderKL):
+        raise ValueError(
+            f"vae must be a diffusers AutoencoderKL, got a {type(vae).__name__}: load one with "
+            "AutoencoderKL.from_pretrained (e.g. 'stabilityai/sd-vae-ft-mse') or pfgm_diffusers.vae.load_vae"
+        )
+    if vae.config.latent_channels != num_latent_channels:
+        raise ValueError(
+            f"the VAE has latent_channels={vae.config.latent_channels} but the UNet takes {num_latent_channels} input "
+            "channels: a latent model's UNet has the VAE's latent channels (in_channels, and out_channels for "
+            "PFGM++)"
+        )
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """Images (B, C_img, H, W) in [-1, 1] -> the model's latents (B, C, h, w) (the posterior mean, scaled), float32."""
+    return LatentScaling.from_config(vae.config).to_model(encode_moments(vae, pixels)[0])

@@ -11,10 +11,12 @@ import argparse
 import json
 import math
 import os
+import sys
 
 from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers.latent_cache import LATENT_SAMPLING
 
 # isort: split
 # Siblings in training/ (on sys.path when a script there runs)
@@ -88,6 +90,19 @@ def build_parser():
     add("--random_flip", action="store_true", help="Random horizontal flips.")
     add("--class_conditional", action="store_true", help="Condition the UNet on the labels.")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
+
+    add = parser.add_argument_group("latent PFGM++: train in a VAE's latent space (docs/training.md)").add_argument
+    add(
+        "--pretrained_vae_model_name_or_path",
+        help="An AutoencoderKL (folder or Hub id, e.g. stabilityai/sd-vae-ft-mse): images are encoded once into "
+        "--latent_cache_dir and the UNet learns their latents. Default: none (pixels).",
+    )
+    add("--vae_subfolder", help="The VAE's folder inside a pipeline repository (e.g. 'vae'). Default: none.")
+    add("--latent_cache_dir", help="The encoded latents, reused by runs with the same VAE, data and transform. "
+        "Default: <output_dir>/latent_cache.")  # fmt: skip
+    add("--latent_sampling", choices=LATENT_SAMPLING, default="mean", help="Train on the VAE posterior's mean, or a "
+        "new draw from it every epoch ('sample').")  # fmt: skip
+    add("--encode_batch_size", type=int, default=32, help="Images per VAE call while encoding.")
 
     add = parser.add_argument_group("model").add_argument
     add("--model_config_name_or_path", help="A UNet2DModel config: JSON file, or folder/Hub id with config.json.")
@@ -178,8 +193,36 @@ def parse_args(argv=None):
         args.max_train_steps = preset.get("max_train_steps", NO_PRESET["max_train_steps"])
     if args.objective == "poisson_field" and args.large_batch_size is None:
         args.large_batch_size = 4 * args.train_batch_size
+    # Latent data: the noise settings no flag or preset gave are measured from the cached latents (the trainer)
+    flags = _given_flags(parser, sys.argv[1:] if argv is None else argv)
+    args.latent_defaults = [name for name in LATENT_DEFAULTS if name not in flags | set(preset)]
+    if args.pretrained_vae_model_name_or_path is not None and args.latent_cache_dir is None:
+        args.latent_cache_dir = os.path.join(args.output_dir, "latent_cache")
     check_args(args)
+    if (
+        args.pretrained_vae_model_name_or_path is not None
+        and args.preset is not None
+        and (
+            PRESETS[args.preset].get("pretrained_vae_model_name_or_path") is None
+            and "model_config_name_or_path" not in flags
+        )
+    ):
+        latent_presets = sorted(name for name, p in PRESETS.items() if p.get("pretrained_vae_model_name_or_path"))
+        raise ValueError(
+            f"--preset {args.preset} sizes its UNet for pixels ({args.model_config_name_or_path}), not for a VAE's "
+            f"latents: use a latent preset ({', '.join(latent_presets)}) or give --model_config_name_or_path"
+        )
     return args
+
+
+# The settings a latent run measures from its cached latents unless given (latent_cache.training_defaults)
+LATENT_DEFAULTS = ("sigma_data", "aug_dim", "sigma_max")
+
+
+def _given_flags(parser, argv):
+    """The destinations of the flags on the command line (`--flag value` and `--flag=value`)."""
+    words = {word.split("=", 1)[0] for word in argv if word.startswith("--")}
+    return {action.dest for action in parser._actions if words & set(action.option_strings)}
 
 
 def check_args(args):
@@ -194,6 +237,14 @@ def check_args(args):
     for name in positive + [name for name in optional if getattr(args, name) is not None]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.pretrained_vae_model_name_or_path is None:
+        latent_only = [name for name in ("vae_subfolder", "latent_cache_dir") if getattr(args, name) is not None]
+        if latent_only:
+            raise ValueError(
+                f"--{latent_only[0]} is an option of latent training: give --pretrained_vae_model_name_or_path"
+            )
+    if args.encode_batch_size < 1:
+        raise ValueError(f"--encode_batch_size must be >= 1, got {args.encode_batch_size}")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     field_only = [name for name in ("large_batch_size", "z_exp", "upper_norm") if getattr(args, name) is not None]
@@ -245,13 +296,14 @@ def public_arguments(args):
     return {name: value for name, value in vars(args).items() if not any(word in name for word in SECRET_WORDS)}
 
 
-def build_scheduler(args, num_channels=None):
+def build_scheduler(args, num_channels=None, N=None):
     """The sampler saved with the pipeline; it validates aug_dim and the sigma range. The field
     objective is the scheduler's `poisson_field` mode, the one place the objective reaches it (math.md §3).
-    `--upper_norm auto` needs N: without `num_channels` the prior is left unclipped until the data is known."""
+    `--upper_norm auto` needs N: without `num_channels` the prior is left unclipped until the data is known; `N`
+    overrides num_channels * resolution^2 (latent data)."""
     upper_norm = args.upper_norm
     if upper_norm == "auto":  # the official hyperparam_calculator.py rule (presets.py)
-        N = None if num_channels is None else num_channels * args.resolution**2
+        N = N if N is not None or num_channels is None else num_channels * args.resolution**2
         upper_norm = None if N is None else math.sqrt(N + 1) * args.sigma * (1 + args.tau) ** args.M
         if upper_norm is not None and upper_norm < 1:
             raise ValueError(
@@ -270,10 +322,12 @@ def build_scheduler(args, num_channels=None):
     )
 
 
-def load_unet_config(args, num_channels, out_channels, num_classes):
+def load_unet_config(args, num_channels, out_channels, num_classes, resolution=None):
     """The UNet2DModel config of --model_config_name_or_path (a JSON file, or a folder/Hub id with config.json), with
-    the keys the data and the objective decide filled in."""
-    model_config_name_or_path, resolution = args.model_config_name_or_path, args.resolution
+    the keys the data and the objective decide filled in; `resolution` is the UNet's sample size (default
+    --resolution; a latent model's is the latent size)."""
+    model_config_name_or_path = args.model_config_name_or_path
+    resolution = args.resolution if resolution is None else resolution
     if os.path.isfile(model_config_name_or_path):
         with open(model_config_name_or_path) as f:
             config = {key: value for key, value in json.load(f).items() if not key.startswith("_")}

@@ -26,7 +26,7 @@ TRAINING_STATE_NAME = "pfgm_training_state.json"
 ARGS_NAME = "training_args.json"  # the resolved arguments without secrets, beside the saved pipeline
 LOCK_NAME = ".pfgm_train.lock"
 # What a run writes into its output folder besides checkpoints; another run's copies are never silently mixed in
-RUN_OUTPUTS = ("model_index.json", "unet", "scheduler", "samples", "samples.png", ARGS_NAME)
+RUN_OUTPUTS = ("model_index.json", "unet", "scheduler", "vae", "samples", "samples.png", ARGS_NAME)
 # Settings stored in every checkpoint: a resume with different values would load weights into another model
 COMPATIBILITY_KEYS = ("objective", "aug_dim", "resolution", "class_names", "unet_config")
 STATE_KEYS = ("global_step", "scheduler_config", "files") + COMPATIBILITY_KEYS

@@ -113,6 +113,29 @@ PRESETS = {
         sigma_max=80.0,
         num_inference_steps=40,
     ),
+    "ffhq256-latent": Preset(
+        source="Latent PFGM++ (docs/training.md, 'Latent PFGM++'): Stable Diffusion's f = 8 KL autoencoder "
+        "stabilityai/sd-vae-ft-mse (4 x 32 x 32 latents at 256 px, as latent diffusion, Rombach et al. 2022) and "
+        "the cifar10 preset's UNet and optimiser at the ffhq64 preset's lr; D, sigma_data and sigma_max measured "
+        "from the cached latents (D = 128 for N = 4096)",
+        result="not measured: no run of this preset has been made; memory and time per step on a named GPU: not "
+        "measured",
+        objective="pfgmpp",
+        resolution=256,
+        center_crop=True,
+        random_flip=True,  # both flips are encoded into the cache
+        pretrained_vae_model_name_or_path="stabilityai/sd-vae-ft-mse",
+        model_config_name_or_path=os.path.join(CONFIG_DIR, "unet_ddpmpp_32.json"),  # sized for the 32 x 32 latents
+        train_batch_size=32,  # x 8 processes = 256
+        learning_rate=2e-4,
+        lr_scheduler="constant_with_warmup",
+        lr_warmup_steps=39_062,  # 10 Mimg
+        max_train_steps=390_625,  # 100 Mimg
+        adam_weight_decay=0.0,
+        ema_max_decay=0.99965,  # 0.5 Mimg half-life at batch 256
+        max_grad_norm=None,
+        num_inference_steps=40,
+    ),
     "pfgm-cifar10": Preset(
         source="PFGM (Newbeeer/Poisson_flow) configs/poisson/cifar10_ddpmpp.py and configs/default_cifar10_configs.py"
         ": batch 128, large batch 4096, 1.3 M steps, Adam 2e-4 with 5000 warm-up steps, clip 1, EMA 0.9999, "

@@ -47,8 +47,10 @@ from pfgm_diffusers.data import (
     load_image_folder,
 )
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
+from pfgm_diffusers.latent_cache import LatentDataset, build_latent_cache, cache_fingerprint, training_defaults
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 from pfgm_diffusers.pipeline_pfgm import image_grid
+from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype
 
 # isort: split
 # This script's siblings in training/ (on sys.path when the script runs)
@@ -118,6 +120,39 @@ def load_images(args):
             f"{args.resolution}x{args.resolution}"
         )
     return images
+
+
+def encode_latents_once(args, accelerator, images):
+    """A latent run's data: the VAE (on the device, float32 under fp16 unless its config allows float16), the cache of
+    the images' latents (encoded once across the processes, reused by later runs with the same VAE, data and
+    transform) and its `LatentDataset`. The PFGM++ noise settings no flag gave are measured from the latents."""
+    vae = load_vae(args.pretrained_vae_model_name_or_path, args.vae_subfolder, cache_dir=args.cache_dir)
+    shape = latent_shape(vae.config, args.resolution)  # (C, h, w); a resolution the VAE cannot take fails here
+    dtype = vae_dtype(vae.config, accelerator.mixed_precision)
+    if accelerator.mixed_precision == "fp16" and dtype == torch.float32:
+        logger.info("The VAE runs in float32 under fp16: its config has force_upcast (its activations overflow fp16)")
+    vae.to(accelerator.device, dtype)
+    # The images are converted to the VAE's channels (grayscale data through an RGB VAE: three equal channels)
+    fingerprint = cache_fingerprint(
+        vae, images.dataset, args.resolution, vae.config.in_channels, args.center_crop, args.random_flip, dtype
+    )
+    cache = build_latent_cache(args.latent_cache_dir, vae, images.dataset, fingerprint, accelerator,
+                               args.encode_batch_size)  # fmt: skip
+    labels = images.dataset["label"] if images.class_names is not None else None
+    dataset = LatentDataset(cache, args.latent_sampling, seed=args.seed, labels=labels)
+    logger.info(
+        f"Latents of {len(cache)} images in {args.latent_cache_dir}: {shape[0]}x{shape[1]}x{shape[2]} "
+        f"(N = {cache.statistics['N']}), RMS {cache.statistics['rms']:.4g}, channel means "
+        f"{[round(m, 3) for m in cache.statistics['channel_mean']]}"
+    )
+    if args.objective == "pfgmpp":
+        for name, (value, source) in training_defaults(cache.statistics, args.latent_sampling).items():
+            if name in args.latent_defaults:
+                setattr(args, name, value)
+                logger.info(f"--{name} {value}: {source}")
+            else:
+                logger.info(f"--{name} {getattr(args, name)} as given (the latents suggest {value}: {source})")
+    return vae, dataset, shape
 
 
 def create_dataloader(args, dataset, sampler, batch_size, accelerator):
@@ -234,8 +269,13 @@ def main(argv=None):
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
         images = load_images(args)
-    transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
-    dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
+    vae, num_channels, sample_size = None, images.num_channels, args.resolution  # what the UNet sees
+    if args.pretrained_vae_model_name_or_path is None:
+        transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
+        dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
+    else:  # latent PFGM++: the UNet learns the VAE's latents, encoded once
+        vae, dataset, (num_channels, sample_size, _) = encode_latents_once(args, accelerator, images)
+        scheduler = build_scheduler(args)  # with the noise settings measured from the latents
     field = scheduler.config.prediction_type == "poisson_field"  # the trainer's one question about the objective
     # The field objective loads the large batch; its first train_batch_size rows are the small batch
     loader_batch_size = args.large_batch_size if field else args.train_batch_size
@@ -244,10 +284,10 @@ def main(argv=None):
 
     # Model, scheduler, optimizer, EMA
     if args.upper_norm == "auto":
-        scheduler = build_scheduler(args, images.num_channels)
+        scheduler = build_scheduler(args, num_channels, N=num_channels * sample_size**2)
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
-    out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 in field mode
-    unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
+    out_channels = scheduler.num_output_channels(num_channels)  # C + 1 in field mode
+    unet_config = load_unet_config(args, num_channels, out_channels, images.num_classes, sample_size)
     # What a checkpoint records and a resume must match (checkpoints.COMPATIBILITY_KEYS)
     run_settings = dict(
         objective=args.objective,
@@ -257,6 +297,12 @@ def main(argv=None):
         unet_config=unet_config,
         scheduler_config=json.loads(scheduler.to_json_string()),
     )
+    saved_channels = None if checkpoint is None else checkpoint_state["unet_config"].get("in_channels")
+    if vae is not None and saved_channels not in (None, num_channels):
+        raise ValueError(
+            f"the VAE's latent_channels={num_channels} disagree with the UNet of {checkpoint!r} (in_channels="
+            f"{saved_channels}): resume with the VAE (and data) that run was trained with"
+        )
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
     unet = create_unet(args, unet_config)
@@ -300,7 +346,9 @@ def main(argv=None):
 
     # Loop
     logger.info(
-        f"{args.objective}: {len(dataset)} images ({images.num_channels} channel(s), {args.resolution}px), "
+        f"{args.objective}: {len(dataset)} images ({images.num_channels} channel(s), {args.resolution}px"
+        + (f"; latents {num_channels}x{sample_size}x{sample_size}" if vae is not None else "")
+        + "), "
         f"{accelerator.num_processes} process(es) x {args.train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation, {args.max_train_steps} steps, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
         f"parameters"
@@ -364,11 +412,11 @@ def main(argv=None):
                 )
             if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
                 with ema_weights(ema_model, unet):
-                    save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
+                    save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step, vae)
             pipeline_steps = args.save_pipeline_steps
             if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
                 with ema_weights(ema_model, unet):
-                    save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+                    save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir, vae)
             unet.train()
             step_start = clock()  # sampling and checkpoints are not training throughput
             if last_step:
@@ -385,7 +433,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema_model, unet):
-            save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+            save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir, vae)
         last_grid = os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png")
         if os.path.exists(last_grid):
             shutil.copyfile(last_grid, os.path.join(args.output_dir, "samples.png"))
@@ -396,10 +444,10 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def save_samples(args, accelerator, unet, scheduler, global_step):
+def save_samples(args, accelerator, unet, scheduler, global_step, vae=None):
     """A grid `samples/step_<step>.png` of `unet`'s samples (a fixed seed, a fresh scheduler; classes in turn for a
     class-conditional model), and the images to TensorBoard or W&B."""
-    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config))
+    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config), vae=vae)
     pipeline.set_progress_bar_config(disable=True)
     num_classes = unet.config.num_class_embeds
     labels = {} if num_classes is None else {"class_labels": torch.arange(args.eval_batch_size) % num_classes}
@@ -423,9 +471,11 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
             tracker.log_images({"samples": list(samples)}, step=global_step)
 
 
-def save_pipeline(unet, scheduler, class_names, output_dir):
-    """The pipeline with the class names of the data, written file by file atomically (checkpoints.save_pipeline)."""
-    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names), output_dir)
+def save_pipeline(unet, scheduler, class_names, output_dir, vae=None):
+    """The pipeline with the class names of the data (and a latent model's VAE), written file by file atomically
+    (checkpoints.save_pipeline)."""
+    pipeline = PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names, vae=vae)
+    checkpoints.save_pipeline(pipeline, output_dir)
 
 
 def push_to_hub(repo_id, output_dir, token):
