@@ -38,6 +38,8 @@ DIGIT_CLASSIFIER_PATH = os.path.join(os.path.dirname(__file__), "data", "digit_c
 # trainer's default 8x8 included, are resized to it).
 DIGITS_RESOLUTION = 16
 NUM_DIGIT_CLASSES = 10
+# The class names the trainer saves with a class-conditional model of the embedded digits (data.load_digits_dataset).
+DIGIT_CLASS_NAMES = [str(digit) for digit in range(NUM_DIGIT_CLASSES)]
 # The fixed split of the 1797 digits: a permutation by np.random.default_rng(DIGITS_SPLIT_SEED), the first 20 % held
 # out. The classifier is trained on the rest, which is also the real side of the Fréchet distance.
 DIGITS_SPLIT_SEED = 0
@@ -389,6 +391,38 @@ class DigitsMetrics:
             "coverage_fraction": COVERAGE_FRACTION,
         }
         return results
+
+
+def check_digits_pipeline(pipe) -> None:
+    """
+    Refuse, before any sampling, a pipeline whose images the digits metrics cannot judge: images that are not
+    1-channel and square, or a class-conditional model whose classes are not the ten digits (a class count other
+    than 10, or saved class names other than the trainer's `"0"` ... `"9"`).
+
+    What cannot be checked: an unconditional 1-channel model trained on other data (or a 10-class model saved without
+    class names) looks like a digits model; its figures then say only how digit-like its images are. Any square
+    resolution is accepted (the trainer may learn the digits at another size; images are resized to 16x16).
+    """
+    config, metric = pipe.unet.config, "the digits metrics (--reference digits) measure"
+    if config.in_channels != 1:
+        raise ValueError(f"{metric} 1-channel models, this one has {config.in_channels} channels")
+    size = config.sample_size
+    if not isinstance(size, int) and size[0] != size[1]:
+        raise ValueError(f"{metric} square images, this model makes {size[0]}x{size[1]}")
+    num_classes = config.num_class_embeds
+    class_names = getattr(pipe.config, "class_names", None)
+    instead = "use --reference with its own data (FID/KID)"
+    if num_classes is not None and num_classes != NUM_DIGIT_CLASSES:
+        named = "" if class_names is None else f" {list(class_names)}"
+        raise ValueError(
+            f"{metric} models of the ten digits, this class-conditional model has {num_classes} classes{named}: "
+            f"{instead}"
+        )
+    if class_names is not None and list(class_names) != DIGIT_CLASS_NAMES:
+        raise ValueError(
+            f"{metric} models of the ten digits {DIGIT_CLASS_NAMES}, this model's classes are {list(class_names)}: "
+            f"{instead}"
+        )
 
 
 def digits_metrics(images, classifier_path: str = DIGIT_CLASSIFIER_PATH, device="cpu", batch_size: int = 512):

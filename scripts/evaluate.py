@@ -8,12 +8,15 @@
 
 `--reference digits` (the default) needs no network: it reports the Fréchet distance in the digit classifier's
 features to the real training split, the share of confidently classified images and the coverage of the 10
-classes, each beside the same figure for the held-out real digits. Any other `--reference` (a `datasets` Hub id or a
-folder of images, resized like the trainer does to the model's resolution) gives FID and KID with torch-fidelity's
-Inception-v3, whose weights are downloaded once or read from `--inception_weights`; offline without them it stops
-with one line that says what to do. Image i is drawn from a generator seeded `seed + i` (as scripts/sample.py), so
-the figures do not depend on `--batch_size` (except with RK45, which adapts its steps to each batch). The JSON holds
-`frechet_distance`, `nfe` (network evaluations per image), every metric, the timings and every setting used.
+classes, each beside the same figure for the held-out real digits. It refuses, before sampling, a model whose images
+are not 1-channel and square or whose classes are not the ten digits (an unconditional 1-channel model of other
+data cannot be told apart: its figures then say only how digit-like its images are). Any other `--reference` (a
+`datasets` Hub id or a folder of images, resized like the trainer does to the model's resolution) gives FID and KID
+with torch-fidelity's Inception-v3, whose weights are downloaded once or read from `--inception_weights`; offline
+without them it stops with one line that says what to do. Image i is drawn from a generator seeded `seed + i` (as
+scripts/sample.py), so the figures do not depend on `--batch_size` (except with RK45, which adapts its steps to each
+batch). The JSON holds `frechet_distance`, `nfe` (network evaluations per image), every metric, the timings and
+every setting used; `--output` is checked before sampling (not a folder, not under a file, in a writable folder).
 """
 
 import argparse
@@ -32,6 +35,7 @@ from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_fol
 from pfgm_diffusers.evaluation import (
     DigitsMetrics,
     FidelityUnavailableError,
+    check_digits_pipeline,
     fidelity_metrics,
     import_torch_fidelity,
     inception_weights_path,
@@ -76,7 +80,26 @@ def parse_args(argv=None):
         parser.error(f"--num_images must be >= 2 (a covariance needs two images), got {args.num_images}")
     if args.num_reference is not None and args.num_reference < 2:
         parser.error(f"--num_reference must be >= 2, got {args.num_reference}")
+    if args.output is not None:
+        problem = output_problem(args.output)
+        if problem is not None:
+            parser.error(f"--output {args.output}: {problem}")
     return args
+
+
+def output_problem(path):
+    """Why the results could not be written to `path`, or None: checked before sampling, which may take hours."""
+    if os.path.isdir(path):
+        return "is a folder; give the path of a JSON file"
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.lexists(existing):  # the nearest existing ancestor: write_json creates the rest
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder, so nothing can be written under it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"the folder {existing} is not writable"
+    return None
 
 
 # ---------------------------------------------------------------------- the pipeline: the only two calls into it
@@ -154,8 +177,7 @@ def evaluate(args):
     resolution = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
     # Everything that can fail (a missing extra, weights or data) fails before the sampling
     if args.reference == "digits":
-        if config.in_channels != 1:
-            raise ValueError(f"--reference digits measures 1-channel models, this one has {config.in_channels}")
+        check_digits_pipeline(pipe)
         metric = DigitsMetrics(device=args.device)
         on_batch = metric.update  # streaming: only the feature statistics are kept
     else:

@@ -4,6 +4,7 @@ the shipped digits classifier and its metrics, the evaluation script offline, an
 import importlib.util
 import json
 import math
+import re
 import sys
 import types
 import urllib.error
@@ -284,6 +285,54 @@ def test_evaluate_script_refuses_digits_for_a_colour_model(tmp_path):
     folder = save_tiny_pipeline(tmp_path / "rgb", in_channels=3)
     with pytest.raises(ValueError, match="1-channel"):
         load_script().main(["--model", folder, "--num_images", "2", "--num_inference_steps", "1"])
+
+
+@pytest.mark.parametrize(
+    ("num_classes", "class_names", "match"),
+    [
+        (3, ["cat", "dog", "fox"], r"has 3 classes \['cat', 'dog', 'fox'\]"),
+        (3, None, "has 3 classes: use --reference"),
+        (10, [f"class{i}" for i in range(10)], r"this model's classes are \['class0'"),
+        (10, [str(i) for i in reversed(range(10))], r"this model's classes are \['9'"),  # not the digits' order
+    ],
+)
+def test_evaluate_script_refuses_digits_for_a_model_of_other_classes(
+    tmp_path, monkeypatch, num_classes, class_names, match
+):
+    unet = tiny_unet(in_channels=1, sample_size=16, num_class_embeds=num_classes)
+    pipe = PFGMPipeline(unet=unet, scheduler=PFGMScheduler(aug_dim=128), class_names=class_names)
+    pipe.save_pretrained(tmp_path / "other")
+    script = load_script()
+    monkeypatch.setattr(script, "generate", lambda *args: pytest.fail("sampled before checking the classes"))
+    with pytest.raises(ValueError, match=match):
+        script.main(["--model", str(tmp_path / "other"), "--num_images", "2", "--num_inference_steps", "1"])
+
+
+def test_digits_check_accepts_models_of_the_digits():
+    for num_classes, class_names in ((None, None), (10, None), (10, [str(i) for i in range(10)])):
+        unet = tiny_unet(in_channels=1, sample_size=8, num_class_embeds=num_classes)
+        evaluation.check_digits_pipeline(PFGMPipeline(unet=unet, scheduler=PFGMScheduler(), class_names=class_names))
+
+
+@pytest.mark.parametrize(
+    ("output", "match"),
+    [
+        ("notes.txt/results.json", r"notes.txt is a file, not a folder"),
+        ("notes.txt/deeper/results.json", r"notes.txt is a file, not a folder"),
+        ("a_folder", "is a folder; give the path of a JSON file"),
+    ],
+)
+def test_evaluate_script_checks_the_output_path_before_sampling(
+    digits_pipeline, tmp_path, monkeypatch, capsys, output, match
+):
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    (tmp_path / "a_folder").mkdir()
+    script = load_script()
+    monkeypatch.setattr(script, "generate", lambda *args: pytest.fail("sampled before checking --output"))
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model", digits_pipeline, "--num_images", "2", "--output", str(tmp_path / output)])
+    assert exit_info.value.code == 2 and re.search(match, capsys.readouterr().err)
+    assert (tmp_path / "notes.txt").read_text() == "the user's notes"
 
 
 # ---------------------------------------------------------------------- FID/KID through torch-fidelity
