@@ -21,7 +21,7 @@ from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
 from .latents import slerp_gaussian
 from .perturbation import chi2_quantiles, prior_log_prob, squared_norms
 from .scheduling_pfgm import PFGMScheduler
-from .vae import LatentScaling, check_vae, decode_latents, encode_latents
+from .vae import LatentScaling, check_vae, decode_latents, encode_latents, vae_scale_factor
 
 __all__ = ["PFGMLikelihoodOutput", "PFGMPipeline", "PFGMPipelineOutput", "image_grid"]
 
@@ -182,6 +182,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 f"{expected} output channels for {in_channels} input channels, but unet.config.out_channels="
                 f"{out_channels}."
             )
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the generated images: the UNet's samples for a pixel model; for a latent model
+        their decoding (the VAE's channels, the VAE's downsampling factor times the latent size)."""
+        height, width = self._latent_shape(1)[2:]
+        if self.vae is None:
+            return (self.unet.config.in_channels, height, width)
+        factor = vae_scale_factor(self.vae.config)
+        return (self.vae.config.in_channels, height * factor, width * factor)
 
     def _latent_shape(self, batch_size: int) -> tuple:
         size = self.unet.config.sample_size

@@ -171,7 +171,8 @@ def build_metric(args, pipe) -> SampleMetric:
         return metric
     metric = FidelityMetrics(args.inception_weights, device=args.device, batch_size=args.batch_size)
     metric.check_pipeline(pipe)
-    return metric.update_reference(load_reference(args, unet_resolution(pipe), pipe.unet.config.in_channels))
+    channels, height, width = pipe.image_shape  # a latent model's images are its VAE's, not the UNet's samples
+    return metric.update_reference(load_reference(args, height if height == width else (height, width), channels))
 
 
 def unet_resolution(pipe):

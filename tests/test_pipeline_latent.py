@@ -143,3 +143,16 @@ def test_push_to_hub_uploads_the_vae_then_loads(tmp_path, monkeypatch):
     loaded = PFGMPipeline.from_pretrained("someone/latent-pfgmpp")
     loaded.set_progress_bar_config(disable=True)
     torch.testing.assert_close(run(loaded, output_type="pt"), run(pipe, output_type="pt"))
+
+
+def test_the_image_shape_is_the_decoded_one_and_the_digits_metric_checks_it():
+    from pfgm_diffusers.evaluation.digits import check_digits_pipeline
+
+    pipe = latent_pipe()
+    assert pipe.image_shape == (3, 8, 8) and run(pipe, output_type="pt").shape[1:] == pipe.image_shape
+    with pytest.raises(ValueError, match="1-channel models, this one has 3 channels"):
+        check_digits_pipeline(pipe)
+    vae = tiny_vae(in_channels=1, levels=3)  # grayscale images, factor 4: (4, 4, 4) latents are 16 px digits
+    gray = PFGMPipeline(unet=tiny_unet(in_channels=4, sample_size=4), scheduler=PFGMScheduler(), vae=vae)
+    assert gray.image_shape == (1, 16, 16)
+    check_digits_pipeline(gray)  # a 4-channel UNet, but 1-channel 16 px images: accepted

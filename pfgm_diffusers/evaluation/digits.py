@@ -267,10 +267,10 @@ def check_digits_pipeline(pipe) -> None:
     resolution is accepted (the trainer may learn the digits at another size; images are resized to 16x16).
     """
     config, metric = pipe.unet.config, "the digits metrics (--reference digits) measure"
-    if config.in_channels != 1:
-        raise ValueError(f"{metric} 1-channel models, this one has {config.in_channels} channels")
-    size = config.sample_size
-    if not isinstance(size, int) and size[0] != size[1]:
+    channels, *size = pipe.image_shape  # a latent model's images are its VAE's
+    if channels != 1:
+        raise ValueError(f"{metric} 1-channel models, this one has {channels} channels")
+    if size[0] != size[1]:
         raise ValueError(f"{metric} square images, this model makes {size[0]}x{size[1]}")
     num_classes = config.num_class_embeds
     class_names = getattr(pipe.config, "class_names", None)

@@ -204,7 +204,7 @@ class FidelityMetrics:
     def check_pipeline(self, pipe) -> None:
         """Refuse, before any sampling, a pipeline whose images the Inception network cannot take (not 1 or 3
         channels)."""
-        channels = pipe.unet.config.in_channels
+        channels = pipe.image_shape[0]  # a latent model's images are its VAE's
         if channels not in (1, 3):
             raise ValueError(f"FID/KID measure 1- or 3-channel images, this model makes {channels} channels")
 
