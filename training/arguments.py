@@ -117,7 +117,7 @@ def build_parser():
     add = parser.add_argument_group("optimisation").add_argument
     add("--train_batch_size", type=int, help="Per process.")
     add("--num_epochs", type=int, help="Used when --max_train_steps is not given. Default: none.")
-    add("--max_train_steps", type=int, help="Default: 2000 (or the preset's), unless --num_epochs is given.")
+    add("--max_train_steps", type=int, help="Default: 6000 (or the preset's), unless --num_epochs is given.")
     add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     add("--learning_rate", type=float, help="AdamW's.")
     lr_schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
