@@ -34,6 +34,7 @@ import pfgm_diffusers
 from pfgm_diffusers import PFGMPipeline, scheduling_pfgm
 from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder
 from pfgm_diffusers.evaluation import DigitsMetrics, FidelityMetrics, FidelityUnavailableError, SampleMetric
+from pfgm_diffusers.files import atomic_write_json
 
 DIGITS_REFERENCE = "digits"
 
@@ -236,13 +237,9 @@ def summary(results):
 
 
 def write_json(results, path):
-    """Write to a temporary file and rename it: a crash never leaves half a JSON."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(results, file, indent=2)
-    os.replace(temporary, path)
+    """Write whole or not at all (`files.atomic_write_json`): a crash never leaves half a JSON."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_json(path, results)
 
 
 def main(argv=None):
