@@ -322,9 +322,9 @@ def test_digits_check_accepts_models_of_the_digits():
 @pytest.mark.parametrize(
     ("output", "match"),
     [
-        ("notes.txt/results.json", r"notes.txt is a file, not a folder"),
-        ("notes.txt/deeper/results.json", r"notes.txt is a file, not a folder"),
-        ("a_folder", "is a folder; give the path of a JSON file"),
+        ("notes.txt/results.json", r"notes.txt', which is a file, not a folder"),
+        ("notes.txt/deeper/results.json", r"notes.txt', which is a file, not a folder"),
+        ("a_folder", "is a folder; give the path of a file"),
     ],
 )
 def test_evaluate_script_checks_the_output_path_before_sampling(
