@@ -19,6 +19,7 @@ import PIL.Image
 import torch
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, image_grid
+from pfgm_diffusers.files import check_output_file, check_output_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Grid tiles are drawn at least this many pixels wide, as training/train_pfgm.py draws its sample grids.
@@ -72,6 +73,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.output is None and args.output_dir is None:
         parser.error("give --output (a grid PNG) and/or --output_dir (one PNG per image)")
+    for flag, check in (("output", check_output_file), ("output_dir", check_output_folder)):
+        try:
+            if getattr(args, flag) is not None:
+                check(getattr(args, flag))  # before sampling, whose images a failed write would lose
+        except ValueError as error:
+            parser.error(f"--{flag}: {error}")
     if args.grid_scale is not None and args.grid_scale < 1:
         parser.error(f"--grid_scale must be >= 1, got {args.grid_scale}")
     if args.num_images < 1 or args.batch_size < 1:

@@ -64,6 +64,26 @@ def test_grid_scale(saved_pipeline, tmp_path):
         sample.parse_args(argv + ["--output", "x.png", "--grid_scale", "0"])
 
 
+@pytest.mark.parametrize(
+    ("flag", "path", "message"),
+    [
+        ("--output", "notes.txt/grid.png", "notes.txt', which is a file, not a folder"),
+        ("--output", "a_folder", "is a folder; give the path of a file"),
+        ("--output_dir", "notes.txt", "notes.txt' is a file, not a folder"),
+        ("--output_dir", "notes.txt/images", "notes.txt', which is a file, not a folder"),
+    ],
+)
+def test_output_paths_are_checked_before_sampling(saved_pipeline, tmp_path, monkeypatch, capsys, flag, path, message):
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    (tmp_path / "a_folder").mkdir()
+    sample = load_script()
+    monkeypatch.setattr(sample, "load_pipeline", lambda args: pytest.fail("loaded and sampled before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--model", str(saved_pipeline), flag, str(tmp_path / path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "the user's notes"
+
+
 def test_class_labels_by_name(saved_pipeline, tmp_path):
     sample = load_script()
     argv = ["--model", str(saved_pipeline), "--num_images", "2", "--num_inference_steps", "2"]
