@@ -116,3 +116,12 @@ def test_the_latent_preset_measures_its_noise_settings_unless_given(tmp_path, fo
         args = train_pfgm.parse_args(argv + ["--sigma_max=50", "--aug_dim", "inf"])
         assert args.latent_defaults == ["sigma_data"] and args.sigma_max == 50 and args.aug_dim is None
         assert train_pfgm.parse_args(["--output_dir", "pixels"]).latent_cache_dir is None
+
+
+def test_a_latent_run_on_your_own_data_names_the_sizes_it_needs(tmp_path, folders):
+    with in_process(tmp_path) as train_pfgm:
+        argv = ["--train_data_dir", str(folders["images"]), "--pretrained_vae_model_name_or_path", "vae"]
+        with pytest.raises(ValueError, match="needs --resolution and --model_config_name_or_path: the sizes chosen"):
+            train_pfgm.parse_args(argv)
+        with pytest.raises(ValueError, match="needs --model_config_name_or_path"):
+            train_pfgm.parse_args(argv + ["--resolution", "8"])
