@@ -47,6 +47,7 @@ from pfgm_diffusers.data import (
     load_image_folder,
 )
 from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
+from pfgm_diffusers.guidance import drop_conditions
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 from pfgm_diffusers.pipeline_pfgm import image_grid
@@ -255,14 +256,17 @@ def main(argv=None):
         scheduler = build_scheduler(args, images.num_channels)
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 in field mode
-    unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
+    # --class_dropout_prob: one more class embedding, the last, is the null class of guidance
+    null_class = images.num_classes if args.class_dropout_prob > 0 else None
+    num_class_embeds = images.num_classes if null_class is None else images.num_classes + 1
+    unet_config = load_unet_config(args, images.num_channels, out_channels, num_class_embeds)
     # What a checkpoint records and a resume must match (checkpoints.COMPATIBILITY_KEYS)
     run_settings = dict(
         objective=args.objective,
         aug_dim=scheduler.config.aug_dim,
         resolution=args.resolution,
         class_names=images.class_names,
-        unet_config=unet_config,
+        unet_config=unet_config,  # its num_class_embeds says whether there is a null class
         scheduler_config=json.loads(scheduler.to_json_string()),
         loss_config=loss_config(args),
     )
@@ -331,6 +335,10 @@ def main(argv=None):
             x_large = batch["pixel_values"]  # (L, C, H, W) for the field objective, else (B, C, H, W)
             x = x_large[: args.train_batch_size]
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
+            if null_class is not None:  # from the global generator: seeded per process, restored on resume
+                null = {"class_labels": torch.tensor(null_class)}
+                class_labels = drop_conditions({"class_labels": class_labels}, null, args.class_dropout_prob)
+                class_labels = class_labels["class_labels"]
             with accelerator.accumulate(unet):
                 if field:  # the target is the field of every process's large batch: num_processes x L charges
                     charges = accelerator.gather(x_large.contiguous())
@@ -373,11 +381,12 @@ def main(argv=None):
                 )
             if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
                 with ema_weights(ema_model, unet):
-                    save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
+                    save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step, null_class)
             pipeline_steps = args.save_pipeline_steps
             if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
                 with ema_weights(ema_model, unet):
-                    save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+                    unwrapped = accelerator.unwrap_model(unet)
+                    save_pipeline(unwrapped, scheduler, images.class_names, args.output_dir, null_class)
             unet.train()
             step_start = clock()  # sampling and checkpoints are not training throughput
             if last_step:
@@ -394,7 +403,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema_model, unet):
-            save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+            unwrapped = accelerator.unwrap_model(unet)
+            save_pipeline(unwrapped, scheduler, images.class_names, args.output_dir, null_class)
         last_grid = inside(args.output_dir, "samples", f"step_{global_step:07d}.png")
         if os.path.exists(last_grid):
             with open(last_grid, "rb") as f:
@@ -413,12 +423,14 @@ def loss_config(args):
     return dict(P_mean=args.P_mean, P_std=args.P_std)
 
 
-def save_samples(args, accelerator, unet, scheduler, global_step):
+def save_samples(args, accelerator, unet, scheduler, global_step, null_class=None):
     """A grid `samples/step_<step>.png` of `unet`'s samples (a fixed seed, a fresh scheduler; classes in turn for a
     class-conditional model), and the images to TensorBoard or W&B."""
-    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config))
+    pipeline = PFGMPipeline(
+        unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config), null_class_label=null_class
+    )
     pipeline.set_progress_bar_config(disable=True)
-    num_classes = unet.config.num_class_embeds
+    num_classes = pipeline.num_classes
     labels = {} if num_classes is None else {"class_labels": torch.arange(args.eval_batch_size) % num_classes}
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     samples = pipeline(
@@ -442,9 +454,11 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
             tracker.log_images({"samples": list(samples)}, step=global_step)
 
 
-def save_pipeline(unet, scheduler, class_names, output_dir):
-    """The pipeline with the class names of the data, written file by file atomically (checkpoints.save_pipeline)."""
-    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names), output_dir)
+def save_pipeline(unet, scheduler, class_names, output_dir, null_class=None):
+    """The pipeline with the class names of the data and its null class, written file by file atomically
+    (checkpoints.save_pipeline)."""
+    pipeline = PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names, null_class_label=null_class)
+    checkpoints.save_pipeline(pipeline, output_dir)
 
 
 def push_to_hub(repo_id, output_dir, token):
