@@ -783,13 +783,10 @@ def test_a_resume_on_another_process_count_continues_the_lr_schedule(
     assert f"The global batch changed: {4 * before} images per optimizer step ({before} process(es)) in the " in log
     assert f"checkpoint, {4 * after} ({after} process(es)) now; the lr schedule continues at optimizer step 2" in log
 
-    expected = get_scheduler(
-        lr_scheduler,
-        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3),
-        num_warmup_steps=3,
-        num_training_steps=4,
-    )
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    expected = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=3, num_training_steps=4)
     for step in range(1, 5):
+        optimizer.step()
         expected.step()
         state = torch.load(out / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)
         assert state["param_groups"][0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12, abs=1e-15), step

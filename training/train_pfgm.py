@@ -20,7 +20,9 @@ import json
 import logging
 import math
 import os
+import re
 import sys
+import warnings
 
 import datasets
 import diffusers
@@ -238,19 +240,11 @@ def main(argv=None, loss=None):
 
     # Model, scheduler, optimizer, EMA
     scheduler = build_scheduler(args, images.num_channels)  # the one scheduler: grids, checkpoints, the pipeline
+    if args.upper_norm == "auto":
+        logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 for the field objective
     unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
-    # What a checkpoint records and a resume must match (checkpoints.COMPATIBILITY_KEYS), and the batch it had
-    run_settings = dict(
-        objective=args.objective,
-        aug_dim=scheduler.config.aug_dim,
-        resolution=args.resolution,
-        class_names=images.class_names,
-        unet_config=unet_config,
-        scheduler_config=json.loads(scheduler.to_json_string()),
-        loss_config=objective.settings(),
-        **batch_settings(args, accelerator),
-    )
+    run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
     unet = create_unet(args, unet_config)
@@ -360,11 +354,21 @@ def create_optimizer(args, unet):
     )
 
 
-def batch_settings(args, accelerator):
-    """The process count and the global batch, recorded in every checkpoint: a resume may change them (and says so)."""
+def recorded_settings(args, accelerator, objective, scheduler, unet_config, class_names):
+    """What every checkpoint records: the settings a resume must match (checkpoints.COMPATIBILITY_KEYS), and the
+    process count and global batch, which a resume may change (and says so)."""
     processes = accelerator.num_processes
-    global_batch_size = args.train_batch_size * processes * args.gradient_accumulation_steps
-    return dict(num_processes=processes, global_batch_size=global_batch_size)
+    return dict(
+        objective=args.objective,
+        aug_dim=scheduler.config.aug_dim,
+        resolution=args.resolution,
+        class_names=class_names,
+        unet_config=unet_config,
+        scheduler_config=json.loads(scheduler.to_json_string()),
+        loss_config=objective.settings(),
+        num_processes=processes,
+        global_batch_size=args.train_batch_size * processes * args.gradient_accumulation_steps,
+    )
 
 
 def resume(args, accelerator, checkpoint, checkpoint_state, run_settings, lr_scheduler):
@@ -375,8 +379,10 @@ def resume(args, accelerator, checkpoint, checkpoint_state, run_settings, lr_sch
         return 0
     checkpoints.load_checkpoint(accelerator, checkpoint)
     global_step = checkpoint_state["global_step"]
-    for _ in range(global_step):  # the schedule is a function of the optimizer step only
-        lr_scheduler.step()
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer: here on purpose
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        for _ in range(global_step):  # the schedule is a function of the optimizer step only
+            lr_scheduler.step()
     logger.info(f"Resumed from {checkpoint} at step {global_step}")
     then, now = checkpoint_state["global_batch_size"], run_settings["global_batch_size"]
     if then != now or checkpoint_state["num_processes"] != run_settings["num_processes"]:
