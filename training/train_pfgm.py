@@ -55,6 +55,7 @@ from pfgm_diffusers.training import checkpoints
 from pfgm_diffusers.training.arguments import (
     build_objective,
     build_scheduler,
+    fill_from_the_data,
     load_unet_config,
     parse_args,
     public_arguments,
@@ -112,6 +113,8 @@ def load_images(args):
     if args.class_conditional and images.class_names is None:
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
+    if args.resolution is None or args.model_config_name_or_path is None:  # your own data, no --preset
+        logger.info(fill_from_the_data(args, width, height))
     if (width, height) != (args.resolution, args.resolution):
         logger.info(
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
@@ -133,9 +136,14 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
     )
     steps_per_epoch = len(dataset) // (batch_size * accelerator.num_processes) // args.gradient_accumulation_steps
     if steps_per_epoch < 1:
+        per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
+        flag = "--large_batch_size" if batch_size != args.train_batch_size else "--train_batch_size"
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one optimizer step: batches of {batch_size} x "
-            f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation"
+            f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = {per_step} "
+            f"images; {f'give {flag} {most} or less, ' if most >= 1 else ''}use fewer processes or accumulation "
+            "steps, or add images"
         )
     return dataloader, steps_per_epoch
 
