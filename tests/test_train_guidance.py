@@ -2,11 +2,10 @@
 pipeline knows its null class and guides."""
 
 import json
-import os
 
 import pytest
 import torch
-from test_train import REPO, TINY_UNET, fail_if_called, in_process, make_image_folder, run_training, tiny_args
+from test_train import SCRIPT, TINY_UNET, fail_if_called, in_process, make_image_folder, run_training, tiny_args
 
 from pfgm_diffusers import PFGMPipeline
 
@@ -24,32 +23,35 @@ def unet_config(tmp_path_factory):
 
 
 LABEL_RECORDER = """
-import os, sys, torch
-sys.path.insert(0, {training_dir!r})
-import train_pfgm
+import torch
+from pfgm_diffusers.losses import pfgmpp_loss
 
-original_loss = train_pfgm.pfgmpp_loss
+train_pfgm = importlib.util.module_from_spec(importlib.util.spec_from_file_location("train_pfgm", {script!r}))
+train_pfgm.__spec__.loader.exec_module(train_pfgm)
 labels = []
 
 
 def recording_loss(unet, scheduler, x, class_labels, *args, **kwargs):
     labels.append(class_labels.clone())
     torch.save(torch.cat(labels), {record!r})
-    return original_loss(unet, scheduler, x, class_labels, *args, **kwargs)
+    return pfgmpp_loss(unet, scheduler, x, class_labels, *args, **kwargs)
 
 
-train_pfgm.pfgmpp_loss = recording_loss
-train_pfgm.main()
+train_pfgm.main(loss=recording_loss)
 """
 
 
+def write_recorder(tmp_path):
+    record, recorder = tmp_path / "labels.pt", tmp_path / "record_labels.py"
+    recorder.write_text("import importlib.util\n" + LABEL_RECORDER.format(script=SCRIPT, record=str(record)))
+    return record, str(recorder)
+
+
 def test_class_dropout_replaces_labels_by_the_null_class_at_the_given_rate(tmp_path, image_folder, unet_config):
-    record = tmp_path / "labels.pt"
-    recorder = tmp_path / "record_labels.py"
-    recorder.write_text(LABEL_RECORDER.format(training_dir=os.path.join(REPO, "training"), record=str(record)))
+    record, recorder = write_recorder(tmp_path)
     out = tmp_path / "out"
     flags = dict(class_conditional=True, class_dropout_prob=0.25, train_batch_size=8, max_train_steps=16)
-    run_training(tmp_path, tiny_args(image_folder, unet_config, out, **flags), script=str(recorder))
+    run_training(tmp_path, tiny_args(image_folder, unet_config, out, **flags), script=recorder)
 
     labels = torch.load(record)
     assert labels.shape == (128,) and set(labels.tolist()) == {0, 1, 2}  # two classes and the null class 2
@@ -65,11 +67,9 @@ def test_class_dropout_replaces_labels_by_the_null_class_at_the_given_rate(tmp_p
 
 
 def test_without_dropout_no_label_is_dropped_and_there_is_no_null_class(tmp_path, image_folder, unet_config):
-    record = tmp_path / "labels.pt"
-    recorder = tmp_path / "record_labels.py"
-    recorder.write_text(LABEL_RECORDER.format(training_dir=os.path.join(REPO, "training"), record=str(record)))
+    record, recorder = write_recorder(tmp_path)
     out = tmp_path / "out"
-    run_training(tmp_path, tiny_args(image_folder, unet_config, out, class_conditional=True), script=str(recorder))
+    run_training(tmp_path, tiny_args(image_folder, unet_config, out, class_conditional=True), script=recorder)
     assert set(torch.load(record).tolist()) == {0, 1}
     assert json.loads((out / "model_index.json").read_text())["null_class_label"] is None
     assert json.loads((out / "unet" / "config.json").read_text())["num_class_embeds"] == 2
@@ -87,8 +87,8 @@ def test_without_dropout_no_label_is_dropped_and_there_is_no_null_class(tmp_path
 def test_bad_class_dropout_fails_before_loading_anything(tmp_path, image_folder, unet_config, overrides, message):
     args = [str(a) for a in tiny_args(image_folder, unet_config, tmp_path / "out", **overrides)]
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.load_images = train_pfgm.pfgmpp_loss = fail_if_called
+        train_pfgm.load_images = fail_if_called
         with pytest.raises(ValueError) as error:
-            train_pfgm.main(args)
+            train_pfgm.main(args, loss=fail_if_called)
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()
