@@ -25,7 +25,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINER = os.path.join(REPO, "training", "train_pfgm.py")
-UNET_CONFIG = os.path.join(REPO, "training", "configs", "unet_digits_8px.json")  # two levels: 4x4 latents, 16 px
+# Two levels: 4x4 latents, and 16 px pixels for the pixel run
+UNET_CONFIG = os.path.join(REPO, "pfgm_diffusers", "training", "configs", "unet_digits_8px.json")
 RESOLUTION = 16
 
 
