@@ -88,7 +88,11 @@ def parse_args(argv=None):
     add("--learning_rate", type=float, default=2e-3)
     add("--lr_warmup_steps", type=int, default=200)
     add("--ema_max_decay", type=float, default=0.999)
-    add("--trainer_args", default="", help='More trainer flags, one string: e.g. "--random_flip --center_crop".')
+    add(
+        "--trainer_args",
+        default="",
+        help='More trainer flags, one string: --trainer_args="--random_flip --center_crop".',
+    )
     add = parser.add_argument_group("measurement").add_argument
     add(
         "--steps",

@@ -116,7 +116,7 @@ def train(dataset, aug_dim, num_steps=3000, batch_size=512, learning_rate=2e-3, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         decay = min(ema_decay, (1 + step) / (10 + step))  # a short warm-up, as diffusers' EMAModel
         with torch.no_grad():
             for average, parameter in zip(ema.parameters(), model.parameters(), strict=True):
