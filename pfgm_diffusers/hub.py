@@ -1,15 +1,21 @@
 """The Hub side of a saved `PFGMPipeline`: which files are the pipeline, download, upload, and the model card.
 
 Uploads and downloads name the pipeline's files explicitly (an allow-list), so that a stray file in an output folder
-(a `.env`, notes, checkpoints, logs) never reaches the Hub, and nothing but the pipeline's own files is fetched.
+(a `.env`, notes, checkpoints, logs) never reaches the Hub, and a download fetches only what `from_pretrained` reads:
+the configurations, the model card and the UNet weights of one variant in one format (`pipeline_files`).
 """
 
+import functools
+import glob
 import os
+import re
 import tempfile
 
 import huggingface_hub
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-# What `PFGMPipeline.save_pretrained` writes (safetensors, sharded or not, any variant; or torch .bin weights).
+# What `PFGMPipeline.save_pretrained` writes (safetensors, sharded or not, any variant; or torch .bin weights): the
+# upload allow-list. A download fetches fewer: `pipeline_files` picks the one weight format and variant loaded.
 PIPELINE_FILES = [
     "model_index.json",
     "unet/config.json",
@@ -19,6 +25,9 @@ PIPELINE_FILES = [
     "unet/diffusion_pytorch_model*.bin.index.json",
     "scheduler/scheduler_config.json",
 ]
+CONFIG_FILES = ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json"]
+WEIGHTS_FOLDER = "unet"
+WEIGHTS_NAME = "diffusion_pytorch_model"
 MODEL_CARD = "README.md"
 
 
@@ -40,11 +49,73 @@ def check_local_folder(name) -> None:
         )
 
 
-def download_pipeline(repo_id: str, **kwargs) -> str:
-    """Fetch the pipeline files and the model card of a Hub repository with `snapshot_download`; return the folder.
+# The weight files diffusers' `save_pretrained` names (diffusers.utils.hub_utils._add_variant): one file
+# `diffusion_pytorch_model[.variant].ext`, or shards `diffusion_pytorch_model[.variant]-00001-of-00002.ext` (before
+# diffusers 0.27 `...-00001-of-00002.variant.ext`) listed by `diffusion_pytorch_model.ext.index[.variant].json`
+# (before 0.27 `...ext.variant.index.json`).
+_WEIGHT_FILE = re.compile(
+    rf"{WEIGHTS_FOLDER}/{WEIGHTS_NAME}(?:\.(?P<variant>[^./-]+))?"
+    rf"(?:-(?P<shard>\d{{5}}-of-\d{{5}})(?:\.(?P<legacy_variant>[^./]+))?)?\.(?P<format>safetensors|bin)"
+)
+_INDEX_FILE = re.compile(
+    rf"{WEIGHTS_FOLDER}/{WEIGHTS_NAME}\.(?P<format>safetensors|bin)"
+    r"(?:\.index(?:\.(?P<variant>[^./]+))?|\.(?P<legacy_variant>[^./]+)\.index)\.json"
+)
 
-    `cache_dir`, `force_download`, `local_files_only`, `token` and `revision` are passed on; `proxies` is refused
-    (huggingface_hub >= 1.0 has no such argument: set the HTTP(S)_PROXY variables).
+
+def pipeline_files(filenames, variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
+    r"""
+    The files of a repository listing that `PFGMPipeline.from_pretrained(..., variant=, use_safetensors=)` reads.
+
+    The configurations, the model card, and the UNet weights of one variant in one format, as diffusers' loader
+    picks them: safetensors when the variant has them, else torch `.bin` (only safetensors with
+    `use_safetensors=True`, only `.bin` with `False`); a sharded checkpoint is its index and its shards. Other
+    variants, formats, checkpoints, code and anything else in the repository are left out.
+
+    Args:
+        filenames (`list[str]`): the repository's files, relative paths with `/` (`huggingface_hub.list_repo_files`).
+        variant (`str`, *optional*): the weights variant (e.g. `"fp16"`); `None` reads the files without one.
+        use_safetensors (`bool`, *optional*): as in `from_pretrained`.
+
+    Returns:
+        `list[str]`: the files to fetch, sorted.
+
+    Raises:
+        `ValueError`: when the listing holds no UNet weights of that variant and format; the message lists the
+        variants and formats it does hold.
+    """
+    groups = {}  # (variant, format) -> {"single": [...], "index": [...], "shards": [...]}
+    for name in filenames:
+        for kind, pattern in (("index", _INDEX_FILE), ("weights", _WEIGHT_FILE)):
+            match = pattern.fullmatch(name)
+            if match is not None:
+                key = (match["variant"] or match["legacy_variant"], match["format"])
+                if kind == "weights":
+                    kind = "single" if match["shard"] is None else "shards"
+                groups.setdefault(key, {"single": [], "index": [], "shards": []})[kind].append(name)
+                break
+    formats = {None: ("safetensors", "bin"), True: ("safetensors",), False: ("bin",)}[use_safetensors]
+    chosen = next((groups[(variant, f)] for f in formats if (variant, f) in groups), None)
+    if chosen is None or not (chosen["single"] or chosen["index"]):
+        held = ", ".join(f"{v or 'no variant'} {f}" for v, f in sorted(groups, key=str)) or "none"
+        raise ValueError(
+            f"the repository has no {WEIGHTS_FOLDER} weights for variant={variant!r} in "
+            f"{' or '.join(formats)} (use_safetensors={use_safetensors}); its weights: {held}"
+        )
+    # A sharded checkpoint is read through its index, even beside a single file (diffusers' loader looks first)
+    weights = chosen["index"] + chosen["shards"] if chosen["index"] else chosen["single"]
+    listed = set(filenames)
+    return sorted([name for name in CONFIG_FILES + [MODEL_CARD] if name in listed] + weights)
+
+
+def download_pipeline(repo_id: str, **kwargs) -> str:
+    """Fetch the files `from_pretrained` will read (`pipeline_files`) and the model card of a Hub repository with
+    `snapshot_download`; return the folder.
+
+    `variant` and `use_safetensors` choose the weights (one variant, one format); `cache_dir`, `force_download`,
+    `local_files_only`, `token` and `revision` are passed on; `proxies` is refused (huggingface_hub >= 1.0 has no
+    such argument: set the HTTP(S)_PROXY variables). Without the Hub (offline, unreachable), a snapshot already in
+    the cache is used, as `snapshot_download` does.
     """
     proxies = kwargs.pop("proxies", None)
     if proxies is not None:
@@ -54,17 +125,30 @@ def download_pipeline(repo_id: str, **kwargs) -> str:
         )
     from . import __version__ as library_version  # the package imports this module: import at call time
 
-    return huggingface_hub.snapshot_download(
+    token, revision = kwargs.get("token"), kwargs.get("revision")
+    download = functools.partial(
+        huggingface_hub.snapshot_download,
         repo_id,
         cache_dir=kwargs.get("cache_dir"),
         force_download=bool(kwargs.get("force_download", False)),
-        local_files_only=bool(kwargs.get("local_files_only", False)),
-        token=kwargs.get("token"),
-        revision=kwargs.get("revision"),
-        allow_patterns=PIPELINE_FILES + [MODEL_CARD],
+        token=token,
+        revision=revision,
         library_name="pfgm_diffusers",
         library_version=library_version,
     )
+    if kwargs.get("local_files_only", False):
+        return download(local_files_only=True, allow_patterns=PIPELINE_FILES + [MODEL_CARD])
+    try:
+        listing = huggingface_hub.list_repo_files(repo_id, revision=revision, token=token)
+    except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError):
+        raise
+    except Exception as error:  # offline, unreachable, Hub down: a cached snapshot loads (snapshot_download's rule)
+        try:
+            return download(local_files_only=True, allow_patterns=PIPELINE_FILES + [MODEL_CARD])
+        except Exception:
+            raise error from None
+    selected = pipeline_files(listing, kwargs.get("variant"), kwargs.get("use_safetensors"))
+    return download(allow_patterns=[glob.escape(name) for name in selected])  # exact names, not fnmatch patterns
 
 
 def upload_pipeline(
@@ -118,12 +202,16 @@ class PipelineHubMixin:
 
         Diffusers' own `DiffusionPipeline.download` refuses `model_index.json` entries whose library it does not
         know (here `pfgm_diffusers.scheduling_pfgm`) before fetching anything, and `from_pretrained` calls
-        `cls.download`, so this pipeline replaces it. Only the pipeline's own files (`hub.PIPELINE_FILES`) and the
-        model card are fetched; no code file is ever downloaded or run.
+        `cls.download`, so this pipeline replaces it. Only the files `from_pretrained` reads are fetched
+        (`hub.pipeline_files`: the configurations, the model card and the UNet weights of one variant in one
+        format); no code file is ever downloaded or run.
 
         Args:
             pretrained_model_name (`str`):
                 The repository id, e.g. `"user/pfgmpp-cifar10"`.
+            variant (`str`, *optional*), use_safetensors (`bool`, *optional*):
+                Which weights: as in `from_pretrained` (safetensors preferred, `.bin` only where the variant has
+                no safetensors).
             cache_dir, force_download, local_files_only, token, revision:
                 Passed to `huggingface_hub.snapshot_download`.
 

@@ -326,3 +326,21 @@ def test_field_split_and_safeguards():
 def test_ideal_denoiser_refuses_a_noise_level_that_is_not_positive_and_finite(sigma):
     with pytest.raises(ValueError, match="`sigma` must be finite and > 0"):
         ideal_denoiser(torch.zeros(2, 4), sigma, torch.randn(3, 4), 8)
+
+
+def test_empty_batches_and_no_charges_are_refused_naming_the_shapes():
+    """Before: IndexError (poisson_field_target) and ZeroDivisionError (ideal_denoiser) from deep inside."""
+    points, charges = torch.rand(2, 1, 2, 2), torch.rand(4, 1, 2, 2)
+    no_charges = (
+        r"`data` must hold at least one charge of 4 values like `samples` \(2, 1, 2, 2\), got shape \(0, 1, 2, 2\)"
+    )
+    with pytest.raises(ValueError, match=no_charges):
+        poisson_field_target(points, torch.rand(2), charges[:0])
+    with pytest.raises(ValueError, match=r"`samples` must hold at least one point .* got shape \(0, 1, 2, 2\)"):
+        poisson_field_target(points[:0], torch.rand(0), charges)
+    with pytest.raises(ValueError, match=r"`samples` must hold at least one point .* got shape \(2, 0, 2, 2\)"):
+        poisson_field_target(torch.rand(2, 0, 2, 2), torch.rand(2), charges[:, :0])
+    with pytest.raises(ValueError, match=r"`data` must hold at least one charge .* got shape \(0, 1, 2, 2\)"):
+        ideal_denoiser(points, 0.5, charges[:0], None)
+    with pytest.raises(ValueError, match=r"`x` must hold at least one point .* got shape \(0, 1, 2, 2\)"):
+        ideal_denoiser(points[:0], 0.5, charges, 128)

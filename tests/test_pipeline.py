@@ -19,7 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_unet
 
-from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler, hub
 from pfgm_diffusers.pipeline_pfgm import PFGMPipelineOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -422,27 +422,185 @@ def copy_selected(source, target, allow_patterns=None, ignore_patterns=None):
     return selected
 
 
-def test_hub_loading_fetches_only_the_pipeline_files(tmp_path, monkeypatch):
-    pipe = make_pipe()
-    repo = fake_hub_repo(tmp_path, pipe)
-    snapshot = tmp_path / "snapshot"
-    calls = []
+def fake_hub(monkeypatch, repo):
+    """huggingface_hub's listing and snapshot_download over the folder `repo`; returns the calls and the snapshot."""
+    snapshot, calls = repo.parent / "snapshot", []
+
+    def fake_list_repo_files(repo_id, revision=None, token=None):
+        calls.append(("list", repo_id, revision))
+        return sorted(str(path.relative_to(repo)) for path in repo.rglob("*") if path.is_file())
 
     def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
+        calls.append(("snapshot", repo_id, kwargs))
         copy_selected(repo, snapshot, kwargs.get("allow_patterns"), kwargs.get("ignore_patterns"))
         return str(snapshot)
 
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", fake_list_repo_files)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    return calls, snapshot
+
+
+def test_hub_loading_fetches_only_the_pipeline_files(tmp_path, monkeypatch):
+    pipe = make_pipe()
+    repo = fake_hub_repo(tmp_path, pipe)
+    calls, snapshot = fake_hub(monkeypatch, repo)
     loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny", revision="v1")
     loaded.set_progress_bar_config(disable=True)
-    (repo_id, kwargs) = calls[0]
-    assert len(calls) == 1 and repo_id == "someone/pfgmpp-tiny"
-    assert kwargs["revision"] == "v1" and kwargs["library_name"] == "pfgm_diffusers"
+    (_, repo_id, revision), (_, snapshot_id, kwargs) = calls
+    assert repo_id == snapshot_id == "someone/pfgmpp-tiny" and revision == kwargs["revision"] == "v1"
+    assert kwargs["library_name"] == "pfgm_diffusers"
     fetched = sorted(str(path.relative_to(snapshot)) for path in snapshot.rglob("*") if path.is_file())
-    assert not [name for name in fetched if name.endswith(".py") or name.startswith("checkpoint")], fetched
-    assert "model_index.json" in fetched and "unet/diffusion_pytorch_model.safetensors" in fetched
+    assert fetched == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+    ]
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_hub_loading_fetches_one_variant_in_one_format(tmp_path, monkeypatch):
+    """A repository with fp32 and fp16 variants, each as safetensors and .bin: `variant="fp16"` fetches the fp16
+    safetensors file alone and loads it (its weights differ from the fp32 ones, so the images tell them apart)."""
+    fp32, fp16 = make_pipe(), make_pipe(tiny_unet(seed=1))
+    repo = fake_hub_repo(tmp_path, fp32)
+    fp32.save_pretrained(tmp_path / "bin32", safe_serialization=False)
+    fp16.save_pretrained(tmp_path / "safe16", variant="fp16")
+    fp16.save_pretrained(tmp_path / "bin16", variant="fp16", safe_serialization=False)
+    for folder in ("bin32", "safe16", "bin16"):
+        for weights in (tmp_path / folder / "unet").glob("diffusion_pytorch_model*"):
+            shutil.copyfile(weights, repo / "unet" / weights.name)
+    (repo / "README.md").write_text("card")
+    _, snapshot = fake_hub(monkeypatch, repo)
+    loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny", variant="fp16")
+    loaded.set_progress_bar_config(disable=True)
+    fetched = sorted(str(path.relative_to(snapshot)) for path in snapshot.rglob("*") if path.is_file())
+    assert [name for name in fetched if name.startswith("unet/diffusion")] == [
+        "unet/diffusion_pytorch_model.fp16.safetensors"
+    ]
+    assert "README.md" in fetched and len(fetched) == 5
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(fp16))
+    assert not torch.equal(_pipeline_images(loaded), _pipeline_images(fp32))
+
+
+# A listing like a large repository's (it held 85 GiB): every format and variant, shards, checkpoints, code.
+BIG_LISTING = [
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "pipeline.py",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.bin",
+    "unet/diffusion_pytorch_model.fp16.bin",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.ema.safetensors",
+    "unet/diffusion_pytorch_model.msgpack",
+    "unet/diffusion_pytorch_model.bf16-00001-of-00002.safetensors",
+    "unet/diffusion_pytorch_model.bf16-00002-of-00002.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.index.bf16.json",
+    "unet/diffusion_pytorch_model-00001-of-00002.fp8.safetensors",
+    "unet/diffusion_pytorch_model-00002-of-00002.fp8.safetensors",
+    "unet/diffusion_pytorch_model.safetensors.fp8.index.json",
+    "unet/model.onnx",
+    "checkpoint-1000/model.safetensors",
+    "text_encoder/model.safetensors",
+]
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json"]
+
+
+@pytest.mark.parametrize(
+    ("listing", "kwargs", "weights"),
+    [
+        (BIG_LISTING, {}, ["unet/diffusion_pytorch_model.safetensors"]),
+        (BIG_LISTING, {"variant": "fp16"}, ["unet/diffusion_pytorch_model.fp16.safetensors"]),
+        (BIG_LISTING, {"variant": "ema"}, ["unet/diffusion_pytorch_model.ema.safetensors"]),
+        (BIG_LISTING, {"use_safetensors": False}, ["unet/diffusion_pytorch_model.bin"]),
+        (BIG_LISTING, {"variant": "fp16", "use_safetensors": False}, ["unet/diffusion_pytorch_model.fp16.bin"]),
+        (
+            BIG_LISTING,
+            {"variant": "bf16"},
+            [
+                "unet/diffusion_pytorch_model.bf16-00001-of-00002.safetensors",
+                "unet/diffusion_pytorch_model.bf16-00002-of-00002.safetensors",
+                "unet/diffusion_pytorch_model.safetensors.index.bf16.json",
+            ],
+        ),
+        (  # the sharded variant format of diffusers < 0.27
+            BIG_LISTING,
+            {"variant": "fp8"},
+            [
+                "unet/diffusion_pytorch_model-00001-of-00002.fp8.safetensors",
+                "unet/diffusion_pytorch_model-00002-of-00002.fp8.safetensors",
+                "unet/diffusion_pytorch_model.safetensors.fp8.index.json",
+            ],
+        ),
+        (  # .bin only where the variant has no safetensors
+            [name for name in BIG_LISTING if not name.endswith(".fp16.safetensors")],
+            {"variant": "fp16"},
+            ["unet/diffusion_pytorch_model.fp16.bin"],
+        ),
+    ],
+)
+def test_pipeline_files_are_one_variant_in_one_format(listing, kwargs, weights):
+    expected = sorted(CONFIGS + ["README.md"] + weights)
+    assert hub.pipeline_files(listing, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    ("listing", "kwargs", "match"),
+    [
+        (BIG_LISTING, {"variant": "int4"}, r"variant='int4'.*its weights: .*fp16 safetensors"),
+        (
+            [name for name in BIG_LISTING if not name.endswith(".safetensors")],
+            {"use_safetensors": True},
+            r"variant=None in safetensors \(use_safetensors=True\)",
+        ),
+        (  # shards without their index cannot be loaded
+            [name for name in BIG_LISTING if "index" not in name],
+            {"variant": "bf16"},
+            "variant='bf16'",
+        ),
+        (CONFIGS, {}, "its weights: none"),
+    ],
+)
+def test_pipeline_files_refuse_weights_the_repository_lacks(listing, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        hub.pipeline_files(listing, **kwargs)
+
+
+def test_hub_loading_without_the_hub_uses_the_cached_snapshot(tmp_path, monkeypatch):
+    """Offline or unreachable, the listing fails: a snapshot in the cache still loads (as snapshot_download alone
+    did); with none cached, the listing's own error is raised."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    pipe = make_pipe()
+    pipe.save_pretrained(tmp_path / "cached")
+    calls = []
+
+    def offline(repo_id, **kwargs):
+        raise OfflineModeIsEnabled("HF_HUB_OFFLINE is set")
+
+    def cached_snapshot(repo_id, **kwargs):
+        calls.append(kwargs)
+        if kwargs.get("local_files_only"):
+            return str(tmp_path / "cached")
+        pytest.fail("fetched from the Hub while offline")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_snapshot)
+    loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny")
+    loaded.set_progress_bar_config(disable=True)
+    assert [kwargs["local_files_only"] for kwargs in calls] == [True]
+    assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+    def nothing_cached(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", nothing_cached)
+    with pytest.raises(OfflineModeIsEnabled, match="HF_HUB_OFFLINE"):
+        PFGMPipeline.from_pretrained("someone/pfgmpp-tiny")
 
 
 def test_diffusers_own_download_refuses_our_library(tmp_path, monkeypatch):
@@ -472,6 +630,11 @@ def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kwargs: str(remote))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "list_repo_files",
+        lambda repo_id, **kwargs: [str(path.relative_to(remote)) for path in remote.rglob("*") if path.is_file()],
+    )
 
     pipe = make_pipe()
     pipe.push_to_hub("someone/pfgmpp-tiny", private=True)
@@ -557,3 +720,46 @@ def test_invert_and_likelihood_refuse_an_empty_batch(images):
     for method in (pipe.invert, pipe.log_likelihood):
         with pytest.raises(ValueError, match="images is empty"):
             method(images)
+
+
+# ---------------------------------------------------------------------- what the previous release left behind
+
+
+@pytest.mark.parametrize("num_classes, names", [(10, ["a", "b", "c"]), (None, ["a", "b"]), (2, ["a", "b", "c"])])
+def test_class_names_must_match_the_unet_at_construction(num_classes, names):
+    message = f"Got {len(names)} class_names for a UNet with num_class_embeds={num_classes}"
+    with pytest.raises(ValueError, match=message):
+        PFGMPipeline(unet=tiny_unet(num_class_embeds=num_classes), scheduler=PFGMScheduler(), class_names=names)
+
+
+def test_class_names_that_do_not_match_are_not_saved_nor_loaded(tmp_path):
+    pipe = PFGMPipeline(unet=tiny_unet(num_class_embeds=10), scheduler=PFGMScheduler())
+    pipe.register_to_config(class_names=["a", "b", "c"])  # edited after construction
+    with pytest.raises(ValueError, match="Got 3 class_names for a UNet with num_class_embeds=10"):
+        pipe.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited" / "model_index.json").exists()
+    # a folder that already holds such names (as the previous release saved them) is refused at load
+    pipe.register_to_config(class_names=None)
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    index["class_names"] = ["a", "b", "c"]
+    (tmp_path / "saved" / "model_index.json").write_text(json.dumps(index))
+    for loader in (PFGMPipeline, DiffusionPipeline):
+        with pytest.raises(ValueError, match="Got 3 class_names for a UNet with num_class_embeds=10"):
+            loader.from_pretrained(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("aug_dim", [128, 1, None])
+def test_prior_samples_as_latents_are_refused_naming_noise_from_prior(aug_dim):
+    """The previous release's latents were prior samples: their radius is about sigma_max times a Gaussian's, and
+    taken as Gaussian latents they were mapped again and gave saturated images."""
+    scheduler = PFGMScheduler(aug_dim=aug_dim, sigma_max=80.0)
+    pipe = make_pipe(scheduler=scheduler)
+    old = scheduler.sample_prior((2, 3, 8, 8), generator=seeded(0))
+    with pytest.raises(ValueError, match=r"latents\[\d\] has radius .*pipe\.scheduler\.noise_from_prior\(old\)"):
+        pipe(latents=old, num_inference_steps=2)
+    images = pipe(latents=scheduler.noise_from_prior(old), num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 3, 8, 8)
+    edm = make_pipe(scheduler=EDMEulerScheduler())
+    with pytest.raises(ValueError, match=r"old / pipe\.scheduler\.init_noise_sigma"):
+        edm(latents=old, num_inference_steps=2)
