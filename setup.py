@@ -28,7 +28,10 @@ setup(
         "test": ["pytest", "ruff", "matplotlib"],
         "train": ["tensorboard"],
         "xformers": ["xformers"],
-        # FID/KID in pfgm_diffusers.evaluation and scripts/evaluate.py (the digits metrics need nothing extra)
+        # FID/KID in pfgm_diffusers.evaluation and scripts/evaluate.py (the digits metrics need nothing extra).
+        # torch-fidelity requires torchvision unpinned: install the one built for your torch beside it (torch 2.m pairs
+        # with torchvision 0.(m+15): pip install -e ".[eval]" "torchvision==0.28.*" for torch 2.13), or pip replaces
+        # the installed torch with the newest build.
         "eval": ["torch-fidelity"],
         "plots": ["matplotlib"],
     },

@@ -260,18 +260,43 @@ def field_target_vs_floor(device, B, L, N, repeats):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--smoke", action="store_true", help="Tiny sizes: checks the code path in seconds, on any device."
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--json", default=None, help="Write the results here.")
-    parser.add_argument("--skip_tests", action="store_true")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Where to run: `cuda` (the default when torch sees a CUDA device), `cuda:1`, or `cpu`. Without CUDA the"
+        " full workload (a CIFAR-size UNet, batch 256 sampling, B=128/L=4096 field target) would take hours on a"
+        " CPU, so it is refused unless `--device cpu` is given explicitly; `--smoke` runs the tiny sizes anywhere.",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Tiny sizes (an 8 px UNet, batch 4, 12 training steps): checks the code path in about a minute on any"
+        " device; its figures say nothing about speed.",
+    )
+    parser.add_argument("--json", default=None, help="Also write every figure (with the environment) to this file.")
+    parser.add_argument(
+        "--skip_tests", action="store_true", help="Skip part 1 (tests/test_cuda.py), e.g. when pytest is missing."
+    )
     args = parser.parse_args(argv)
+    if args.device is None:
+        if not torch.cuda.is_available() and not args.smoke:
+            parser.error(
+                "torch sees no CUDA device (torch.cuda.is_available() is False): pass --smoke for the tiny check of"
+                " the code path on the CPU, or --device cpu to run the full GPU workload on the CPU (hours)."
+            )
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return args, device
+
+
+def main(argv=None):
+    args, device = parse_args(argv)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as `accelerate launch` gives the trainer, so that the bare loop is comparable
     if args.smoke:
