@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from . import ode
+from .guidance import guided_denoiser
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
 from .latents import slerp_gaussian
@@ -118,6 +119,13 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         class_names (`list[str]`, *optional*):
             The names of the classes of a class-conditional UNet, in label order (saved with the pipeline), so that
             `class_labels` can name them.
+        conditioning_channels (`int`, *optional*):
+            C_cond for an image-conditional model (image-to-image, e.g. super-resolution): the UNet takes the scaled
+            sample and the condition concatenated, `in_channels = C + C_cond`, and every call needs a
+            `conditioning_image` of C_cond channels. Saved with the pipeline (`model_index.json`); None: no condition.
+        conditioning_dropout_prob (`float`, *optional*):
+            The share of training examples whose condition was replaced by zeros (conditioning dropout), recorded by
+            the trainer: a model trained with it > 0 knows the unconditional branch that `guidance_scale` uses.
     """
 
     model_cpu_offload_seq = "unet"
@@ -127,12 +135,25 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: PFGMScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
+        conditioning_channels: int | None = None,
+        conditioning_dropout_prob: float | None = None,
     ):
         super().__init__()
         _check_scheduler(scheduler)
+        _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob)
         self.register_modules(unet=unet, scheduler=scheduler)
-        # Saved in model_index.json, so that a class-conditional model can be sampled by class name
-        self.register_to_config(class_names=None if class_names is None else list(class_names))
+        # Saved in model_index.json, so that a class-conditional model can be sampled by class name and an
+        # image-conditional one knows the channels of its condition (not derivable: field models have C + 1 outputs)
+        self.register_to_config(
+            class_names=None if class_names is None else list(class_names),
+            conditioning_channels=conditioning_channels,
+            conditioning_dropout_prob=conditioning_dropout_prob,
+        )
+
+    @property
+    def num_channels(self) -> int:
+        """C, the channels of the images (the UNet's inputs less the condition's)."""
+        return self.unet.config.in_channels - (self.config.get("conditioning_channels") or 0)
 
     # ------------------------------------------------------------------ inputs
 
@@ -159,7 +180,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"Unexpected latents shape {tuple(latents.shape)}: expected {shape} (batch, C, H, W).")
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("`latents` contain NaN or infinite values.")
-        in_channels, out_channels = self.unet.config.in_channels, self.unet.config.out_channels
+        in_channels, out_channels = self.num_channels, self.unet.config.out_channels
         expected = in_channels
         if isinstance(self.scheduler, PFGMScheduler):
             expected = self.scheduler.num_output_channels(in_channels)
@@ -173,7 +194,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     def _latent_shape(self, batch_size: int) -> tuple:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, self.unet.config.in_channels, *size)
+        return (batch_size, self.num_channels, *size)
 
     def prepare_latents(self, batch_size, latents=None, generator=None, device=None) -> torch.Tensor:
         """Standard Gaussian latents (B, C, H, W), float32: drawn from `generator`, or the given ones moved."""
@@ -217,25 +238,92 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             )
         return labels.to(device)
 
+    def prepare_conditioning_image(self, conditioning_image, batch_size, device=None, do_normalize=True):
+        """The condition of an image-conditional model as a float32 (B, C_cond, H, W) tensor in model space; None for
+        a model without one. Missing, unexpected or mis-shaped conditions are a ValueError."""
+        channels = self.config.get("conditioning_channels")
+        if channels is None:
+            if conditioning_image is not None:
+                raise ValueError(
+                    "A conditioning_image was given but this model takes no condition (conditioning_channels=None): "
+                    "it was trained without one. For image-to-image with any model, pass `image=` and `strength=`."
+                )
+            return None
+        if conditioning_image is None:
+            raise ValueError(
+                f"This model is image-conditional (conditioning_channels={channels}): pass `conditioning_image`, "
+                f"{channels}-channel images of {self._latent_shape(1)[2:]} pixels."
+            )
+        condition = preprocess(conditioning_image, channels, do_normalize)
+        shape = self._latent_shape(condition.shape[0])[2:]
+        if tuple(condition.shape[2:]) != shape:
+            raise ValueError(
+                f"conditioning_image must be {shape[0]}x{shape[1]} pixels (the UNet's sample_size), got "
+                f"{tuple(condition.shape[2:])}."
+            )
+        if batch_size is not None and condition.shape[0] != batch_size:
+            raise ValueError(f"Got {condition.shape[0]} conditioning images for a batch of {batch_size}.")
+        return condition.to(device)
+
     # ------------------------------------------------------------------ the ODE's pieces
 
-    def denoise(self, sample: torch.Tensor, sigma: float, class_labels=None) -> torch.Tensor:
+    def _network(self, class_labels=None, conditioning_image=None, guidance_scale: float = 1.0):
+        """F(model_input, timestep) of the UNet with its conditions: the condition concatenated to the scaled input
+        (never scaled or noised itself); with `guidance_scale` != 1, the conditional and the zero-condition branch in
+        one batched call, combined by `guidance.combine_guidance`. D is affine in F for the PFGM++ preconditioning,
+        so this is guidance on D exactly; the field model's D is not, which `_check_guidance` refuses."""
+
+        def network(model_input, timestep, class_labels=None, conditioning_image=None):
+            if conditioning_image is not None:
+                model_input = torch.cat([model_input, conditioning_image.to(model_input.dtype)], dim=1)
+            return self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample.float()
+
+        conditions = {"class_labels": class_labels, "conditioning_image": conditioning_image}
+        conditions = {key: value for key, value in conditions.items() if value is not None}
+        if guidance_scale == 1:
+            return lambda model_input, timestep: network(model_input, timestep, **conditions)
+        self._check_guidance(guidance_scale, conditioning_image)
+        nulls = {**conditions, "conditioning_image": torch.zeros_like(conditioning_image)}  # what dropout trained
+        return guided_denoiser(network, conditions, nulls, guidance_scale)
+
+    def _check_guidance(self, guidance_scale, conditioning_image):
+        if conditioning_image is None:
+            raise ValueError(f"guidance_scale={guidance_scale!r} needs an image-conditional model (1 is no guidance).")
+        if not self.config.get("conditioning_dropout_prob"):
+            raise ValueError(
+                f"guidance_scale={guidance_scale!r}: this model was trained without conditioning dropout "
+                "(conditioning_dropout_prob is not > 0), so it has no unconditional branch; use guidance_scale=1."
+            )
+        if self._is_field_model:
+            raise ValueError(
+                "guidance_scale != 1 is not supported for the original PFGM's field models: their denoiser "
+                "D = x - z v_x / v_z is not affine in the network output, so no combination of outputs is guidance."
+            )
+
+    def denoise(
+        self,
+        sample: torch.Tensor,
+        sigma: float,
+        class_labels=None,
+        conditioning_image: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
         """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1).
-        Only the network's input is cast to `unet.dtype`."""
+        Only the network's input is cast to `unet.dtype`; `conditioning_image` is a model-space (B, C_cond, H, W)."""
         model_input = self.scheduler.precondition_inputs(sample, sigma)
         timestep = torch.as_tensor(self.scheduler.precondition_noise(sigma), dtype=torch.float32)
         timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])
-        model_output = self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample
-        return self.scheduler.precondition_outputs(sample, model_output.float(), sigma).float()
+        model_output = self._network(class_labels, conditioning_image, guidance_scale)(model_input, timestep)
+        return self.scheduler.precondition_outputs(sample, model_output, sigma).float()
 
-    def _denoiser(self, class_labels):
+    def _denoiser(self, class_labels, conditioning_image=None, guidance_scale=1.0):
         """`denoise` as the solvers of `ode.py` call it, and a progress bar counting its evaluations (no total: the
         adaptive solvers choose their number)."""
         progress = tqdm(total=None, **{"desc": "network evaluations", **getattr(self, "_progress_bar_config", {})})
 
         def denoise(sample, sigma):
             progress.update()
-            return self.denoise(sample, sigma, class_labels)
+            return self.denoise(sample, sigma, class_labels, conditioning_image, guidance_scale)
 
         return denoise, progress
 
@@ -297,9 +385,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         solver: str | None = None,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        image=None,
+        strength: float | None = None,
+        conditioning_image=None,
+        guidance_scale: float = 1.0,
+        do_normalize: bool = True,
     ) -> PFGMPipelineOutput | tuple:
         r"""
-        Generate images by carrying prior samples to the data along the PFGM ODE.
+        Generate images by carrying prior samples to the data along the PFGM ODE; or, with `image`, from a noised
+        image part of the way down (image-to-image: SDEdit, PPFM's "hijack" start from a measurement); with
+        `conditioning_image`, for a model trained on paired data.
 
         Args:
             batch_size (`int`, defaults to 1):
@@ -328,6 +423,26 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 at 0 (PFGM++ modes), a final denoising step x = D(x, sigma_min) follows, EDM's last Euler step.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
+            image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`, *optional*):
+                Images to start from (as [`~PFGMPipeline.invert`] takes them), for any model, as diffusers' img2img
+                pipelines: of the grid of `num_inference_steps` steps the last `int(num_inference_steps * strength)`
+                run, from `scheduler.add_noise(image, latents)` at the first of them (an exact PFGM++ kernel draw
+                around the image; `latents` or `generator` give its Gaussian noise) with `set_begin_index`. The batch
+                is the images'. Not with `solver="rk45"`.
+            strength (`float`, *optional*, defaults to 0.8 with `image`):
+                In (0, 1]: the share of the grid's steps that run. 1 runs every step from sigma_max (the image then
+                barely matters); a small strength runs few steps from a low noise level. Only with `image`.
+            conditioning_image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or a list of them, *optional*):
+                The condition of an image-conditional model (`config.conditioning_channels` channels, the UNet's
+                size, one per image; in [0, 1] unless `do_normalize=False`), e.g. the low-resolution or noisy
+                measurement; required for such a model and refused for others.
+            guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance on the condition, D = D_null + w (D_cond - D_null) with a zero condition as
+                null (one batched network call per evaluation): 1 is the conditional model exactly, 0 the
+                unconditional one. Only for models trained with `conditioning_dropout_prob` > 0.
+            do_normalize (`bool`, defaults to `True`):
+                `image` and `conditioning_image` are in [0, 1]; with `False`, tensors in model space ([-1, 1] for
+                clean images; a noisy measurement may lie beyond).
 
         Examples:
 
@@ -335,18 +450,33 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             [`PFGMPipelineOutput`] or `tuple`: the images and the number of network evaluations `nfe`; as a tuple
             `(images, nfe)`.
         """
-        if latents is not None and latents.ndim > 0:
-            if batch_size not in (1, latents.shape[0]):
-                raise ValueError(f"batch_size={batch_size} does not match latents of batch {latents.shape[0]}.")
-            batch_size = latents.shape[0]
-        self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
-        scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
+        if image is not None:
+            image = preprocess(image, self.num_channels, do_normalize)
+            strength = 0.8 if strength is None else strength
+            _check_strength(strength)
+            if solver == "rk45":
+                raise ValueError(
+                    "`image` with solver='rk45': strength selects a step of the scheduler's grid, and "
+                    "RK45 has none; pass a grid solver (None, 'heun', 'euler', ...)."
+                )
+        elif strength is not None:
+            raise ValueError(
+                f"strength={strength!r} was given without `image`: it sets how far down to start from it."
+            )
         device = self._execution_device
+        condition = self.prepare_conditioning_image(conditioning_image, None, device, do_normalize)
+        sources = {"latents": latents, "image": image, "conditioning_image": condition}
+        batch_size = _batch_size(batch_size, {name: value for name, value in sources.items() if value is not None})
+        self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
+        if image is not None and tuple(image.shape) != self._latent_shape(batch_size):
+            raise ValueError(f"image must have shape {self._latent_shape(batch_size)}, got {tuple(image.shape)}.")
+        scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
+        network = self._network(labels, condition, guidance_scale)
         latents = self.prepare_latents(batch_size, latents, generator, device)
         if solver == "rk45":
-            denoise, progress = self._denoiser(labels)
+            denoise, progress = self._denoiser(labels, condition, guidance_scale)
             sigma_min, sigma_max = self._sigma_range()
             x = self._prior_from_noise(latents)
             sample, nfe = ode.solve_rk45(denoise, x, sigma_max, sigma_min, rtol, atol, self._is_field_model)
@@ -357,11 +487,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             scheduler.set_timesteps(num_inference_steps, device=device)
             # The generic diffusers start: the scheduler maps it onto its prior at the first call (docs/scheduler.md).
             sample = latents * scheduler.init_noise_sigma
-            for t in self.progress_bar(scheduler.timesteps):
+            if image is not None:  # diffusers' img2img start: a begin index, and the image noised to its level
+                t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+                scheduler.set_begin_index(t_start * scheduler.order)
+                start = scheduler.timesteps[t_start * scheduler.order :][:1].repeat(batch_size)
+                sample = scheduler.add_noise(image.to(device), latents, start)
+            timesteps = scheduler.timesteps[scheduler.begin_index or 0 :]
+            for t in self.progress_bar(timesteps):
                 model_input = scheduler.scale_model_input(sample, t)
-                model_output = self.unet(model_input.to(self.unet.dtype), t, class_labels=labels).sample
-                sample = scheduler.step(model_output.float(), t, sample).prev_sample
-            nfe = len(scheduler.timesteps)
+                sample = scheduler.step(network(model_input, t), t, sample).prev_sample
+            nfe = len(timesteps)
 
         image = postprocess(sample, output_type)
         self.maybe_free_model_hooks()
@@ -381,6 +516,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         do_normalize: bool = True,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        conditioning_image=None,
     ) -> torch.Tensor:
         r"""
         Map images to standard Gaussian latents: integrate the ODE from sigma_min (the images' state) to sigma_max, and
@@ -403,6 +539,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 Map images from [0, 1] to the model's [-1, 1]. With `False`, `images` is a tensor in model space.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"`.
+            conditioning_image (*optional*):
+                The images' conditions, required for an image-conditional model (as in `__call__`; normalised with
+                `do_normalize`).
 
         Returns:
             `torch.Tensor` of shape `(B, C, H, W)`: standard Gaussian latents, float32.
@@ -410,9 +549,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         self.check_inputs(num_inference_steps)
         scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = preprocess(images, self.num_channels, do_normalize).to(device)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
-        denoise, progress = self._denoiser(labels)
+        condition = self.prepare_conditioning_image(conditioning_image, x.shape[0], device, do_normalize)
+        denoise, progress = self._denoiser(labels, condition)
         if solver == "rk45":
             sigma_min, sigma_max = self._sigma_range()
             x, _ = ode.solve_rk45(denoise, x, sigma_min, sigma_max, rtol, atol, self._is_field_model)
@@ -457,6 +597,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         return_dict: bool = True,
+        conditioning_image=None,
     ) -> PFGMLikelihoodOutput | tuple:
         r"""
         Log-likelihood of images under the model, through the probability-flow ODE (PFGM `likelihood.py`).
@@ -485,6 +626,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 RK45 tolerances.
             return_dict (`bool`, defaults to `True`):
                 Return a [`PFGMLikelihoodOutput`] instead of a tuple `(bits_per_dim, log_prob, latents, nfe)`.
+            conditioning_image (*optional*):
+                The images' conditions, required for an image-conditional model: the likelihood is then
+                log p(x | condition).
 
         Returns:
             [`PFGMLikelihoodOutput`] or `tuple`.
@@ -502,10 +646,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 "`pipe.to(torch.float32)` first (the weights are the same model)."
             )
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = preprocess(images, self.num_channels, do_normalize).to(device)
         batch_size, N = x.shape[0], x[0].numel()
         self.check_inputs(1, batch_size=batch_size, generator=generator)
         labels = self.prepare_class_labels(class_labels, batch_size, device=device, required=True)
+        condition = self.prepare_conditioning_image(conditioning_image, batch_size, device, do_normalize)
         if dequantize:
             levels = torch.round((x + 1) * 127.5)  # 0..255
             uniform = torch.special.ndtr(randn_tensor(x.shape, generator=generator, device=device))  # U(0, 1)
@@ -514,7 +659,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
         sigma_min, sigma_max = self._sigma_range()
-        denoise, progress = self._denoiser(labels)
+        denoise, progress = self._denoiser(labels, condition)
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
@@ -535,6 +680,45 @@ def _check_scheduler(scheduler):
             f"Got a {type(scheduler).__name__}: PFGMPipeline runs a PFGMScheduler or diffusers' EDMEulerScheduler "
             "(the D = infinity case, also PFGMScheduler.from_config(edm_scheduler.config, aug_dim=None))."
         )
+
+
+def _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob):
+    if conditioning_channels is not None:
+        in_channels = unet.config.in_channels
+        if (
+            isinstance(conditioning_channels, bool)
+            or not isinstance(conditioning_channels, (int, np.integer))
+            or not 1 <= conditioning_channels < in_channels
+        ):
+            raise ValueError(
+                f"conditioning_channels must be None or an integer in [1, {in_channels - 1}] (the UNet's in_channels "
+                f"{in_channels} = C + C_cond with C >= 1), got {conditioning_channels!r}."
+            )
+    if conditioning_dropout_prob is not None:
+        if conditioning_channels is None:
+            raise ValueError(
+                "conditioning_dropout_prob is set but the model has no condition (conditioning_channels)."
+            )
+        if not isinstance(conditioning_dropout_prob, (int, float)) or not 0 <= conditioning_dropout_prob <= 1:
+            raise ValueError(f"conditioning_dropout_prob must be in [0, 1], got {conditioning_dropout_prob!r}.")
+
+
+def _check_strength(strength):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
+
+
+def _batch_size(batch_size, sources):
+    """The batch: that of every given tensor (which must agree), with `batch_size` 1 or equal to it."""
+    sizes = {name: value.shape[0] for name, value in sources.items() if value.ndim > 0}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"The batch sizes of {', '.join(f'{k} ({v})' for k, v in sizes.items())} must be equal.")
+    if not sizes:
+        return batch_size
+    (name, size), *_ = sizes.items()
+    if batch_size not in (1, size):
+        raise ValueError(f"batch_size={batch_size} does not match {name} of batch {size}.")
+    return size
 
 
 def _label_index(label, class_names):
