@@ -6,7 +6,7 @@ The public classes are imported eagerly: diffusers resolves the library name sav
 
 import diffusers as _diffusers
 
-from .field import field_dx_dz, ideal_denoiser, poisson_field_target, split_field_output
+from .field import field_dx_dz, ideal_denoiser, poisson_field_target, split_field_output, stable_target
 from .perturbation import (
     kernel_noise,
     pfgm_perturb,
@@ -45,4 +45,5 @@ __all__ = [
     "sample_pfgm_prior",
     "sample_pfgmpp_prior",
     "split_field_output",
+    "stable_target",
 ]

@@ -6,6 +6,7 @@ those images into tensors in [-1, 1] without torchvision; `TrainingDataset` and 
 same order and augmentations, whatever the worker count or resume point.
 """
 
+import io
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,12 @@ DIGITS_PATH = os.path.join(os.path.dirname(__file__), "data", "digits.npz")
 # High-bit-depth single-channel modes and the value range each is read from (mapped onto [-1, 1]): 16-bit integers,
 # `I` (32-bit integers; Pillow's mode for some 16-bit PNG and TIFF files) as 16-bit data, `F` (float) as [0, 1].
 HIGH_BIT_DEPTH_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
-# Modes PIL uses for single-channel images; everything else is trained as RGB.
+# Modes PIL uses for single-channel images; everything else is trained as RGB. An alpha channel is dropped ("LA" is
+# trained as "L", "RGBA" as "RGB").
 GRAYSCALE_MODES = ("1", "L", "LA", "P;L", *HIGH_BIT_DEPTH_RANGES)
+# Pillow's raw mode for 16-bit grayscale+alpha PNGs (colour type 4), which it decodes as 8-bit "RGBA" (gray three
+# times, the low bytes dropped). `open_image` reads them as 16-bit grayscale instead.
+PNG_GRAY_ALPHA_16 = "LA;16B"
 MAX_LISTED = 10
 # A dataset whose encoded images take at most this many bytes (the embedded digits: 0.25 MB) is decoded once and kept
 # in memory: decoding 64 small PNGs per step cost about a tenth of the default run's step.
@@ -85,13 +90,20 @@ def load_hub_dataset(dataset_name, dataset_config_name=None, cache_dir=None, ima
         raise ValueError(
             f"--image_column {image_column!r} is not in {dataset_name!r}; its columns: {dataset.column_names}"
         )
+    elif not isinstance(dataset.features[image_column], datasets.Image):
+        image_columns = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+        raise ValueError(
+            f"--image_column {image_column!r} of {dataset_name!r} holds {dataset.features[image_column]}, not images; "
+            f"its image columns: {image_columns}"
+        )
     if label_column is not None and label_column not in dataset.column_names:
         label_column = None  # a dataset without labels: --class_conditional says so later
     columns = {image_column: "image"} if label_column is None else {image_column: "image", label_column: "label"}
     dataset = dataset.select_columns(list(columns))
     dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
     dataset, class_names = _with_class_ids(dataset) if label_column is not None else (dataset, None)
-    return ImageDataset(dataset, _channels_of_mode(dataset[0]["image"].mode), class_names)
+    first_image = open_image(undecoded(dataset)[0]["image"])  # its true channels: a 16-bit gray+alpha PNG is gray
+    return ImageDataset(dataset, _channels_of_mode(first_image.mode), class_names)
 
 
 def _load_saved_train_split(path):
@@ -118,16 +130,23 @@ def load_image_folder(train_data_dir, cache_dir=None, with_labels=True):
     if os.path.isdir(train_data_dir) and is_saved_dataset(train_data_dir):
         return load_hub_dataset(train_data_dir, label_column="label" if with_labels else None)
     image_paths = list_image_files(train_data_dir)
-    readable, corrupt = [], []
+    readable, corrupt, bad_values = [], [], []
     channels = set()
     for path in image_paths:
         try:
-            with Image.open(path) as image:
-                image.load()  # a full decode: `verify()` misses truncated JPEGs
-                channels.add(_channels_of_mode(image.mode))
-            readable.append(path)
+            image = open_image({"path": path, "bytes": None})  # a full decode: `verify()` misses truncated JPEGs
         except (OSError, SyntaxError, ValueError) as error:
             corrupt.append(f"{path} ({error})")
+            continue
+        channels.add(_channels_of_mode(image.mode))
+        readable.append(path)
+        if (problem := pixel_value_problem(image)) is not None:  # checked once here, not in every batch
+            bad_values.append(f"{path} ({problem})")
+    if bad_values:
+        raise ValueError(
+            f"--train_data_dir {train_data_dir!r}: {len(bad_values)} image(s) hold pixel values that cannot be "
+            f"trained on: {bad_values[:MAX_LISTED]}{' ...' if len(bad_values) > MAX_LISTED else ''}"
+        )
     if not readable:
         raise ValueError(
             f"--train_data_dir {train_data_dir!r}: none of its {len(image_paths)} image files can be decoded; "
@@ -177,8 +196,62 @@ def list_image_files(train_data_dir):
     return paths
 
 
+def open_image(value):
+    """An image of a dataset: a PIL image as is, or `datasets`' undecoded `{"path", "bytes"}` decoded as
+    `datasets.Image` decodes it (EXIF orientation applied), except 16-bit grayscale+alpha PNGs, which Pillow reads as
+    8-bit RGBA: they become their gray channel at 16 bits (mode "I;16"), the alpha dropped as for 8-bit "LA"."""
+    if isinstance(value, Image.Image):
+        return value
+    path, data = value["path"], value["bytes"]
+    if data is None and not os.path.isfile(path):  # a remote file: `datasets` reads it
+        import datasets
+
+        return datasets.Image().decode_example(value)
+    image = Image.open(path if data is None else io.BytesIO(data))
+    if image.format == "PNG" and len(image.tile) == 1 and image.tile[0].args == PNG_GRAY_ALPHA_16:
+        # Decoded with the raw mode "RGBA", a pixel's 4 bytes stay as stored: gray high, gray low, alpha high, low
+        image.tile = [image.tile[0]._replace(args="RGBA")]
+        image.load()
+        raw = np.asarray(image, dtype=np.uint16)  # (H, W, 4)
+        return Image.fromarray((raw[..., 0] << 8) | raw[..., 1])  # uint16: mode "I;16"
+    image.load()
+    if image.getexif().get(Image.ExifTags.Base.Orientation) is not None:
+        image = ImageOps.exif_transpose(image)
+    return image
+
+
+def undecoded(dataset):
+    """`dataset` with its `"image"` column left undecoded (`{"path", "bytes"}`), for `open_image`."""
+    import datasets
+
+    if isinstance(dataset.features.get("image"), datasets.Image) and dataset.features["image"].decode:
+        return dataset.cast_column("image", datasets.Image(decode=False))
+    return dataset
+
+
 def _channels_of_mode(mode):
     return 1 if mode in GRAYSCALE_MODES else 3
+
+
+def pixel_value_problem(image):
+    """Why a high-bit-depth image cannot be trained on (a value that is not finite or outside its mode's range), or
+    None; 8-bit images always can."""
+    if image.mode not in HIGH_BIT_DEPTH_RANGES:
+        return None
+    return _value_problem(image.mode, np.asarray(image, dtype=np.float64))
+
+
+def _value_problem(mode, array):
+    max_value = HIGH_BIT_DEPTH_RANGES[mode]
+    low, high = array.min(), array.max()  # NaN if any pixel is NaN: the comparisons below are False
+    if low >= 0 and high <= max_value:
+        return None
+    if not np.isfinite(array).all():
+        return f"{np.count_nonzero(~np.isfinite(array))} non-finite pixel value(s) (NaN or infinity)"
+    return (
+        f"a mode {mode!r} image with values in [{low:g}, {high:g}]: this mode is read as values in "
+        f"[0, {max_value:g}]; convert the image to 8 or 16 bits (or floats in [0, 1]) first"
+    )
 
 
 def _with_class_ids(dataset):
@@ -198,7 +271,17 @@ def _with_class_ids(dataset):
             "the dataset's label column must hold strings, non-negative integers or a ClassLabel; "
             f"found e.g. {labels[:3]!r}"
         )
-    return dataset, [str(label) for label in range(max(labels) + 1)]
+    # Integer labels are class ids 0 .. K-1 (one embedding row each, and the ids `class_labels` takes when sampling):
+    # renumbering them would silently change those ids, so labels that leave most of 0 .. K-1 unused are refused
+    used = sorted(set(labels))
+    if 2 * len(used) < used[-1] + 1:
+        shown = ", ".join(str(label) for label in used[:MAX_LISTED]) + (", ..." if len(used) > MAX_LISTED else "")
+        raise ValueError(
+            f"the dataset's integer labels {{{shown}}} would make {used[-1] + 1} classes (ids 0 .. {used[-1]}, one "
+            f"embedding row each) of which {len(used)} occur: integer labels are class ids; renumber them 0 .. "
+            f"{len(used) - 1}, or store them as strings or a ClassLabel (each distinct value becomes a named class)"
+        )
+    return dataset, [str(label) for label in range(used[-1] + 1)]
 
 
 class ImageTransform:
@@ -208,7 +291,7 @@ class ImageTransform:
 
     8-bit images map 0..255 onto [-1, 1]. High-bit-depth grayscale images keep their precision: 16-bit modes (`I;16`
     and `I`, whose values must lie in 0..65535) map 0..65535 onto [-1, 1], float images (`F`, values in [0, 1]) map
-    [0, 1]; a value outside its mode's range is a ValueError, never clipped."""
+    [0, 1]; a value outside its mode's range, or not finite, is a ValueError, never clipped."""
 
     def __init__(self, resolution, num_channels, center_crop=False, random_flip=False):
         if num_channels not in (1, 3):
@@ -247,14 +330,10 @@ class ImageTransform:
 
 def _float_image(image):
     """A high-bit-depth grayscale image as a float ("F") image with its range mapped onto 0..255 (not clipped)."""
-    max_value = HIGH_BIT_DEPTH_RANGES[image.mode]
     array = np.asarray(image, dtype=np.float64)
-    if array.min() < 0 or array.max() > max_value:
-        raise ValueError(
-            f"a mode {image.mode!r} image with values in [{array.min():g}, {array.max():g}]: this mode is read as "
-            f"values in [0, {max_value:g}]; convert the image to 8 or 16 bits (or floats in [0, 1]) first"
-        )
-    return Image.fromarray((array * (255.0 / max_value)).astype(np.float32))  # float32: mode "F"
+    if (problem := _value_problem(image.mode, array)) is not None:
+        raise ValueError(problem)
+    return Image.fromarray((array * (255.0 / HIGH_BIT_DEPTH_RANGES[image.mode])).astype(np.float32))  # mode "F"
 
 
 class TrainingDataset(torch.utils.data.Dataset):
@@ -265,11 +344,11 @@ class TrainingDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, transform, seed=0):
-        self.dataset = dataset
+        self.dataset = undecoded(dataset) if hasattr(dataset, "features") else dataset  # decoded by open_image
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.decoded = _decode_if_small(dataset)  # the rows as dataset[:] returns them, or None
+        self.decoded = _decode_if_small(self.dataset)  # the rows as dataset[:] returns them, decoded; or None
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -289,20 +368,41 @@ class TrainingDataset(torch.utils.data.Dataset):
         for position, index in enumerate(indices):
             seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
             generator = torch.Generator().manual_seed(int(seed))
-            example = {"pixel_values": self.transform(rows["image"][position], generator)}
+            try:
+                pixel_values = self.transform(open_image(rows["image"][position]), generator)
+            except ValueError as error:  # e.g. a NaN pixel: name the image (a large dataset is not scanned first)
+                raise ValueError(f"{_describe_image(self.dataset, index)}: {error}") from None
+            example = {"pixel_values": pixel_values}
             if "label" in rows:
                 example["label"] = rows["label"][position]
             examples.append(example)
         return examples
 
 
+def _describe_image(dataset, index):
+    """The words "image <index> of the training data", with its file where the dataset knows it."""
+    value = dataset[index]["image"]
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
+    return f"image {index} of the training data" + (f" ({path})" if path else "")
+
+
 def _decode_if_small(dataset):
-    """Every row of a small in-memory `datasets.Dataset`, decoded (the transform never modifies an image); None for
-    larger ones and for datasets that do not report their size."""
+    """Every row of a small in-memory `datasets.Dataset` (image column undecoded), decoded (the transform never
+    modifies an image) and its pixel values checked once; None for larger ones and for datasets that do not report
+    their size."""
     nbytes = getattr(getattr(dataset, "data", None), "nbytes", None)
     if nbytes is None or nbytes > MAX_DECODED_ONCE_BYTES or len(dataset) == 0:
         return None
-    return dataset[:]
+    rows = dataset[:]
+    rows["image"] = [open_image(value) for value in rows["image"]]
+    problems = [(index, pixel_value_problem(image)) for index, image in enumerate(rows["image"])]
+    bad = [f"{_describe_image(dataset, index)}: {problem}" for index, problem in problems if problem is not None]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} training image(s) hold pixel values that cannot be trained on: {bad[:MAX_LISTED]}"
+            + (" ..." if len(bad) > MAX_LISTED else "")
+        )
+    return rows
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -1,11 +1,14 @@
-"""Poisson fields of a set of charges: the PFGM training target (Algorithm 1) and the ideal denoiser of any D.
+"""Poisson fields of a set of charges: the PFGM training target (Algorithm 1), the posterior mean of any D (the
+ideal denoiser, and the Stable Target Field training target).
 
 Formulas: `docs/math.md` §1 and §3 (PFGM: Xu et al., NeurIPS 2022, eq. 7 and Algorithm 1; PFGM++: Xu et al.,
-ICML 2023, Proposition 3.1 and eq. 6). Both are softmaxes over the charges of log-distances in the augmented space,
-so they share one distance computation that is fast (a matrix product) and exact where it matters.
+ICML 2023, Proposition 3.1 and eq. 6; STF: Xu, Tong, Jaakkola, ICLR 2023). All are softmaxes over the charges
+of log-distances in the augmented space, so they share one distance computation (`_pull_toward_charges`) that is
+fast (a matrix product) and exact where it matters.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -220,13 +223,13 @@ def poisson_field_target(samples: torch.Tensor, z: torch.Tensor, data: torch.Ten
     y = samples.reshape(batch_size, N).float()
     x = data.reshape(data.shape[0], N).to(y.device, torch.float32)
     z = z.reshape(batch_size).to(y.device, torch.float64)
-    _check_z(z)
+    _check_levels("z", z)
     # Mixed-precision training calls this inside autocast; the target must stay in float32/float64.
     with torch.autocast(device_type=y.device.type, enabled=False):
         target_x, target_z = _field_target(y, z, x, gamma, samples.shape)
     # A NaN or inf in the inputs reaches the rows' normalisers: checking (B,) values is free; the inputs on failure.
     if not torch.isfinite(target_z).all():
-        _raise_non_finite(samples, data)
+        _raise_non_finite(samples=samples, data=data)
     return target_x, target_z
 
 
@@ -247,24 +250,36 @@ def _batch_sizes(points, points_name, charges, charges_name):
     return shape[0], N
 
 
-def _check_z(z):
-    """z must be finite and so far above the data plane that z^2 > 0 in float64 (z = 0 on a charge has no field)."""
-    bad = ~(torch.isfinite(z) & (z > 0) & (z**2 > 0))
+def _levels(name, value, batch_size, device):
+    """A float or (B,) tensor of noise levels as (B,) float64, checked by `_check_levels`."""
+    levels = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1)
+    if levels.numel() not in (1, batch_size):
+        raise ValueError(f"`{name}` must be a number or have shape ({batch_size},), got shape {tuple(levels.shape)}.")
+    _check_levels(name, levels)
+    return levels.expand(batch_size)
+
+
+def _check_levels(name, levels):
+    """z or sigma must be finite and so large that its square is > 0 in float64 (z = 0 on a charge has no field)."""
+    bad = ~(torch.isfinite(levels) & (levels > 0) & (levels**2 > 0))
     if bad.any():
         rows = bad.nonzero()[:, 0].tolist()
         raise ValueError(
-            f"`z` must be finite and > 0 (at least 1e-154, so that z^2 > 0 in float64), got {z[bad].tolist()[:4]} "
-            f"at rows {rows[:4]}."
+            f"`{name}` must be finite and > 0 (at least 1e-154, so that {name}^2 > 0 in float64), got "
+            f"{levels[bad].tolist()[:4]} at rows {rows[:4]}."
         )
 
 
-def _raise_non_finite(samples, data):
-    for name, value in (("samples", samples), ("data", data)):
+def _raise_non_finite(**inputs):
+    """Name the input holding a NaN or inf, else the product that overflowed; `inputs`: the points, the charges."""
+    for name, value in inputs.items():
         if not torch.isfinite(value).all():
             raise ValueError(f"`{name}` must be finite, found {torch.isfinite(value).logical_not().sum()} NaN or inf.")
+    (points_name, points), (charges_name, charges) = inputs.items()
     raise ValueError(
-        "the field target overflowed: the products y.x of `samples` and `data` must fit in float32 (|y| |x| < 3e38), "
-        f"got max |samples| {samples.abs().max():.3g} and max |data| {data.abs().max():.3g}."
+        f"the target overflowed: the products y.x of `{points_name}` and `{charges_name}` must fit in float32 "
+        f"(|y| |x| < 3e38), got max |{points_name}| {points.abs().max():.3g} and max |{charges_name}| "
+        f"{charges.abs().max():.3g}."
     )
 
 
@@ -291,16 +306,80 @@ def ideal_denoiser(x: torch.Tensor, sigma, data: torch.Tensor, aug_dim: int | No
     compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.reshape(batch_size, N).to(compute_dtype)
     charges = data.reshape(data.shape[0], N).to(y.device, compute_dtype)
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=y.device).reshape(-1).expand(batch_size)
-    if not (torch.isfinite(sigma).all() and (sigma > 0).all()):  # a test tool: one sync per call is fine
-        raise ValueError(f"`sigma` must be finite and > 0, got {sigma.tolist()}.")
-    if aug_dim is None:
-        exponent, scale = None, 2 * sigma**2
-    else:
-        exponent, scale = (N + aug_dim) / 2, sigma**2 * aug_dim
-    with torch.autocast(device_type=y.device.type, enabled=False):
-        denoised = _pull_toward_charges(y, charges, exponent, scale) + y  # sum_i w_i x_i
+    denoised = _posterior_mean(y, _levels("sigma", sigma, batch_size, y.device), charges, aug_dim)
     return denoised.reshape(x.shape).to(x.dtype)
+
+
+def _posterior_mean(y, sigma, charges, aug_dim):
+    """sum_j w_ij x_j (B, N) float64 at y (B, N), sigma (B,) float64, over the charges x (L, N), PFGM++ weights."""
+    N = y.shape[1]
+    if aug_dim is None:  # w ∝ exp(-|y - x_j|^2 / (2 sigma^2)), the D -> infinity limit (math.md §1)
+        exponent, scale = None, 2 * sigma**2
+    else:  # w ∝ (|y - x_j|^2 + r^2)^(-(N+D)/2), r = sigma sqrt(D)
+        exponent, scale = (N + aug_dim) / 2, sigma**2 * aug_dim
+    # Mixed-precision training calls this inside autocast; the weights must stay in float32/float64.
+    with torch.autocast(device_type=y.device.type, enabled=False):
+        return _pull_toward_charges(y, charges, exponent, scale) + y  # y + sum_j w_ij (x_j - y)
+
+
+def stable_target(perturbed: torch.Tensor, sigma, reference: torch.Tensor, aug_dim: int | None) -> torch.Tensor:
+    """The Stable Target Field (STF) training target: the posterior mean of the clean image over a reference batch.
+
+    For a perturbed image y at noise level sigma and a reference batch x_1..x_L that holds y's own clean image,
+    the target is sum_j w_j x_j with w_j ∝ (|y - x_j|^2 + r^2)^(-(N+D)/2), r = sigma sqrt(D) (math.md §1, the
+    reference batch as the data; `aug_dim=None`: w_j ∝ exp(-|y - x_j|^2 / (2 sigma^2)), the STF paper's form). It
+    replaces the clean image as the target of the denoising loss: the same minimiser as L grows (the bias is
+    O(1/L)), a lower variance where the posterior spreads over several images (intermediate sigma). It tends to y's
+    own clean image as sigma -> 0 and to the reference mean as sigma -> infinity.
+
+    Computed as `poisson_field_target` is (the same code): float64 weights in log space from one matrix product,
+    exact float64 differences where rounding could move a weight (near ties included), the weighted sum as a
+    second product; memory O(B L), never a (B, L, N) tensor. No gradient flows through it.
+
+    Differences from the official code (`Newbeeer/pfgmpp`, `training/loss.py`, `EDMLoss.pfgmpp_target` for finite
+    D and `stf_scores` for D = infinity; `training/training_loop.py` for the reference batch):
+    - The official reference batch is the `--rbatch` images (4096) loaded on each GPU, whose first rows are the
+      training batch itself (`ref_images[:len(y)] = y`, after augmentation): every sample's own image and the other
+      samples' images are in it. Here the caller passes the reference batch; the trainer builds it the same way.
+    - The official finite-D weights are (min_j d_j / (d_j + 1e-7))^(N+D) in float64 from a (B, L, N+1) difference
+      tensor, and the D = infinity weights a float32 softmax of a (B, L, N) tensor: both agree with these weights
+      to float rounding, at O(B L N) memory (6.4 GB at 128 x 4096 x 3072 in float32, twice that in float64).
+    - The official code ignores class labels: a class-conditional model regresses a posterior mean over the
+      images of every class. Pass a reference batch of the sample's class to avoid it.
+
+    Args:
+        perturbed (`torch.Tensor` of shape `(B, C, H, W)`): the perturbed images y.
+        sigma (`float` or `torch.Tensor` of shape `(B,)`): their noise levels, finite and > 0 (at least 1e-154).
+        reference (`torch.Tensor` of shape `(L, C, H, W)`): the reference batch of clean images; for the STF
+            estimator it holds the clean image of each perturbed one.
+        aug_dim (`int` or `None`): D >= 1, or `None` for D = infinity (EDM).
+
+    Returns:
+        `torch.Tensor`: the targets, shaped like `perturbed`, in float32 (float64 for float64 inputs).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from pfgm_diffusers import stable_target
+    >>> clean = torch.rand(64, 1, 8, 8) * 2 - 1
+    >>> target = stable_target(clean[:8] + 0.01 * torch.randn(8, 1, 8, 8), torch.full((8,), 0.01), clean, 128)
+    >>> bool((target - clean[:8]).abs().max() < 1e-4)  # at small sigma: each sample's own clean image
+    True
+    ```
+    """
+    batch_size, N = _batch_sizes(perturbed, "perturbed", reference, "reference")
+    if aug_dim is not None and (isinstance(aug_dim, bool) or not isinstance(aug_dim, numbers.Integral) or aug_dim < 1):
+        raise ValueError(f"`aug_dim` must be an integer >= 1 or None (D = infinity), got {aug_dim!r}.")
+    dtype = torch.float64 if perturbed.dtype == torch.float64 else torch.float32
+    y = perturbed.detach().reshape(batch_size, N).to(dtype)
+    x = reference.detach().reshape(reference.shape[0], N).to(y.device, dtype)
+    with torch.no_grad():
+        target = _posterior_mean(y, _levels("sigma", sigma, batch_size, y.device), x, aug_dim)
+    # A NaN or inf in the inputs spreads to their rows: one (B, N) check, the inputs named on failure.
+    if not torch.isfinite(target).all():
+        _raise_non_finite(perturbed=perturbed, reference=reference)
+    return target.reshape(perturbed.shape).to(dtype)
 
 
 def split_field_output(model_output: torch.Tensor):

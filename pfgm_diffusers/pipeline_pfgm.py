@@ -20,7 +20,7 @@ from .guidance import guided_denoiser
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
 from .latents import slerp_gaussian
-from .perturbation import prior_log_prob
+from .perturbation import chi2_quantiles, prior_log_prob, squared_norms
 from .scheduling_pfgm import PFGMScheduler
 
 __all__ = ["PFGMLikelihoodOutput", "PFGMPipeline", "PFGMPipelineOutput", "image_grid"]
@@ -140,6 +140,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     ):
         super().__init__()
         _check_scheduler(scheduler)
+        _check_class_names(class_names, unet)
         _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob)
         self.register_modules(unet=unet, scheduler=scheduler)
         # Saved in model_index.json, so that a class-conditional model can be sampled by class name and an
@@ -178,8 +179,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         shape = self._latent_shape(batch_size)
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"Unexpected latents shape {tuple(latents.shape)}: expected {shape} (batch, C, H, W).")
-        if latents is not None and not torch.isfinite(latents).all():
-            raise ValueError("`latents` contain NaN or infinite values.")
+        if latents is not None:
+            _check_standard_gaussian(latents, self.scheduler)
         in_channels, out_channels = self.num_channels, self.unet.config.out_channels
         expected = in_channels
         if isinstance(self.scheduler, PFGMScheduler):
@@ -264,6 +265,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if batch_size is not None and condition.shape[0] != batch_size:
             raise ValueError(f"Got {condition.shape[0]} conditioning images for a batch of {batch_size}.")
         return condition.to(device)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as `DiffusionPipeline.save_pretrained` does, after checking that `class_names` fit the UNet."""
+        _check_class_names(self.config.class_names, self.unet)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------ the ODE's pieces
 
@@ -679,6 +685,46 @@ def _check_scheduler(scheduler):
         raise ValueError(
             f"Got a {type(scheduler).__name__}: PFGMPipeline runs a PFGMScheduler or diffusers' EDMEulerScheduler "
             "(the D = infinity case, also PFGMScheduler.from_config(edm_scheduler.config, aug_dim=None))."
+        )
+
+
+def _check_class_names(class_names, unet):
+    """One name per class embedding of the UNet, or none."""
+    if class_names is None:
+        return
+    num_classes = unet.config.num_class_embeds
+    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+        raise ValueError(f"`class_names` must be a list of strings, got {_short_repr(class_names)}.")
+    if num_classes is None or len(class_names) != num_classes:
+        raise ValueError(
+            f"Got {len(class_names)} class_names for a UNet with num_class_embeds={num_classes}: give one name per"
+            " class, in label order (or none)."
+        )
+
+
+# A start whose |latents|^2 has a chi-square tail probability below this is not standard Gaussian (and one that big
+# is certain to be a prior sample: sigma_max times a Gaussian's radius).
+_FAR_LATENTS_PROBABILITY = 1e-12
+
+
+def _check_standard_gaussian(latents, scheduler):
+    """Refuse non-finite latents, and prior samples (what the previous release took as latents)."""
+    norm_sq = squared_norms(latents)  # (B,): one host sync
+    if not np.all(np.isfinite(norm_sq)):
+        raise ValueError("`latents` contain NaN or infinite values.")
+    N = latents[0].numel()
+    _, upper = chi2_quantiles(norm_sq, N)
+    if np.any((upper < _FAR_LATENTS_PROBABILITY) & (norm_sq > N)):
+        i = int(np.argmin(upper))
+        fix = (
+            "`latents = pipe.scheduler.noise_from_prior(old)`"
+            if isinstance(scheduler, PFGMScheduler)
+            else "`latents = old / pipe.scheduler.init_noise_sigma`"
+        )
+        raise ValueError(
+            f"`latents` must be standard Gaussian, but latents[{i}] has radius {math.sqrt(norm_sq[i]):.4g},"
+            f" {math.sqrt(norm_sq[i] / N):.3g} times a standard Gaussian's (sqrt(N) = {math.sqrt(N):.4g}): prior"
+            f" samples, as the previous release took them? Convert them with {fix}."
         )
 
 

@@ -16,7 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import ode, preconditioning
+from . import ode, preconditioning, prior_draws
 from .field import field_dx_dz
 from .perturbation import (
     chi2_quantiles,
@@ -247,9 +247,19 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         inference). A run with a begin index uses its first sample as it is (see the class docstring).
 
         Args:
-            begin_index (`int`, defaults to 0): the begin index.
+            begin_index (`int`, defaults to 0): the begin index, an integer in [0, len(timesteps) - 1].
         """
-        self._begin_index = begin_index
+        last = self._num_calls - 1
+        if (
+            isinstance(begin_index, bool)
+            or not isinstance(begin_index, (int, np.integer))
+            or not 0 <= begin_index <= last
+        ):
+            raise ValueError(
+                f"`begin_index` must be an integer in [0, {last}] (an index of this schedule's {last + 1} timesteps,"
+                f" after `set_timesteps`), got {begin_index!r}."
+            )
+        self._begin_index = int(begin_index)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -278,6 +288,8 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
             sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
             timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
         self.timesteps = timesteps
+        # The values on the host, so that each call's timestep is checked without a device sync.
+        self._timestep_values = timesteps.tolist()
         self.sigmas = sigmas.to("cpu")  # to avoid CPU/GPU communication in `step`
         self._num_calls = len(timesteps)  # a Python int: len() of a tensor costs microseconds in every `step`
         self._step_index = None
@@ -442,7 +454,8 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
         norm_sq = squared_norms(noise)  # (B,)
         if not np.all(np.isfinite(norm_sq)):
             raise ValueError("`noise` contains NaN or infinite values.")
-        return rescale_radii(noise, norm_sq, self._prior_radius(norm_sq, noise[0].numel()))
+        radius = self._prior_radius(norm_sq, noise[0].numel())
+        return prior_draws.remember(rescale_radii(noise, norm_sq, radius), radius)
 
     def noise_from_prior(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -507,6 +520,8 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
                 " `add_noise` output, are not finite."
             )
         start = sample
+        if generic and self.config.aug_dim is not None and prior_draws.is_prior_draw(sample, norm_sq):
+            generic = False  # a `sample_prior` / `prior_from_noise` draw (or a copy): already on the prior
         if generic:
             N, noise_norm_sq = sample[0].numel(), norm_sq / self.init_noise_sigma**2  # |sample / init_noise_sigma|^2
             self._warn_if_far_from_gaussian(noise_norm_sq, N)
@@ -536,7 +551,8 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
                 " index must start from `randn_tensor(shape) * scheduler.init_noise_sigma` (DDPMPipeline passes a"
                 " plain `randn`), which the scheduler maps onto the prior. To start from a prior draw"
                 " (`sample_prior`) or an `add_noise` output instead, call `scheduler.set_begin_index(...)` after"
-                " `set_timesteps`."
+                " `set_timesteps` (latents saved by the previous release are prior samples: convert them with"
+                " `scheduler.noise_from_prior(old)`)."
             )
 
     # ----- sampling -----
@@ -574,13 +590,54 @@ class PFGMScheduler(SchedulerMixin, ConfigMixin):
                 f"Integer timestep {timestep!r}: pass one of `scheduler.timesteps` (floats), not an index from"
                 " `enumerate(timesteps)`."
             )
+        if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+            raise ValueError(
+                f"`timestep` must be one value of `scheduler.timesteps`, got a tensor of shape"
+                f" {tuple(timestep.shape)}."
+            )
         if self._step_index is None:
             self._start_run(timestep)
-        elif self._step_index >= self._num_calls:
-            raise ValueError(
-                f"This run has made all {self._num_calls} calls of the schedule: call `set_timesteps` to start"
-                " another one."
+            return
+        given = self._timestep_index_or_value(timestep)
+        if self._step_index >= self._num_calls:
+            backwards = self._first_index == self._num_calls - 1 and self._num_calls > 1
+            hint = (
+                ", the last one: its place was found from the timestep, so is this a loop over `reversed(timesteps)`?"
+                " Pass the timesteps in the order of `scheduler.timesteps`"
+                if backwards
+                else ""
             )
+            raise ValueError(
+                f"Got timestep {self._describe(given)} after the last call of this run (it started at"
+                f" timesteps[{self._first_index}]{hint}). Call `set_timesteps` to start another run."
+            )
+        expected = self._timestep_values[self._step_index]
+        value = self._timestep_values[given[0]] if given[0] is not None else given[1]
+        if value != expected:
+            raise ValueError(
+                f"Got timestep {self._describe(given)} at call {self._step_index} of this run, which expects"
+                f" timesteps[{self._step_index}] = {expected:.6g}: pass the timesteps in the order of"
+                " `scheduler.timesteps`, each unchanged (not `reversed(timesteps)`, not shuffled, not cast). To start"
+                " part-way, call `set_begin_index(i)` after `set_timesteps`."
+            )
+
+    def _timestep_index_or_value(self, timestep) -> tuple:
+        """(index in `timesteps`, None) for an element of `timesteps` (metadata only, no sync), else (None, value):
+        a host float, a CPU tensor read on the host, or an accelerator tensor read with one host sync."""
+        if isinstance(timestep, torch.Tensor):
+            schedule = self.timesteps
+            if (
+                timestep.device == schedule.device
+                and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()
+                and timestep.dtype == schedule.dtype
+            ):
+                return (timestep.storage_offset() - schedule.storage_offset(), None)
+            return (None, timestep.item())
+        return (None, float(timestep))
+
+    def _describe(self, given) -> str:
+        index, value = given
+        return f"timesteps[{index}] = {self._timestep_values[index]:.6g}" if index is not None else f"{value:.6g}"
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor) -> torch.Tensor:
         """

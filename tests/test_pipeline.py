@@ -720,3 +720,46 @@ def test_invert_and_likelihood_refuse_an_empty_batch(images):
     for method in (pipe.invert, pipe.log_likelihood):
         with pytest.raises(ValueError, match="images is empty"):
             method(images)
+
+
+# ---------------------------------------------------------------------- what the previous release left behind
+
+
+@pytest.mark.parametrize("num_classes, names", [(10, ["a", "b", "c"]), (None, ["a", "b"]), (2, ["a", "b", "c"])])
+def test_class_names_must_match_the_unet_at_construction(num_classes, names):
+    message = f"Got {len(names)} class_names for a UNet with num_class_embeds={num_classes}"
+    with pytest.raises(ValueError, match=message):
+        PFGMPipeline(unet=tiny_unet(num_class_embeds=num_classes), scheduler=PFGMScheduler(), class_names=names)
+
+
+def test_class_names_that_do_not_match_are_not_saved_nor_loaded(tmp_path):
+    pipe = PFGMPipeline(unet=tiny_unet(num_class_embeds=10), scheduler=PFGMScheduler())
+    pipe.register_to_config(class_names=["a", "b", "c"])  # edited after construction
+    with pytest.raises(ValueError, match="Got 3 class_names for a UNet with num_class_embeds=10"):
+        pipe.save_pretrained(tmp_path / "edited")
+    assert not (tmp_path / "edited" / "model_index.json").exists()
+    # a folder that already holds such names (as the previous release saved them) is refused at load
+    pipe.register_to_config(class_names=None)
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    index["class_names"] = ["a", "b", "c"]
+    (tmp_path / "saved" / "model_index.json").write_text(json.dumps(index))
+    for loader in (PFGMPipeline, DiffusionPipeline):
+        with pytest.raises(ValueError, match="Got 3 class_names for a UNet with num_class_embeds=10"):
+            loader.from_pretrained(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("aug_dim", [128, 1, None])
+def test_prior_samples_as_latents_are_refused_naming_noise_from_prior(aug_dim):
+    """The previous release's latents were prior samples: their radius is about sigma_max times a Gaussian's, and
+    taken as Gaussian latents they were mapped again and gave saturated images."""
+    scheduler = PFGMScheduler(aug_dim=aug_dim, sigma_max=80.0)
+    pipe = make_pipe(scheduler=scheduler)
+    old = scheduler.sample_prior((2, 3, 8, 8), generator=seeded(0))
+    with pytest.raises(ValueError, match=r"latents\[\d\] has radius .*pipe\.scheduler\.noise_from_prior\(old\)"):
+        pipe(latents=old, num_inference_steps=2)
+    images = pipe(latents=scheduler.noise_from_prior(old), num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 3, 8, 8)
+    edm = make_pipe(scheduler=EDMEulerScheduler())
+    with pytest.raises(ValueError, match=r"old / pipe\.scheduler\.init_noise_sigma"):
+        edm(latents=old, num_inference_steps=2)

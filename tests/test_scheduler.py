@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -214,7 +215,6 @@ def test_step_shape_and_outputs_equivalence(config, caplog):
 @pytest.mark.parametrize("config", CONTRACT_CONFIGS)
 def test_saved_and_loaded_schedulers_step_alike(config, num_train_timesteps, tmp_path):
     scheduler = PFGMScheduler(num_train_timesteps=num_train_timesteps, **config)
-    time_step = scheduler.timesteps[-1]  # of the training table, as diffusers' check_over_configs takes it
     scheduler.save_config(tmp_path)
     loaded = PFGMScheduler.from_pretrained(tmp_path)
     public = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
@@ -223,8 +223,10 @@ def test_saved_and_loaded_schedulers_step_alike(config, num_train_timesteps, tmp
     outputs = []
     for s in (scheduler, loaded):
         s.set_timesteps(10)
+        # diffusers' check_over_configs steps at the training table's last timestep; here that of the schedule, the
+        # one the run expects (field mode's differ: another is refused, test_a_timestep_out_of_order_is_refused...)
         s.scale_model_input(sample, s.timesteps[-1])
-        outputs.append(s.step(dummy_residual(s, sample), time_step, sample).prev_sample)
+        outputs.append(s.step(dummy_residual(s, sample), s.timesteps[-1], sample).prev_sample)
     assert torch.equal(outputs[0], outputs[1])
 
 
@@ -486,7 +488,7 @@ def test_bad_calls():
     t = scheduler.timesteps[0]
     scheduler.scale_model_input(x, t)
     scheduler.step(torch.zeros_like(x), t, x)
-    with pytest.raises(ValueError, match="all 1 calls"):
+    with pytest.raises(ValueError, match="after the last call of this run"):
         scheduler.step(x, t, x)
     with pytest.raises(ValueError, match="sigmas. must be finite"):
         PFGMScheduler(aug_dim=None).add_noise(x, x, sigmas=torch.tensor([float("nan")]))
@@ -608,3 +610,67 @@ def test_custom_sigmas_are_the_noise_levels():
     heun.set_timesteps(sigmas=[10.0, 1.0, 0.1])
     torch.testing.assert_close(heun.sigmas, torch.tensor([10.0, 1.0, 1.0, 0.1, 0.1, 0.0]))
     assert len(heun.timesteps) == 5
+
+
+# ----- the run's place in the schedule: begin index and the order of the timesteps -----
+
+
+@pytest.mark.parametrize("begin_index", [-1, 7, 100, 2.5, True, "1", None])
+def test_set_begin_index_refuses_what_is_not_a_timestep_index(begin_index):
+    scheduler = PFGMScheduler(aug_dim=8, solver="euler")
+    scheduler.set_timesteps(7)
+    with pytest.raises(ValueError, match=re.escape("an integer in [0, 6]") + f".*got {re.escape(repr(begin_index))}"):
+        scheduler.set_begin_index(begin_index)
+    assert scheduler.begin_index is None
+
+
+def test_set_begin_index_accepts_numpy_integers_and_the_last_index():
+    scheduler = PFGMScheduler(aug_dim=8, solver="heun")
+    scheduler.set_timesteps(4)  # 7 calls
+    scheduler.set_begin_index(np.int64(6))
+    assert scheduler.begin_index == 6 and type(scheduler.begin_index) is int
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_a_loop_over_reversed_timesteps_is_refused_at_its_second_call(solver):
+    scheduler = PFGMScheduler(aug_dim=8, solver=solver, prediction_type="sample")
+    scheduler.set_timesteps(6)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    calls = 0
+    with pytest.raises(ValueError, match=r"started at timesteps\[\d+\], the last one.*reversed\(timesteps\)"):
+        for t in reversed(scheduler.timesteps):
+            x = scheduler.step(scheduler.scale_model_input(x, t) * 0, t, x).prev_sample
+            calls += 1
+    assert calls == 1
+
+
+@pytest.mark.parametrize("as_float", [False, True])
+def test_a_timestep_out_of_order_is_refused_at_once(as_float):
+    """The scheduler steps by its own index: a timestep that is not the one it expects would be stepped at another
+    sigma than the network was told, silently."""
+    scheduler = PFGMScheduler(aug_dim=8, solver="heun", prediction_type="sample")
+    scheduler.set_timesteps(4)
+    timesteps = scheduler.timesteps.tolist() if as_float else list(scheduler.timesteps)
+    x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    x = scheduler.step(scheduler.scale_model_input(x, timesteps[0]) * 0, timesteps[0], x).prev_sample
+    with pytest.raises(ValueError, match=r"at call 1 of this run, which expects timesteps\[1\]"):
+        scheduler.scale_model_input(x, timesteps[3])  # skips one
+    with pytest.raises(ValueError, match=r"at call 1 of this run, which expects timesteps\[1\]"):
+        scheduler.step(x, timesteps[0], x)  # repeats one
+    with pytest.raises(ValueError, match="not cast"):
+        scheduler.step(x, torch.as_tensor(timesteps[1]).half(), x)
+    # the expected one passes, as a schedule element, a CPU copy or a float
+    for t in (timesteps[1], torch.tensor(float(timesteps[1])), float(timesteps[1])):
+        scheduler.scale_model_input(x, t)
+
+
+def test_timesteps_in_order_run_as_floats_and_as_schedule_elements_alike():
+    def run(to_timestep):
+        scheduler = PFGMScheduler(aug_dim=8, solver="dpmpp_2m", prediction_type="sample")
+        scheduler.set_timesteps(5)
+        x = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = scheduler.step(torch.tanh(scheduler.scale_model_input(x, t)), to_timestep(t), x).prev_sample
+        return x
+
+    assert torch.equal(run(lambda t: t), run(float))

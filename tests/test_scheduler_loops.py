@@ -97,21 +97,63 @@ def test_sample_prior_with_begin_index_is_used_as_it_is(prediction_type, aug_dim
     x_T = scheduler.sample_prior((1000, 1, 1, 3), generator=torch.Generator().manual_seed(2))
     scheduler.set_timesteps(STEPS[solver])
     t0, sigma_0 = scheduler.timesteps[0], scheduler.sigmas[0]
-    # sample_prior sets no state: without a begin index the run treats x_T as randn * init_noise_sigma and maps it
-    if aug_dim == 1:  # where the heavy-tailed D = 1 draws map far beyond float32
-        with pytest.raises(ValueError, match="cannot represent"):
-            scheduler.scale_model_input(x_T, t0)
-    else:
-        mapped = x_T if aug_dim is None else scheduler.prior_from_noise(x_T / scheduler.init_noise_sigma)
-        expected = scheduler.precondition_inputs(mapped, sigma_0)
-        torch.testing.assert_close(scheduler.scale_model_input(x_T, t0), expected, rtol=1e-5, atol=1e-6)
-    scheduler.set_timesteps(STEPS[solver])
     scheduler.set_begin_index(0)
     assert torch.equal(scheduler.scale_model_input(x_T, t0), scheduler.precondition_inputs(x_T, sigma_0))
     scheduler.set_timesteps(STEPS[solver])
     scheduler.set_begin_index(0)
     x = run_loop(scheduler, x_T, exact_network(scheduler, DATA))
     assert_lands_on_each_point_equally_often(x, DATA, aug_dim, MIN_LANDED[aug_dim])
+
+
+def readme_v0_loop(scheduler, x, network, begin_index=None):
+    """The previous README's loop: `x = scheduler.sample_prior(...)`, then the generic loop, no begin index."""
+    seen = []
+    scheduler.set_timesteps(6)
+    if begin_index is not None:
+        scheduler.set_begin_index(begin_index)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        seen.append(model_input)
+        x = scheduler.step(network(model_input, t), t, x).prev_sample
+    return x, seen[0]
+
+
+@pytest.mark.parametrize("copy", ["same tensor", "clone", "float64", "bfloat16"])
+@pytest.mark.parametrize(("prediction_type", "aug_dim"), [("epsilon", 128), ("sample", 8), ("poisson_field", 1)])
+def test_a_prior_draw_started_without_begin_index_is_used_as_it_is(prediction_type, aug_dim, copy):
+    """The pattern of the previous README mapped the prior draw a second time (start radii off by 0.93-1.19 at
+    D = 128, no warning): the scheduler now knows its prior draws, and copies of them, and runs them as
+    `set_begin_index(0)` does."""
+    scheduler = make_scheduler(prediction_type, aug_dim, "heun")
+    network = exact_network(scheduler, DATA)
+    x_T = scheduler.sample_prior((200, 1, 1, 3), generator=torch.Generator().manual_seed(21))
+    start = {
+        "same tensor": lambda x: x,
+        "clone": lambda x: x.clone(),
+        "float64": lambda x: x.double(),
+        "bfloat16": lambda x: x.to(torch.bfloat16).float(),
+    }[copy](x_T)
+    expected, expected_first = readme_v0_loop(scheduler, start.clone(), network, begin_index=0)
+    x, first = readme_v0_loop(scheduler, start, network)
+    assert torch.equal(first, expected_first) and torch.equal(x, expected)
+    torch.testing.assert_close(first.float(), scheduler.precondition_inputs(x_T, scheduler.sigmas[0]), rtol=1e-2,
+                               atol=1e-6)  # fmt: skip
+
+
+def test_a_fresh_gaussian_start_is_still_mapped_after_prior_draws_of_its_shape():
+    """Remembering prior draws never takes a `randn * init_noise_sigma` start for one (no false match in 400 small
+    batches, each after 32 prior draws of its shape)."""
+    scheduler = PFGMScheduler(aug_dim=128, solver="euler", prediction_type="sample")
+    generator = torch.Generator().manual_seed(22)
+    for _ in range(32):
+        scheduler.sample_prior((1, 1, 2, 2), generator=generator)
+    scheduler.set_timesteps(3)
+    for _ in range(400):
+        noise = torch.randn(1, 1, 2, 2, generator=generator)
+        scheduler.set_timesteps(3)
+        model_input = scheduler.scale_model_input(noise * scheduler.init_noise_sigma, scheduler.timesteps[0])
+        expected = scheduler.precondition_inputs(scheduler.prior_from_noise(noise), scheduler.sigmas[0])
+        torch.testing.assert_close(model_input, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_prior_helpers_set_no_state():

@@ -1,5 +1,6 @@
 """The trainer's data module: the embedded digits, transforms without torchvision, reproducible augmentation."""
 
+import json
 import os
 
 import numpy as np
@@ -246,3 +247,149 @@ def test_an_unchanged_mode_and_size_skip_no_random_draw():
         out = transform(image, torch.Generator().manual_seed(seed))
         assert torch.equal(out, pixels.flip(-1) if flips[-1] else pixels)
     assert 0 < sum(flips) < 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad or unusual data: refused by name before training, or read as what it is.
+
+
+def write_png_gray_alpha_16(path, gray, alpha):
+    """A 16-bit grayscale+alpha PNG (colour type 4), built by hand: Pillow cannot write one."""
+    import struct
+    import zlib
+
+    height, width = gray.shape
+    pixels = np.stack([gray, alpha], axis=-1).astype(">u2")  # (H, W, 2), big-endian as PNG stores them
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in pixels)  # filter type 0 on every row
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 4, 0, 0, 0)  # bit depth 16, colour type 4
+    png = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+    return path
+
+
+def test_16_bit_gray_alpha_pngs_are_grayscale_at_16_bits_and_their_alpha_is_dropped(tmp_path):
+    from pfgm_diffusers.data import load_hub_dataset, open_image
+
+    ramp = np.linspace(1000, 60000, 64).reshape(8, 8).astype(np.uint16)  # 16-bit steps an 8-bit read would merge
+    (tmp_path / "folder").mkdir()
+    for i, alpha in enumerate((0, 65535)):  # transparent and opaque: the alpha changes nothing
+        write_png_gray_alpha_16(tmp_path / "folder" / f"{i}.png", ramp, np.full_like(ramp, alpha))
+    assert Image.open(tmp_path / "folder" / "0.png").mode == "RGBA"  # how Pillow alone reads it
+    folder = load_image_folder(str(tmp_path / "folder"), cache_dir=str(tmp_path / "cache"), with_labels=False)
+    assert folder.num_channels == 1  # it was 3: RGBA trained a colour model
+    dataset = TrainingDataset(folder.dataset, ImageTransform(8, folder.num_channels, center_crop=True))
+    expected = torch.from_numpy(ramp.astype(np.float64) / 65535 * 2 - 1).float()[None]
+    for index in range(2):
+        torch.testing.assert_close(dataset[index]["pixel_values"], expected, rtol=0, atol=1e-6)
+    # As for 8-bit grayscale+alpha, which Pillow reads as "LA": one channel, the alpha dropped
+    la = Image.fromarray(np.stack([ramp >> 8, np.zeros_like(ramp)], axis=-1).astype(np.uint8), mode="LA")
+    assert torch.equal(ImageTransform(8, 1)(la), ImageTransform(8, 1)(Image.fromarray((ramp >> 8).astype(np.uint8))))
+    # The same file inside a `datasets` dataset (images stored as bytes) is read the same way
+    import datasets
+
+    png_bytes = (tmp_path / "folder" / "0.png").read_bytes()
+    table = datasets.Dataset.from_dict({"image": [{"bytes": png_bytes, "path": None}] * 2})
+    table.cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    saved = load_hub_dataset(str(tmp_path / "saved"))
+    assert saved.num_channels == 1
+    tensor = TrainingDataset(saved.dataset, ImageTransform(8, 1, center_crop=True))[1]["pixel_values"]
+    torch.testing.assert_close(tensor, expected, rtol=0, atol=1e-6)
+    assert open_image({"path": None, "bytes": png_bytes}).mode == "I;16"
+
+
+def write_float_tiff(path, array):
+    Image.fromarray(array.astype(np.float32)).save(path)  # mode "F"
+    return path
+
+
+def test_a_nan_pixel_in_a_float_tiff_is_refused_before_training_naming_the_file(tmp_path):
+    good = np.linspace(0, 1, 64).reshape(8, 8)
+    (tmp_path / "folder").mkdir()
+    for i in range(3):
+        write_float_tiff(tmp_path / "folder" / f"{i}.tif", good)
+    bad = good.copy()
+    bad[3, 5] = np.nan
+    write_float_tiff(tmp_path / "folder" / "1.tif", bad)
+    with pytest.raises(ValueError) as error:
+        load_image_folder(str(tmp_path / "folder"), cache_dir=str(tmp_path / "cache"))
+    message = str(error.value)
+    assert "1 image(s) hold pixel values that cannot be trained on" in message
+    assert f"{tmp_path / 'folder' / '1.tif'} (1 non-finite pixel value(s) (NaN or infinity))" in message
+    assert "0.tif" not in message and "2.tif" not in message
+
+
+def test_bad_pixel_values_in_a_dataset_are_named_once_decoded_or_when_the_batch_is_built(tmp_path, monkeypatch):
+    import datasets
+
+    from pfgm_diffusers import data
+
+    good = np.linspace(0, 1, 64).reshape(8, 8)
+    bad = good.copy()
+    bad[0, 0] = np.inf
+    paths = [str(write_float_tiff(tmp_path / f"{i}.tif", bad if i == 2 else good)) for i in range(4)]
+    table = datasets.Dataset.from_dict({"image": paths}).cast_column("image", datasets.Image())
+    transform = ImageTransform(8, 1)
+    # A small dataset is decoded once when the training set is built: the check costs nothing per step
+    with pytest.raises(ValueError, match=r"1 training image\(s\) hold .*image 2 of the training data \(.*2\.tif\): "):
+        TrainingDataset(table, transform)
+    # A large one is read batch by batch: the batch holding the image names it
+    monkeypatch.setattr(data, "MAX_DECODED_ONCE_BYTES", 0)
+    dataset = TrainingDataset(table, transform)
+    assert dataset.decoded is None
+    collate(dataset.__getitems__([0, 1, 3]))
+    with pytest.raises(ValueError, match=r"^image 2 of the training data \(.*2\.tif\): 1 non-finite pixel value"):
+        dataset.__getitems__([1, 2])
+
+
+def test_image_column_naming_a_column_without_images_is_refused(tmp_path):
+    import datasets
+
+    from pfgm_diffusers.data import load_hub_dataset
+
+    images = [Image.fromarray(np.full((6, 6, 3), 40 * i, dtype=np.uint8)) for i in range(3)]
+    features = datasets.Features({"caption": datasets.Value("string"), "photo": datasets.Image()})
+    table = datasets.Dataset.from_dict({"caption": ["a", "b", "c"], "photo": images}, features=features)
+    table.save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(ValueError) as error:
+        load_hub_dataset(str(tmp_path / "saved"), image_column="caption")
+    assert "--image_column 'caption' of" in str(error.value)
+    assert "holds Value('string'), not images; its image columns: ['photo']" in str(error.value)
+    assert load_hub_dataset(str(tmp_path / "saved"), image_column="photo").num_channels == 3
+
+
+def test_sparse_integer_labels_are_refused_naming_them(tmp_path):
+    from pfgm_diffusers.data import load_hub_dataset
+
+    labelled_table([0, 2_000_000, 0], label_type="int64").save_to_disk(str(tmp_path / "sparse"))
+    with pytest.raises(ValueError) as error:
+        load_hub_dataset(str(tmp_path / "sparse"))
+    assert "integer labels {0, 2000000} would make 2000001 classes (ids 0 .. 2000000" in str(error.value)
+    assert "of which 2 occur" in str(error.value) and "renumber them 0 .. 1" in str(error.value)
+    # Labels are class ids: a few unused ids stay (renumbering would change the ids used when sampling)
+    labelled_table([0, 1, 3, 3], label_type="int64").save_to_disk(str(tmp_path / "gap"))
+    gap = load_hub_dataset(str(tmp_path / "gap"))
+    assert gap.class_names == ["0", "1", "2", "3"] and gap.dataset["label"] == [0, 1, 3, 3]
+    # As strings, each distinct value is a named class
+    labelled_table(["0", "2000000", "0"]).save_to_disk(str(tmp_path / "strings"))
+    assert load_hub_dataset(str(tmp_path / "strings")).class_names == ["0", "2000000"]
+
+
+def test_a_unet_config_with_another_class_count_is_refused_naming_both(tmp_path):
+    from test_train import TINY_UNET, in_process, make_folder, tiny_args
+
+    folder = make_folder(tmp_path / "three", {f"{name}/{i}.png": 40 * i for name in "abc" for i in range(2)})
+    config = tmp_path / "ten_classes.json"
+    config.write_text(json.dumps(dict(TINY_UNET, num_class_embeds=10)))
+    for conditional, message in ((True, "the data's 3 classes"), (None, "an unconditional run")):
+        args = tiny_args(folder, config, tmp_path / "out", class_conditional=conditional)
+        with in_process(tmp_path) as train_pfgm:
+            with pytest.raises(ValueError) as error:
+                train_pfgm.main([str(arg) for arg in args])
+        assert f"num_class_embeds=10 conflicts with num_class_embeds={3 if conditional else None} from" in str(
+            error.value
+        )
+        assert message in str(error.value)

@@ -281,11 +281,13 @@ def load_unet_config(args, num_channels, out_channels, num_classes):
         config = dict(UNet2DModel.load_config(model_config_name_or_path))
     derived = dict(sample_size=resolution, in_channels=num_channels, out_channels=out_channels)
     derived["num_class_embeds"] = num_classes
+    classes = "an unconditional run" if num_classes is None else f"the data's {num_classes} classes"
+    sources = dict(sample_size="--resolution", in_channels="the data's channels", num_class_embeds=classes)
     for key, value in derived.items():
         if key in config and config[key] != value:
             raise ValueError(
-                f"{model_config_name_or_path}: {key}={config[key]} conflicts with the data/objective ({key}={value}); "
-                "remove it from the config, the trainer derives it"
+                f"{model_config_name_or_path}: {key}={config[key]} conflicts with {key}={value} from "
+                f"{sources.get(key, 'the objective')}; remove it from the config, the trainer derives it"
             )
     config.update(derived)
     downsampling = 2 ** (len(config.get("block_out_channels", UNet2DModel().config.block_out_channels)) - 1)
