@@ -37,6 +37,7 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+from pfgm_diffusers.conditioning import with_condition
 from pfgm_diffusers.data import (
     EpochSampler,
     ImageTransform,
@@ -46,14 +47,21 @@ from pfgm_diffusers.data import (
     load_hub_dataset,
     load_image_folder,
 )
+from pfgm_diffusers.guidance import drop_conditions
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
+from pfgm_diffusers.paired import (
+    PairedImages,
+    PairedTrainingDataset,
+    load_paired_folders,
+    paired_collate,
+)
 from pfgm_diffusers.pipeline_pfgm import image_grid
 
 # isort: split
 # This script's siblings in training/ (on sys.path when the script runs)
 import checkpoints
-from arguments import build_scheduler, load_unet_config, parse_args, public_arguments
+from arguments import build_scheduler, degradation, load_unet_config, parse_args, public_arguments
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -99,8 +107,18 @@ def create_accelerator(args):
 
 
 def load_images(args):
-    """The training images; labels only for --class_conditional (unconditional training never reads them)."""
-    if args.train_data_dir is not None:
+    """The training images, and for an image-to-image run their conditions (`PairedImages`, else None); labels only
+    for --class_conditional (unconditional training never reads them)."""
+    images, paired = None, None
+    if args.conditioning_data_dir is not None:  # paired by file name: the pairs decide the images and their order
+        if args.class_conditional:
+            raise ValueError(
+                "--class_conditional with --conditioning_data_dir: paired folders carry no labels; use a dataset "
+                "with a label column and --conditioning_image_column"
+            )
+        paired = load_paired_folders(args.train_data_dir, args.conditioning_data_dir)
+        images = paired.target
+    elif args.train_data_dir is not None:
         images = load_image_folder(args.train_data_dir, args.cache_dir, with_labels=args.class_conditional)
     elif args.dataset_name is not None:
         label_column = args.label_column if args.class_conditional else None
@@ -109,6 +127,13 @@ def load_images(args):
         )
     else:
         images = load_digits_dataset(with_labels=args.class_conditional)
+    if args.conditioning_image_column is not None:
+        condition = load_hub_dataset(  # the same rows from the `datasets` cache, the condition column as "image"
+            args.dataset_name, args.dataset_config_name, args.cache_dir, args.conditioning_image_column, None
+        )
+        paired = PairedImages(images, condition=condition)
+    elif args.paired_task is not None:
+        paired = PairedImages(images, degradation=degradation(args))
     if args.class_conditional and images.class_names is None:
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
@@ -117,7 +142,7 @@ def load_images(args):
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
             f"{args.resolution}x{args.resolution}"
         )
-    return images
+    return images, paired
 
 
 def create_dataloader(args, dataset, sampler, batch_size, accelerator):
@@ -126,7 +151,7 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=paired_collate if isinstance(dataset, PairedTrainingDataset) else collate,
         drop_last=True,  # equal batches on every process, as the gathered charges need
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG (restored on resume) untouched
@@ -233,9 +258,22 @@ def main(argv=None):
 
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
-        images = load_images(args)
+        images, paired = load_images(args)
     transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
     dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
+    conditioning_channels = None
+    if paired is not None:  # the UNet takes C + C_cond channels: the condition is concatenated to its input
+        conditioning_channels = paired.conditioning_channels
+        dataset = PairedTrainingDataset(paired, args.resolution, args.center_crop, args.random_flip, seed=args.seed)
+    # What the saved pipeline records besides its modules, and the conditions of the sample grids (fixed examples)
+    pipeline_config = dict(class_names=images.class_names)
+    sample_conditions = None
+    if paired is not None:
+        pipeline_config.update(
+            conditioning_channels=conditioning_channels, conditioning_dropout_prob=args.conditioning_dropout_prob
+        )
+        first = list(range(min(args.eval_batch_size, len(dataset))))
+        sample_conditions = paired_collate(dataset.__getitems__(first))["conditioning_pixel_values"]
     field = scheduler.config.prediction_type == "poisson_field"  # the trainer's one question about the objective
     # The field objective loads the large batch; its first train_batch_size rows are the small batch
     loader_batch_size = args.large_batch_size if field else args.train_batch_size
@@ -247,7 +285,8 @@ def main(argv=None):
         scheduler = build_scheduler(args, images.num_channels)
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 in field mode
-    unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
+    in_channels = images.num_channels + (conditioning_channels or 0)
+    unet_config = load_unet_config(args, in_channels, out_channels, images.num_classes)
     # What a checkpoint records and a resume must match (checkpoints.COMPATIBILITY_KEYS)
     run_settings = dict(
         objective=args.objective,
@@ -322,12 +361,21 @@ def main(argv=None):
             x_large = batch["pixel_values"]  # (L, C, H, W) for the field objective, else (B, C, H, W)
             x = x_large[: args.train_batch_size]
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
+            network = unet
+            if paired is not None:  # never perturbed: concatenated to the network input as it is
+                condition = batch["conditioning_pixel_values"][: args.train_batch_size]
+                if args.conditioning_dropout_prob:  # zeros instead, for guidance at sampling time
+                    nulls = {"image": torch.zeros_like(condition[:1])}
+                    condition = drop_conditions({"image": condition}, nulls, args.conditioning_dropout_prob)["image"]
+                network = with_condition(unet, condition)
             with accelerator.accumulate(unet):
                 if field:  # the target is the field of every process's large batch: num_processes x L charges
                     charges = accelerator.gather(x_large.contiguous())
-                    loss = poisson_field_loss(unet, x, charges, class_labels, args.sigma, args.tau, args.M, args.gamma)
+                    loss = poisson_field_loss(
+                        network, x, charges, class_labels, args.sigma, args.tau, args.M, args.gamma
+                    )
                 else:
-                    loss = pfgmpp_loss(unet, scheduler, x, class_labels, args.P_mean, args.P_std)
+                    loss = pfgmpp_loss(network, scheduler, x, class_labels, args.P_mean, args.P_std)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -364,11 +412,19 @@ def main(argv=None):
                 )
             if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
                 with ema_weights(ema_model, unet):
-                    save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
+                    save_samples(
+                        args,
+                        accelerator,
+                        accelerator.unwrap_model(unet),
+                        scheduler,
+                        global_step,
+                        pipeline_config,
+                        sample_conditions,
+                    )
             pipeline_steps = args.save_pipeline_steps
             if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
                 with ema_weights(ema_model, unet):
-                    save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+                    save_pipeline(accelerator.unwrap_model(unet), scheduler, pipeline_config, args.output_dir)
             unet.train()
             step_start = clock()  # sampling and checkpoints are not training throughput
             if last_step:
@@ -385,7 +441,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with ema_weights(ema_model, unet):
-            save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+            save_pipeline(accelerator.unwrap_model(unet), scheduler, pipeline_config, args.output_dir)
         last_grid = os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png")
         if os.path.exists(last_grid):
             shutil.copyfile(last_grid, os.path.join(args.output_dir, "samples.png"))
@@ -396,16 +452,21 @@ def main(argv=None):
     accelerator.end_training()
 
 
-def save_samples(args, accelerator, unet, scheduler, global_step):
+def save_samples(args, accelerator, unet, scheduler, global_step, pipeline_config, conditions=None):
     """A grid `samples/step_<step>.png` of `unet`'s samples (a fixed seed, a fresh scheduler; classes in turn for a
-    class-conditional model), and the images to TensorBoard or W&B."""
-    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config))
+    class-conditional model; for an image-to-image model, one sample per fixed condition), and the images to
+    TensorBoard or W&B."""
+    config = {key: value for key, value in pipeline_config.items() if key != "class_names"}
+    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config), **config)
     pipeline.set_progress_bar_config(disable=True)
+    batch_size = args.eval_batch_size if conditions is None else len(conditions)
     num_classes = unet.config.num_class_embeds
-    labels = {} if num_classes is None else {"class_labels": torch.arange(args.eval_batch_size) % num_classes}
+    labels = {} if num_classes is None else {"class_labels": torch.arange(batch_size) % num_classes}
+    if conditions is not None:  # model space, as the trainer made them (a noisy measurement may pass [-1, 1])
+        labels.update(conditioning_image=conditions, do_normalize=False)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     samples = pipeline(
-        args.eval_batch_size,
+        batch_size,
         num_inference_steps=args.num_inference_steps,
         generator=generator,
         output_type="np",
@@ -423,9 +484,10 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
             tracker.log_images({"samples": list(samples)}, step=global_step)
 
 
-def save_pipeline(unet, scheduler, class_names, output_dir):
-    """The pipeline with the class names of the data, written file by file atomically (checkpoints.save_pipeline)."""
-    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names), output_dir)
+def save_pipeline(unet, scheduler, pipeline_config, output_dir):
+    """The pipeline with the class names of the data (and an image-to-image model's condition channels), written file
+    by file atomically (checkpoints.save_pipeline)."""
+    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, **pipeline_config), output_dir)
 
 
 def push_to_hub(repo_id, output_dir, token):
