@@ -329,6 +329,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
         def denoise(sample, sigma):
             progress.update()
+            if conditioning_image is None and guidance_scale == 1:  # the old signature, as code that wraps it knows
+                return self.denoise(sample, sigma, class_labels)
             return self.denoise(sample, sigma, class_labels, conditioning_image, guidance_scale)
 
         return denoise, progress
