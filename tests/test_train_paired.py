@@ -129,9 +129,9 @@ def test_a_conditioning_image_column(tmp_path, unet_config):
 def test_bad_paired_flags_fail_before_loading_anything(tmp_path, unet_config, overrides, message):
     args = [str(a) for a in tiny_args("folder", unet_config, tmp_path / "out", **overrides)]
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.load_images = train_pfgm.pfgmpp_loss = fail_if_called
+        train_pfgm.load_images = fail_if_called
         with pytest.raises(ValueError) as error:
-            train_pfgm.main(args)
+            train_pfgm.main(args, loss=fail_if_called)
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()
 
@@ -141,6 +141,5 @@ def test_unmatched_paired_folders_are_refused_naming_the_files(tmp_path, unet_co
     os.remove(tmp_path / "edges" / "3.jpg")
     args = tiny_args(tmp_path / "images", unet_config, tmp_path / "out", conditioning_data_dir=tmp_path / "edges")
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.pfgmpp_loss = fail_if_called
         with pytest.raises(ValueError, match=r"1 image\(s\) without a condition \['3'\]"):
-            train_pfgm.main([str(a) for a in args])
+            train_pfgm.main([str(a) for a in args], loss=fail_if_called)
