@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from . import ode
+from .conditioning import concat_condition
 from .guidance import guided_denoiser
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
@@ -119,13 +120,17 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         class_names (`list[str]`, *optional*):
             The names of the classes of a class-conditional UNet, in label order (saved with the pipeline), so that
             `class_labels` can name them.
+        null_class_label (`int`, *optional*):
+            The label of the null class of a UNet trained with class dropout (`--class_dropout_prob`), which makes
+            classifier-free guidance (`guidance_scale`) possible: the last class embedding,
+            `unet.config.num_class_embeds - 1`. `None` (folders saved without it) means no null class.
         conditioning_channels (`int`, *optional*):
             C_cond for an image-conditional model (image-to-image, e.g. super-resolution): the UNet takes the scaled
             sample and the condition concatenated, `in_channels = C + C_cond`, and every call needs a
             `conditioning_image` of C_cond channels. Saved with the pipeline (`model_index.json`); None: no condition.
         conditioning_dropout_prob (`float`, *optional*):
             The share of training examples whose condition was replaced by zeros (conditioning dropout), recorded by
-            the trainer: a model trained with it > 0 knows the unconditional branch that `guidance_scale` uses.
+            the trainer: a model trained with it > 0 knows the zero-condition branch that `guidance_scale` uses.
     """
 
     model_cpu_offload_seq = "unet"
@@ -135,20 +140,22 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: PFGMScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
+        null_class_label: int | None = None,
         conditioning_channels: int | None = None,
         conditioning_dropout_prob: float | None = None,
     ):
         super().__init__()
         _check_scheduler(scheduler)
-        _check_class_names(class_names, unet)
         _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob)
+        _check_null_class_label(null_class_label, unet)
+        _check_class_names(class_names, unet, null_class_label)
         self.register_modules(unet=unet, scheduler=scheduler)
-        # Saved in model_index.json, so that a class-conditional model can be sampled by class name and an
-        # image-conditional one knows the channels of its condition (not derivable: field models have C + 1 outputs)
+        # Saved in model_index.json, so that a class-conditional model can be sampled by class name, and guided
+        self.register_to_config(class_names=None if class_names is None else list(class_names))
+        self.register_to_config(null_class_label=null_class_label)
+        # An image-conditional model's condition channels: not derivable from the UNet (field models: C + 1 outputs)
         self.register_to_config(
-            class_names=None if class_names is None else list(class_names),
-            conditioning_channels=conditioning_channels,
-            conditioning_dropout_prob=conditioning_dropout_prob,
+            conditioning_channels=conditioning_channels, conditioning_dropout_prob=conditioning_dropout_prob
         )
 
     @property
@@ -208,7 +215,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     def prepare_class_labels(self, class_labels, batch_size, generator=None, device=None, required=False):
         """`class_labels` (None, an int or name, a list of them, or an integer tensor) as a (B,) long tensor; None
         for an unconditional UNet. Missing labels are drawn uniformly from `generator` unless `required`."""
-        num_classes = self.unet.config.num_class_embeds
+        num_classes = self.num_classes
         if num_classes is None and class_labels is not None:
             raise ValueError(
                 f"class_labels={_short_repr(class_labels)} were given but the UNet has no class embedding "
@@ -233,11 +240,84 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if labels.shape[0] != batch_size:
             raise ValueError(f"Got {labels.shape[0]} class_labels for a batch of {batch_size}.")
         if labels.min() < 0 or labels.max() >= num_classes:
+            null = "" if self._null_class is None else f"; the null class {self._null_class} is guidance_scale=0's"
             raise ValueError(
-                f"class_labels must lie in [0, {num_classes - 1}] (num_class_embeds={num_classes}), got "
+                f"class_labels must lie in [0, {num_classes - 1}] ({num_classes} classes{null}), got "
                 f"{labels.tolist()}."
             )
         return labels.to(device)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes a class-conditional UNet was trained on (without the null class); None for an
+        unconditional one."""
+        num_class_embeds = self.unet.config.num_class_embeds
+        if num_class_embeds is None or self._null_class is None:
+            return num_class_embeds
+        return num_class_embeds - 1
+
+    @property
+    def _null_class(self) -> int | None:
+        return getattr(self.config, "null_class_label", None)  # None in pipelines saved before it existed
+
+    def _network(self, class_labels, guidance_scale=1.0, conditioning_image=None):
+        """`network(model_input, timestep) -> model output` with the conditions bound and classifier-free guidance
+        applied (`guidance.guided_denoiser`: one batched call for both branches, only one branch at w = 0 or 1).
+
+        Guidance combines the network outputs. For the PFGM++ prediction types `precondition_outputs` is affine in
+        the output with weights that do not depend on it, so this is D = D_null + w (D_cond - D_null) exactly; for the
+        field objective it guides the predicted field, E_null + w (E_cond - E_null), before dx/dz = E_x / E_z.
+        """
+        self.check_guidance(guidance_scale, conditioning_image)
+        conditions = {"class_labels": class_labels, "conditioning_image": conditioning_image}
+        conditions = {key: value for key, value in conditions.items() if value is not None}
+        null_conditions = conditions  # w = 1: no null branch is built or run
+        if guidance_scale != 1:
+            null_conditions = dict(conditions)
+            # the null branch drops every condition the model learnt to do without; the others stay
+            if class_labels is not None and self._null_class is not None:
+                null_conditions["class_labels"] = torch.full_like(class_labels, self._null_class)
+            if conditioning_image is not None and self.config.get("conditioning_dropout_prob"):
+                null_conditions["conditioning_image"] = torch.zeros_like(conditioning_image)  # conditioning dropout
+
+        def network(model_input, timestep, class_labels=None, conditioning_image=None):
+            model_input = concat_condition(model_input, conditioning_image)
+            return self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample
+
+        return guided_denoiser(network, conditions, null_conditions, float(guidance_scale))
+
+    def check_guidance(self, guidance_scale: float, conditioning_image: torch.Tensor | None = None) -> None:
+        """Raise a `ValueError` for a `guidance_scale` this model cannot apply: not a finite number, or other than 1
+        for a model with no condition it learnt to do without (a null class from `--class_dropout_prob`, a zero
+        image from `--conditioning_dropout_prob`). The null branch drops every such condition; the others stay."""
+        class_conditional = self.num_classes is not None
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
+            raise ValueError(f"`guidance_scale` must be a real number, got {_short_repr(guidance_scale)}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}.")
+        if guidance_scale == 1:
+            return
+        image_conditional = self.config.get("conditioning_channels") is not None or conditioning_image is not None
+        if (class_conditional and self._null_class is not None) or (
+            image_conditional and self.config.get("conditioning_dropout_prob")
+        ):
+            return
+        if not class_conditional and not image_conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a conditional model, but the UNet has no class embedding "
+                "(unet.config.num_class_embeds is None) and no condition was given: pass guidance_scale=1."
+            )
+        if not class_conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale}: this model was trained without conditioning dropout "
+                "(conditioning_dropout_prob is not > 0; train_pfgm.py --conditioning_dropout_prob, e.g. 0.1), so it "
+                "has no zero-condition branch: pass guidance_scale=1."
+            )
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a model trained with a null class (train_pfgm.py "
+            "--class_dropout_prob, e.g. 0.1), but this pipeline has none (null_class_label is None): pass "
+            "guidance_scale=1."
+        )
 
     def prepare_conditioning_image(self, conditioning_image, batch_size, device=None, do_normalize=True):
         """The condition of an image-conditional model as a float32 (B, C_cond, H, W) tensor in model space; None for
@@ -268,70 +348,39 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as `DiffusionPipeline.save_pretrained` does, after checking that `class_names` fit the UNet."""
-        _check_class_names(self.config.class_names, self.unet)
+        _check_class_names(self.config.class_names, self.unet, self._null_class)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------ the ODE's pieces
-
-    def _network(self, class_labels=None, conditioning_image=None, guidance_scale: float = 1.0):
-        """F(model_input, timestep) of the UNet with its conditions: the condition concatenated to the scaled input
-        (never scaled or noised itself); with `guidance_scale` != 1, the conditional and the zero-condition branch in
-        one batched call, combined by `guidance.combine_guidance`. D is affine in F for the PFGM++ preconditioning,
-        so this is guidance on D exactly; the field model's D is not, which `_check_guidance` refuses."""
-
-        def network(model_input, timestep, class_labels=None, conditioning_image=None):
-            if conditioning_image is not None:
-                model_input = torch.cat([model_input, conditioning_image.to(model_input.dtype)], dim=1)
-            return self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample.float()
-
-        conditions = {"class_labels": class_labels, "conditioning_image": conditioning_image}
-        conditions = {key: value for key, value in conditions.items() if value is not None}
-        if guidance_scale == 1:
-            return lambda model_input, timestep: network(model_input, timestep, **conditions)
-        self._check_guidance(guidance_scale, conditioning_image)
-        nulls = {**conditions, "conditioning_image": torch.zeros_like(conditioning_image)}  # what dropout trained
-        return guided_denoiser(network, conditions, nulls, guidance_scale)
-
-    def _check_guidance(self, guidance_scale, conditioning_image):
-        if conditioning_image is None:
-            raise ValueError(f"guidance_scale={guidance_scale!r} needs an image-conditional model (1 is no guidance).")
-        if not self.config.get("conditioning_dropout_prob"):
-            raise ValueError(
-                f"guidance_scale={guidance_scale!r}: this model was trained without conditioning dropout "
-                "(conditioning_dropout_prob is not > 0), so it has no unconditional branch; use guidance_scale=1."
-            )
-        if self._is_field_model:
-            raise ValueError(
-                "guidance_scale != 1 is not supported for the original PFGM's field models: their denoiser "
-                "D = x - z v_x / v_z is not affine in the network output, so no combination of outputs is guidance."
-            )
 
     def denoise(
         self,
         sample: torch.Tensor,
         sigma: float,
         class_labels=None,
-        conditioning_image: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1).
-        Only the network's input is cast to `unet.dtype`; `conditioning_image` is a model-space (B, C_cond, H, W)."""
+        conditioning_image=None,
+    ):
+        """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1),
+        with classifier-free guidance for `guidance_scale` other than 1. Only the network's input is cast to
+        `unet.dtype`; `conditioning_image` is a model-space (B, C_cond, H, W) tensor."""
+        return self._denoise(self._network(class_labels, guidance_scale, conditioning_image), sample, sigma)
+
+    def _denoise(self, network, sample, sigma):
         model_input = self.scheduler.precondition_inputs(sample, sigma)
         timestep = torch.as_tensor(self.scheduler.precondition_noise(sigma), dtype=torch.float32)
         timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])
-        model_output = self._network(class_labels, conditioning_image, guidance_scale)(model_input, timestep)
-        return self.scheduler.precondition_outputs(sample, model_output, sigma).float()
+        model_output = network(model_input, timestep)
+        return self.scheduler.precondition_outputs(sample, model_output.float(), sigma).float()
 
-    def _denoiser(self, class_labels, conditioning_image=None, guidance_scale=1.0):
+    def _denoiser(self, network):
         """`denoise` as the solvers of `ode.py` call it, and a progress bar counting its evaluations (no total: the
         adaptive solvers choose their number)."""
         progress = tqdm(total=None, **{"desc": "network evaluations", **getattr(self, "_progress_bar_config", {})})
 
         def denoise(sample, sigma):
             progress.update()
-            if conditioning_image is None and guidance_scale == 1:  # the old signature, as code that wraps it knows
-                return self.denoise(sample, sigma, class_labels)
-            return self.denoise(sample, sigma, class_labels, conditioning_image, guidance_scale)
+            return self._denoise(network, sample, sigma)
 
         return denoise, progress
 
@@ -393,10 +442,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         solver: str | None = None,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        guidance_scale: float = 1.0,
         image=None,
         strength: float | None = None,
         conditioning_image=None,
-        guidance_scale: float = 1.0,
         do_normalize: bool = True,
     ) -> PFGMPipelineOutput | tuple:
         r"""
@@ -431,6 +480,13 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 at 0 (PFGM++ modes), a final denoising step x = D(x, sigma_min) follows, EDM's last Euler step.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
+            guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance (Ho & Salimans 2022) for a model trained with a null class
+                (`null_class_label`) and/or conditioning dropout (`conditioning_dropout_prob`): D = D_null +
+                w (D_cond - D_null), the null branch with the null class and/or a zero `conditioning_image` (the
+                conditions the model learnt to do without), both branches in one network call on a doubled batch.
+                1 is the conditional model exactly (one branch, no extra cost), 0 the null branch exactly, > 1
+                stronger conditioning. For the field objective the predicted fields are combined.
             image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`, *optional*):
                 Images to start from (as [`~PFGMPipeline.invert`] takes them), for any model, as diffusers' img2img
                 pipelines: of the grid of `num_inference_steps` steps the last `int(num_inference_steps * strength)`
@@ -444,10 +500,6 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 The condition of an image-conditional model (`config.conditioning_channels` channels, the UNet's
                 size, one per image; in [0, 1] unless `do_normalize=False`), e.g. the low-resolution or noisy
                 measurement; required for such a model and refused for others.
-            guidance_scale (`float`, defaults to 1.0):
-                Classifier-free guidance on the condition, D = D_null + w (D_cond - D_null) with a zero condition as
-                null (one batched network call per evaluation): 1 is the conditional model exactly, 0 the
-                unconditional one. Only for models trained with `conditioning_dropout_prob` > 0.
             do_normalize (`bool`, defaults to `True`):
                 `image` and `conditioning_image` are in [0, 1]; with `False`, tensors in model space ([-1, 1] for
                 clean images; a noisy measurement may lie beyond).
@@ -481,10 +533,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
-        network = self._network(labels, condition, guidance_scale)
+        network = self._network(labels, guidance_scale, condition)
         latents = self.prepare_latents(batch_size, latents, generator, device)
         if solver == "rk45":
-            denoise, progress = self._denoiser(labels, condition, guidance_scale)
+            denoise, progress = self._denoiser(network)
             sigma_min, sigma_max = self._sigma_range()
             x = self._prior_from_noise(latents)
             sample, nfe = ode.solve_rk45(denoise, x, sigma_max, sigma_min, rtol, atol, self._is_field_model)
@@ -503,7 +555,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             timesteps = scheduler.timesteps[scheduler.begin_index or 0 :]
             for t in self.progress_bar(timesteps):
                 model_input = scheduler.scale_model_input(sample, t)
-                sample = scheduler.step(network(model_input, t), t, sample).prev_sample
+                model_output = network(model_input, t)
+                sample = scheduler.step(model_output.float(), t, sample).prev_sample
             nfe = len(timesteps)
 
         image = postprocess(sample, output_type)
@@ -524,6 +577,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         do_normalize: bool = True,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        guidance_scale: float = 1.0,
         conditioning_image=None,
     ) -> torch.Tensor:
         r"""
@@ -547,6 +601,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 Map images from [0, 1] to the model's [-1, 1]. With `False`, `images` is a tensor in model space.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"`.
+            guidance_scale (`float`, defaults to 1.0):
+                As in [`~PFGMPipeline.__call__`]: the guided ODE walked backwards, so that sampling with the same
+                scale reconstructs the images.
             conditioning_image (*optional*):
                 The images' conditions, required for an image-conditional model (as in `__call__`; normalised with
                 `do_normalize`).
@@ -560,7 +617,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         x = preprocess(images, self.num_channels, do_normalize).to(device)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
         condition = self.prepare_conditioning_image(conditioning_image, x.shape[0], device, do_normalize)
-        denoise, progress = self._denoiser(labels, condition)
+        denoise, progress = self._denoiser(self._network(labels, guidance_scale, condition))
         if solver == "rk45":
             sigma_min, sigma_max = self._sigma_range()
             x, _ = ode.solve_rk45(denoise, x, sigma_min, sigma_max, rtol, atol, self._is_field_model)
@@ -605,6 +662,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         return_dict: bool = True,
+        guidance_scale: float = 1.0,
         conditioning_image=None,
     ) -> PFGMLikelihoodOutput | tuple:
         r"""
@@ -634,9 +692,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 RK45 tolerances.
             return_dict (`bool`, defaults to `True`):
                 Return a [`PFGMLikelihoodOutput`] instead of a tuple `(bits_per_dim, log_prob, latents, nfe)`.
-            conditioning_image (*optional*):
-                The images' conditions, required for an image-conditional model: the likelihood is then
-                log p(x | condition).
+            guidance_scale (`float`, defaults to 1.0):
+                Only 1: a guided ODE's velocity is no trained model's probability flow, so its change of volume is no
+                likelihood of the model (other values raise).
 
         Returns:
             [`PFGMLikelihoodOutput`] or `tuple`.
@@ -647,6 +705,12 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         """
         if hutchinson_type not in HUTCHINSON_TYPES:
             raise ValueError(f"`hutchinson_type` must be one of {HUTCHINSON_TYPES}, got {hutchinson_type!r}.")
+        if guidance_scale != 1:
+            raise ValueError(
+                f"log_likelihood has no guidance_scale={guidance_scale!r}: a guided ODE (D_null + w (D_cond - "
+                "D_null)) is no probability flow of the trained model, so it gives no likelihood of it. Pass "
+                "guidance_scale=1 (the conditional model)."
+            )
         if self.unet.dtype not in (torch.float32, torch.float64):
             raise ValueError(
                 f"log_likelihood needs a float32 UNet, got unet.dtype={self.unet.dtype}: the network's rounding "
@@ -667,7 +731,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
         sigma_min, sigma_max = self._sigma_range()
-        denoise, progress = self._denoiser(labels, condition)
+        denoise, progress = self._denoiser(self._network(labels, conditioning_image=condition))
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
@@ -690,11 +754,30 @@ def _check_scheduler(scheduler):
         )
 
 
-def _check_class_names(class_names, unet):
-    """One name per class embedding of the UNet, or none."""
+def _check_null_class_label(null_class_label, unet):
+    """The null class is the last class embedding, or there is none."""
+    if null_class_label is None:
+        return
+    num_class_embeds = unet.config.num_class_embeds
+    if num_class_embeds is None or num_class_embeds < 2:
+        raise ValueError(
+            f"null_class_label={null_class_label!r} needs a class-conditional UNet with at least 2 class embeddings, "
+            f"got num_class_embeds={num_class_embeds}."
+        )
+    if isinstance(null_class_label, bool) or null_class_label != num_class_embeds - 1:
+        raise ValueError(
+            f"null_class_label must be the last class embedding, {num_class_embeds - 1} (num_class_embeds="
+            f"{num_class_embeds}), or None, got {null_class_label!r}."
+        )
+
+
+def _check_class_names(class_names, unet, null_class_label=None):
+    """One name per class embedding of the UNet (the null class has none), or none."""
     if class_names is None:
         return
     num_classes = unet.config.num_class_embeds
+    if num_classes is not None and null_class_label is not None:
+        num_classes -= 1
     if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
         raise ValueError(f"`class_names` must be a list of strings, got {_short_repr(class_names)}.")
     if num_classes is None or len(class_names) != num_classes:

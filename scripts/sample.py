@@ -55,6 +55,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance for a class-conditional model trained with --class_dropout_prob: 1 is the "
+        "conditional model, 0 the unconditional one, > 1 stronger conditioning.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +92,6 @@ def parse_args(argv=None):
         "--image", nargs="+", default=None, help="Start from these image files or this folder (with --strength)."
     )
     parser.add_argument("--strength", type=float, default=None, help="With --image: the share of steps run, (0, 1].")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="Guidance on the condition (1: none).")
     args = parser.parse_args(argv)
     for name in ("conditioning_image", "image"):
         if getattr(args, name) is not None:
@@ -142,7 +148,12 @@ def read_images(paths, num_channels):
 
 
 def load_pipeline(args):
-    return PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    pipe = PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    try:
+        pipe.check_guidance(args.guidance_scale)  # before sampling: a model without a null class cannot guide
+    except ValueError as error:
+        raise SystemExit(f"--guidance_scale: {error}") from None
+    return pipe
 
 
 def class_labels(values: list[str], class_names: list[str] | None) -> list[int | str]:
@@ -185,8 +196,6 @@ def sample(pipe, args):
             inputs["image"] = read_images(args.image[indices.start : indices.stop], pipe.num_channels)
         if args.strength is not None:
             inputs["strength"] = args.strength
-        if args.guidance_scale != 1:
-            inputs["guidance_scale"] = args.guidance_scale
         output = pipe(
             batch_size=len(indices),
             class_labels=labels,
@@ -195,6 +204,7 @@ def sample(pipe, args):
             solver=args.solver,
             rtol=args.rtol,
             atol=args.atol,
+            guidance_scale=args.guidance_scale,
             **inputs,
         )
         images += output.images

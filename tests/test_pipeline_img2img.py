@@ -186,17 +186,29 @@ def test_guided_denoise_is_the_combination_of_the_two_denoisers():
     assert torch.allclose(guided, combine_guidance(d_null, d_cond, 2.5), atol=1e-5)
 
 
-def test_guidance_is_refused_where_it_has_no_meaning():
+def test_guidance_needs_a_condition_the_model_learnt_to_do_without():
     condition = images(channels=1)
     with pytest.raises(ValueError, match="trained without conditioning dropout"):
         conditional_pipe()(conditioning_image=condition, guidance_scale=2.0)
-    with pytest.raises(ValueError, match="needs an image-conditional model"):
+    with pytest.raises(ValueError, match="needs a conditional model"):
         make_pipe()(guidance_scale=2.0)
+    # the field model guides its predicted field, as for class guidance
     field = PFGMScheduler(prediction_type="poisson_field", aug_dim=1, sigma_max=40.0, sigma_schedule="exponential")
-    with pytest.raises(ValueError, match="not affine"):
-        conditional_pipe(dropout=0.1, scheduler=field, out_channels=4)(
-            conditioning_image=condition, guidance_scale=2.0
-        )
+    out = conditional_pipe(dropout=0.1, scheduler=field, out_channels=4)(
+        conditioning_image=condition, guidance_scale=2.0, num_inference_steps=3, output_type="pt"
+    )
+    assert torch.isfinite(out.images).all()
+
+
+def test_guidance_drops_only_the_conditions_trained_with_dropout():
+    """A class- and image-conditional model trained with conditioning dropout but no null class: the null branch
+    keeps the labels and zeroes the image."""
+    unet = tiny_unet(in_channels=4, out_channels=3, num_class_embeds=3)
+    pipe = make_pipe(unet, conditioning_channels=1, conditioning_dropout_prob=0.1)
+    inputs = []
+    unet.register_forward_hook(lambda module, args, kwargs, output: inputs.append(kwargs), with_kwargs=True)
+    pipe(conditioning_image=images(channels=1), class_labels=[0, 2], guidance_scale=2.0, num_inference_steps=2)
+    assert inputs[0]["class_labels"].tolist() == [0, 2, 0, 2]
 
 
 def test_condition_bad_input():

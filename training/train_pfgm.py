@@ -282,8 +282,11 @@ def main(argv=None, loss=None):
     if args.upper_norm == "auto":
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 for the field objective
+    null_class = null_class_label(args, images.class_names)  # --class_dropout_prob: one more class embedding
+    num_class_embeds = images.num_classes if null_class is None else images.num_classes + 1
     in_channels = images.num_channels + (0 if paired is None else paired.conditioning_channels)
-    unet_config = load_unet_config(args, in_channels, out_channels, images.num_classes)
+    unet_config = load_unet_config(args, in_channels, out_channels, num_class_embeds)
+    pipeline_config["null_class_label"] = null_class
     run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
@@ -334,6 +337,11 @@ def main(argv=None, loss=None):
         unet.train()
         for batch in batches:
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
+            if null_class is not None:  # from the global generator: seeded per process, restored on resume
+                dropped = drop_conditions(
+                    {"labels": class_labels}, {"labels": torch.tensor(null_class)}, args.class_dropout_prob
+                )
+                class_labels = dropped["labels"]
             network = unet
             if paired is not None:  # never perturbed: concatenated to the network input as it is
                 condition = batch["conditioning_pixel_values"][: args.train_batch_size]
@@ -388,6 +396,11 @@ def main(argv=None, loss=None):
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
     accelerator.end_training()
+
+
+def null_class_label(args, class_names):
+    """The null class of --class_dropout_prob: the last class embedding, after the data's classes (or None)."""
+    return len(class_names) if args.class_dropout_prob > 0 else None
 
 
 def claim_output_dir(args, accelerator):
@@ -512,7 +525,7 @@ def save_samples(args, accelerator, unet, scheduler, global_step, pipeline_confi
     pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config), **config)
     pipeline.set_progress_bar_config(disable=True)
     batch_size = args.eval_batch_size if conditions is None else len(conditions)
-    num_classes = unet.config.num_class_embeds
+    num_classes = pipeline.num_classes
     labels = {} if num_classes is None else {"class_labels": torch.arange(batch_size) % num_classes}
     if conditions is not None:  # model space, as the trainer made them (a noisy measurement may pass [-1, 1])
         labels.update(conditioning_image=conditions, do_normalize=False)
