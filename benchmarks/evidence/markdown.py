@@ -41,7 +41,7 @@ def header_lines(results, settings, environment, command) -> list[str]:
         + f"; the jobs took {environment['job_seconds'] / 60:.1f} min in all.",
         "",
         "**Setup.** The embedded digits at their native 8×8 (N = 64), the same UNet for every model "
-        "(`training/configs/unet_digits_8px.json`, the no-argument run's UNet, "
+        "(`pfgm_diffusers/training/configs/unet_digits_8px.json`, the no-argument run's UNet, "
         f"{any_result['parameters'] / 1e6:.2f}M parameters, the field model with one more output channel), trained "
         f"by `training/train_pfgm.py` with batch {training['batch_size']}, learning rate "
         f"{training['learning_rate']:g} (constant after {training['lr_warmup_steps']} warm-up steps), EMA "

@@ -14,7 +14,7 @@ from . import judges, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINER = os.path.join(REPO, "training", "train_pfgm.py")
-UNET_CONFIG = os.path.join(REPO, "training", "configs", "unet_digits_8px.json")  # the no-argument run's UNet
+UNET_CONFIG = os.path.join(REPO, "pfgm_diffusers", "training", "configs", "unet_digits_8px.json")  # the default UNet
 DATA_FLAGS = ("train_data_dir", "dataset_name", "dataset_config_name", "image_column")
 
 
