@@ -36,6 +36,9 @@ def restart_jump(x: torch.Tensor, sigma_from: float, sigma_to: float, aug_dim: i
 
     Draws: the Gaussian g (B, N) first, then w_1 (B,), then chi^2_{D-1} as 2 Gamma((D - 1) / 2) (B,).
     """
+    if not (0 <= sigma_from < sigma_to < math.inf):
+        raise ValueError(f"a forward jump needs 0 <= sigma_from < sigma_to, finite; got {sigma_from} and {sigma_to}.")
+    _check_aug_dim(aug_dim)
     batch_size = x.shape[0]
     g = gaussian(x.shape, generator, x.device, torch.float64)  # (B, ...)
     view = (-1,) + (1,) * (x.ndim - 1)
