@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["pfgm_diffusers", "pfgm_diffusers.*"]),
-    package_data={"pfgm_diffusers": ["data/*.npz", "data/*.safetensors"]},
+    package_data={"pfgm_diffusers": ["data/*.npz", "data/*.safetensors", "training/configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
