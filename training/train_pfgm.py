@@ -138,7 +138,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
     if steps_per_epoch < 1:
         per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
-        flag = "--large_batch_size" if batch_size != args.train_batch_size else "--train_batch_size"
+        flag = "--train_batch_size" if batch_size == args.train_batch_size else "--large_batch_size"
+        flag = "--reference_batch_size" if args.target == "stf" else flag
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one optimizer step: batches of {batch_size} x "
             f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = {per_step} "
@@ -285,7 +286,7 @@ def main(argv=None, loss=None):
         f"{accelerator.num_processes} process(es) x {args.train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation, {args.max_train_steps} steps, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
         f"parameters"
-        + (f", {batch_size * accelerator.num_processes} charges per field target" if objective.gathers else "")
+        + (f", {batch_size * accelerator.num_processes} {objective.gathers}" if objective.gathers else "")
     )
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     first_epoch = global_step // steps_per_epoch

@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
 from pfgm_diffusers.training import checkpoints
-from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective
+from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective, StableTargetObjective
 from pfgm_diffusers.training.presets import (
     CONFIG_DIR,
     FROM_THE_DATA,
@@ -26,6 +26,8 @@ from pfgm_diffusers.training.presets import (
     UNET_BY_RESOLUTION,
 )
 
+# --target stf's reference batch per process: the official code's --rbatch default (Newbeeer/pfgmpp, train.py).
+STF_REFERENCE_BATCH_SIZE = 4096
 # Arguments whose names contain these words are secrets: never written to disk, logged or sent to a tracker.
 SECRET_WORDS = ("token", "key", "password", "secret")
 
@@ -105,6 +107,10 @@ def build_parser():
     add("--aug_dim", type=parse_aug_dim, help="D (integer) or 'inf' (EDM). --objective poisson_field: 1.")
     add("--P_mean", type=float, default=-1.2, help="Training noise levels: ln sigma ~ N(P_mean, P_std^2) (EDM).")
     add("--P_std", type=float, default=1.2, help="See --P_mean.")
+    add("--target", choices=("clean", "stf"), default="clean", help="The regression target: the clean image, "
+        "or 'stf' (Stable Target Field): the posterior mean over a reference batch (Xu et al. 2023).")  # fmt: skip
+    add("--reference_batch_size", type=int, help="--target stf: images per process, the first --train_batch_size "
+        f"trained on; all processes' form the reference. Default: {STF_REFERENCE_BATCH_SIZE} (official)")  # fmt: skip
     add("--sigma_data", type=float, default=0.5, help="EDM's preconditioning.")
     add("--sigma_min", type=float, help="Sampler range; z_min with --objective poisson_field (1e-3).")
     add("--sigma_max", type=float, help="Sampler range; z_max with --objective poisson_field (40).")
@@ -192,6 +198,8 @@ def parse_args(argv=None):
         args.max_train_steps = preset.get("max_train_steps", NO_PRESET["max_train_steps"])
     if args.objective == "poisson_field" and args.large_batch_size is None:
         args.large_batch_size = 4 * args.train_batch_size
+    if args.target == "stf" and args.reference_batch_size is None:
+        args.reference_batch_size = STF_REFERENCE_BATCH_SIZE
     check_args(args)
     build_scheduler(args)  # the scheduler checks its own settings (D, the sigma range...) before anything loads
     return args
@@ -219,6 +227,7 @@ def check_args(args):
             f"--large_batch_size ({args.large_batch_size}) must be >= --train_batch_size "
             f"({args.train_batch_size}): the small batch is the first rows of the large one"
         )
+    check_target(args)
     if args.P_std <= 0:  # --sigma_data is the scheduler's to check
         raise ValueError(f"--P_std must be > 0, got {args.P_std}")
     ranges = {  # name: the allowed interval as (lowest, highest, "[" or "(", "]" or ")"); NaN fails every comparison
@@ -266,11 +275,38 @@ def public_arguments(args):
     }
 
 
+def check_target(args):
+    """--target stf: PFGM++ only, a reference batch at least the training batch, no class labels."""
+    if args.target != "stf":
+        if args.reference_batch_size is not None:
+            raise ValueError("--reference_batch_size is an option of --target stf")
+        return
+    if args.objective == "poisson_field":
+        raise ValueError(
+            "--target stf is a target of --objective pfgmpp; the field objective has its own large-batch target "
+            "(--large_batch_size)"
+        )
+    if args.reference_batch_size < args.train_batch_size:
+        raise ValueError(
+            f"--reference_batch_size ({args.reference_batch_size}) must be >= --train_batch_size "
+            f"({args.train_batch_size}): the training batch is the first rows of the reference batch"
+        )
+    if args.class_conditional:  # the objective gets the training batch's labels, not the reference batch's
+        raise ValueError(
+            "--target stf with --class_conditional is not supported: its posterior must run over the images of each "
+            "sample's class (stable_target's class_labels), and the trainer does not pass the reference's labels"
+        )
+
+
 def build_objective(args, loss=None):
     """The objective `--objective` names, with its settings; `loss` replaces its library loss (same signature)."""
     if args.objective == "poisson_field":
         return PoissonFieldObjective(
             args.train_batch_size, args.large_batch_size, args.sigma, args.tau, args.M, args.gamma, loss=loss
+        )
+    if args.target == "stf":
+        return StableTargetObjective(
+            args.train_batch_size, args.reference_batch_size, args.P_mean, args.P_std, loss=loss
         )
     return PFGMPPObjective(args.train_batch_size, args.P_mean, args.P_std, loss=loss)
 
