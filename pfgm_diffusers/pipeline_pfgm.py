@@ -16,6 +16,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from . import ode
+from .conditioning import concat_condition
+from .guidance import guided_denoiser
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
 from .latents import slerp_gaussian
@@ -118,6 +120,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         class_names (`list[str]`, *optional*):
             The names of the classes of a class-conditional UNet, in label order (saved with the pipeline), so that
             `class_labels` can name them.
+        null_class_label (`int`, *optional*):
+            The label of the null class of a UNet trained with class dropout (`--class_dropout_prob`), which makes
+            classifier-free guidance (`guidance_scale`) possible: the last class embedding,
+            `unet.config.num_class_embeds - 1`. `None` (folders saved without it) means no null class.
     """
 
     model_cpu_offload_seq = "unet"
@@ -127,13 +133,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: PFGMScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
+        null_class_label: int | None = None,
     ):
         super().__init__()
         _check_scheduler(scheduler)
-        _check_class_names(class_names, unet)
+        _check_null_class_label(null_class_label, unet)
+        _check_class_names(class_names, unet, null_class_label)
         self.register_modules(unet=unet, scheduler=scheduler)
-        # Saved in model_index.json, so that a class-conditional model can be sampled by class name
+        # Saved in model_index.json, so that a class-conditional model can be sampled by class name, and guided
         self.register_to_config(class_names=None if class_names is None else list(class_names))
+        self.register_to_config(null_class_label=null_class_label)
 
     # ------------------------------------------------------------------ inputs
 
@@ -187,7 +196,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     def prepare_class_labels(self, class_labels, batch_size, generator=None, device=None, required=False):
         """`class_labels` (None, an int or name, a list of them, or an integer tensor) as a (B,) long tensor; None
         for an unconditional UNet. Missing labels are drawn uniformly from `generator` unless `required`."""
-        num_classes = self.unet.config.num_class_embeds
+        num_classes = self.num_classes
         if num_classes is None and class_labels is not None:
             raise ValueError(
                 f"class_labels={_short_repr(class_labels)} were given but the UNet has no class embedding "
@@ -212,36 +221,101 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if labels.shape[0] != batch_size:
             raise ValueError(f"Got {labels.shape[0]} class_labels for a batch of {batch_size}.")
         if labels.min() < 0 or labels.max() >= num_classes:
+            null = "" if self._null_class is None else f"; the null class {self._null_class} is guidance_scale=0's"
             raise ValueError(
-                f"class_labels must lie in [0, {num_classes - 1}] (num_class_embeds={num_classes}), got "
+                f"class_labels must lie in [0, {num_classes - 1}] ({num_classes} classes{null}), got "
                 f"{labels.tolist()}."
             )
         return labels.to(device)
 
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes a class-conditional UNet was trained on (without the null class); None for an
+        unconditional one."""
+        num_class_embeds = self.unet.config.num_class_embeds
+        if num_class_embeds is None or self._null_class is None:
+            return num_class_embeds
+        return num_class_embeds - 1
+
+    @property
+    def _null_class(self) -> int | None:
+        return getattr(self.config, "null_class_label", None)  # None in pipelines saved before it existed
+
+    def _network(self, class_labels, guidance_scale=1.0, conditioning_image=None):
+        """`network(model_input, timestep) -> model output` with the conditions bound and classifier-free guidance
+        applied (`guidance.guided_denoiser`: one batched call for both branches, only one branch at w = 0 or 1).
+
+        Guidance combines the network outputs. For the PFGM++ prediction types `precondition_outputs` is affine in
+        the output with weights that do not depend on it, so this is D = D_null + w (D_cond - D_null) exactly; for the
+        field objective it guides the predicted field, E_null + w (E_cond - E_null), before dx/dz = E_x / E_z.
+        """
+        self.check_guidance(guidance_scale, conditioning_image)
+        conditions = {"class_labels": class_labels, "conditioning_image": conditioning_image}
+        conditions = {key: value for key, value in conditions.items() if value is not None}
+        null_conditions = conditions  # w = 1: no null branch is built or run
+        if guidance_scale != 1:
+            null_conditions = dict(conditions)
+            if class_labels is not None:
+                null_conditions["class_labels"] = torch.full_like(class_labels, self._null_class)
+            if conditioning_image is not None:  # the null image of conditioning dropout
+                null_conditions["conditioning_image"] = torch.zeros_like(conditioning_image)
+
+        def network(model_input, timestep, class_labels=None, conditioning_image=None):
+            model_input = concat_condition(model_input, conditioning_image)
+            return self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample
+
+        return guided_denoiser(network, conditions, null_conditions, float(guidance_scale))
+
+    def check_guidance(self, guidance_scale: float, conditioning_image: torch.Tensor | None = None) -> None:
+        """Raise a `ValueError` for a `guidance_scale` this model cannot apply: not a finite number, or other than 1
+        for a model without a condition (class embedding or `conditioning_image`) or without a null class."""
+        class_conditional = self.num_classes is not None
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
+            raise ValueError(f"`guidance_scale` must be a real number, got {_short_repr(guidance_scale)}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}.")
+        if guidance_scale == 1:
+            return
+        if not class_conditional and conditioning_image is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a conditional model, but the UNet has no class embedding "
+                "(unet.config.num_class_embeds is None) and no condition was given: pass guidance_scale=1."
+            )
+        if class_conditional and self._null_class is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a model trained with a null class (train_pfgm.py "
+                "--class_dropout_prob, e.g. 0.1), but this pipeline has none (null_class_label is None): pass "
+                "guidance_scale=1."
+            )
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as `DiffusionPipeline.save_pretrained` does, after checking that `class_names` fit the UNet."""
-        _check_class_names(self.config.class_names, self.unet)
+        _check_class_names(self.config.class_names, self.unet, self._null_class)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------ the ODE's pieces
 
-    def denoise(self, sample: torch.Tensor, sigma: float, class_labels=None) -> torch.Tensor:
-        """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1).
-        Only the network's input is cast to `unet.dtype`."""
+    def denoise(self, sample: torch.Tensor, sigma: float, class_labels=None, guidance_scale: float = 1.0):
+        """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1),
+        with classifier-free guidance for `guidance_scale` other than 1. Only the network's input is cast to
+        `unet.dtype`."""
+        return self._denoise(self._network(class_labels, guidance_scale), sample, sigma)
+
+    def _denoise(self, network, sample, sigma):
         model_input = self.scheduler.precondition_inputs(sample, sigma)
         timestep = torch.as_tensor(self.scheduler.precondition_noise(sigma), dtype=torch.float32)
         timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])
-        model_output = self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample
+        model_output = network(model_input, timestep)
         return self.scheduler.precondition_outputs(sample, model_output.float(), sigma).float()
 
-    def _denoiser(self, class_labels):
+    def _denoiser(self, network):
         """`denoise` as the solvers of `ode.py` call it, and a progress bar counting its evaluations (no total: the
         adaptive solvers choose their number)."""
         progress = tqdm(total=None, **{"desc": "network evaluations", **getattr(self, "_progress_bar_config", {})})
 
         def denoise(sample, sigma):
             progress.update()
-            return self.denoise(sample, sigma, class_labels)
+            return self._denoise(network, sample, sigma)
 
         return denoise, progress
 
@@ -303,6 +377,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         solver: str | None = None,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        guidance_scale: float = 1.0,
     ) -> PFGMPipelineOutput | tuple:
         r"""
         Generate images by carrying prior samples to the data along the PFGM ODE.
@@ -334,6 +409,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 at 0 (PFGM++ modes), a final denoising step x = D(x, sigma_min) follows, EDM's last Euler step.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
+            guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance (Ho & Salimans 2022) for a class-conditional model trained with a null
+                class (`null_class_label`): D = D_null + w (D_cond - D_null), both branches in one network call on a
+                doubled batch. 1 is the conditional model exactly (one branch, no extra cost), 0 the unconditional
+                one exactly, > 1 stronger conditioning. For the field objective the predicted fields are combined.
 
         Examples:
 
@@ -350,9 +430,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         device = self._execution_device
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
+        network = self._network(labels, guidance_scale)
         latents = self.prepare_latents(batch_size, latents, generator, device)
         if solver == "rk45":
-            denoise, progress = self._denoiser(labels)
+            denoise, progress = self._denoiser(network)
             sigma_min, sigma_max = self._sigma_range()
             x = self._prior_from_noise(latents)
             sample, nfe = ode.solve_rk45(denoise, x, sigma_max, sigma_min, rtol, atol, self._is_field_model)
@@ -365,7 +446,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             sample = latents * scheduler.init_noise_sigma
             for t in self.progress_bar(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(sample, t)
-                model_output = self.unet(model_input.to(self.unet.dtype), t, class_labels=labels).sample
+                model_output = network(model_input, t)
                 sample = scheduler.step(model_output.float(), t, sample).prev_sample
             nfe = len(scheduler.timesteps)
 
@@ -387,6 +468,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         do_normalize: bool = True,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         r"""
         Map images to standard Gaussian latents: integrate the ODE from sigma_min (the images' state) to sigma_max, and
@@ -409,6 +491,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 Map images from [0, 1] to the model's [-1, 1]. With `False`, `images` is a tensor in model space.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"`.
+            guidance_scale (`float`, defaults to 1.0):
+                As in [`~PFGMPipeline.__call__`]: the guided ODE walked backwards, so that sampling with the same
+                scale reconstructs the images.
 
         Returns:
             `torch.Tensor` of shape `(B, C, H, W)`: standard Gaussian latents, float32.
@@ -418,7 +503,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         device = self._execution_device
         x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
-        denoise, progress = self._denoiser(labels)
+        denoise, progress = self._denoiser(self._network(labels, guidance_scale))
         if solver == "rk45":
             sigma_min, sigma_max = self._sigma_range()
             x, _ = ode.solve_rk45(denoise, x, sigma_min, sigma_max, rtol, atol, self._is_field_model)
@@ -463,6 +548,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         return_dict: bool = True,
+        guidance_scale: float = 1.0,
     ) -> PFGMLikelihoodOutput | tuple:
         r"""
         Log-likelihood of images under the model, through the probability-flow ODE (PFGM `likelihood.py`).
@@ -491,6 +577,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 RK45 tolerances.
             return_dict (`bool`, defaults to `True`):
                 Return a [`PFGMLikelihoodOutput`] instead of a tuple `(bits_per_dim, log_prob, latents, nfe)`.
+            guidance_scale (`float`, defaults to 1.0):
+                Only 1: a guided ODE's velocity is no trained model's probability flow, so its change of volume is no
+                likelihood of the model (other values raise).
 
         Returns:
             [`PFGMLikelihoodOutput`] or `tuple`.
@@ -501,6 +590,12 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         """
         if hutchinson_type not in HUTCHINSON_TYPES:
             raise ValueError(f"`hutchinson_type` must be one of {HUTCHINSON_TYPES}, got {hutchinson_type!r}.")
+        if guidance_scale != 1:
+            raise ValueError(
+                f"log_likelihood has no guidance_scale={guidance_scale!r}: a guided ODE (D_null + w (D_cond - "
+                "D_null)) is no probability flow of the trained model, so it gives no likelihood of it. Pass "
+                "guidance_scale=1 (the conditional model)."
+            )
         if self.unet.dtype not in (torch.float32, torch.float64):
             raise ValueError(
                 f"log_likelihood needs a float32 UNet, got unet.dtype={self.unet.dtype}: the network's rounding "
@@ -520,7 +615,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
         sigma_min, sigma_max = self._sigma_range()
-        denoise, progress = self._denoiser(labels)
+        denoise, progress = self._denoiser(self._network(labels))
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
@@ -543,11 +638,30 @@ def _check_scheduler(scheduler):
         )
 
 
-def _check_class_names(class_names, unet):
-    """One name per class embedding of the UNet, or none."""
+def _check_null_class_label(null_class_label, unet):
+    """The null class is the last class embedding, or there is none."""
+    if null_class_label is None:
+        return
+    num_class_embeds = unet.config.num_class_embeds
+    if num_class_embeds is None or num_class_embeds < 2:
+        raise ValueError(
+            f"null_class_label={null_class_label!r} needs a class-conditional UNet with at least 2 class embeddings, "
+            f"got num_class_embeds={num_class_embeds}."
+        )
+    if isinstance(null_class_label, bool) or null_class_label != num_class_embeds - 1:
+        raise ValueError(
+            f"null_class_label must be the last class embedding, {num_class_embeds - 1} (num_class_embeds="
+            f"{num_class_embeds}), or None, got {null_class_label!r}."
+        )
+
+
+def _check_class_names(class_names, unet, null_class_label=None):
+    """One name per class embedding of the UNet (the null class has none), or none."""
     if class_names is None:
         return
     num_classes = unet.config.num_class_embeds
+    if num_classes is not None and null_class_label is not None:
+        num_classes -= 1
     if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
         raise ValueError(f"`class_names` must be a list of strings, got {_short_repr(class_names)}.")
     if num_classes is None or len(class_names) != num_classes:

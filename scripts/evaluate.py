@@ -58,6 +58,13 @@ def parse_args(argv=None):
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
     parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance for a class-conditional model trained with --class_dropout_prob: 1 is the "
+        "conditional model, 0 the unconditional one, > 1 stronger conditioning.",
+    )
+    parser.add_argument(
         "--reference",
         default="digits",
         help="'digits' (offline classifier metrics), a `datasets` Hub id or a folder of images (FID/KID).",
@@ -93,6 +100,10 @@ def load_pipeline(args):
     if args.solver is None:
         args.solver = pipe.scheduler.config.get("solver", "euler")  # recorded in the results as the solver used
     pipe.set_progress_bar_config(disable=True)
+    try:
+        pipe.check_guidance(args.guidance_scale)  # before the metric's set-up and the sampling
+    except ValueError as error:
+        raise SystemExit(f"evaluate.py: --guidance_scale: {error}") from None
     return pipe.to(args.device)
 
 
@@ -106,6 +117,7 @@ def generate(pipe, generators, args):
         solver=args.solver,
         rtol=args.rtol,
         atol=args.atol,
+        guidance_scale=args.guidance_scale,
     )
     return output.images, output.nfe  # the batch shares its steps: its NFE is the NFE of each image
 

@@ -51,6 +51,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance for a class-conditional model trained with --class_dropout_prob: 1 is the "
+        "conditional model, 0 the unconditional one, > 1 stronger conditioning.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,7 +98,12 @@ def parse_args(argv=None):
 
 
 def load_pipeline(args):
-    return PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    pipe = PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    try:
+        pipe.check_guidance(args.guidance_scale)  # before sampling: a model without a null class cannot guide
+    except ValueError as error:
+        raise SystemExit(f"--guidance_scale: {error}") from None
+    return pipe
 
 
 def class_labels(values: list[str], class_names: list[str] | None) -> list[int | str]:
@@ -134,6 +146,7 @@ def sample(pipe, args):
             solver=args.solver,
             rtol=args.rtol,
             atol=args.atol,
+            guidance_scale=args.guidance_scale,
         )
         images += output.images
         nfe += output.nfe

@@ -49,6 +49,7 @@ from pfgm_diffusers.data import (
     load_image_folder,
 )
 from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
+from pfgm_diffusers.guidance import drop_conditions
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
 from pfgm_diffusers.pipeline_pfgm import image_grid
 from pfgm_diffusers.training import checkpoints
@@ -252,7 +253,9 @@ def main(argv=None, loss=None):
     if args.upper_norm == "auto":
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 for the field objective
-    unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
+    null_class = null_class_label(args, images.class_names)  # --class_dropout_prob: one more class embedding
+    num_class_embeds = images.num_classes if null_class is None else images.num_classes + 1
+    unet_config = load_unet_config(args, images.num_channels, out_channels, num_class_embeds)
     run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
@@ -303,6 +306,11 @@ def main(argv=None, loss=None):
         unet.train()
         for batch in batches:
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
+            if null_class is not None:  # from the global generator: seeded per process, restored on resume
+                dropped = drop_conditions(
+                    {"labels": class_labels}, {"labels": torch.tensor(null_class)}, args.class_dropout_prob
+                )
+                class_labels = dropped["labels"]
             with accelerator.accumulate(unet):
                 loss = objective(unet, scheduler, batch["pixel_values"], class_labels, accelerator)
                 accelerator.backward(loss)
@@ -340,6 +348,11 @@ def main(argv=None, loss=None):
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
     accelerator.end_training()
+
+
+def null_class_label(args, class_names):
+    """The null class of --class_dropout_prob: the last class embedding, after the data's classes (or None)."""
+    return len(class_names) if args.class_dropout_prob > 0 else None
 
 
 def claim_output_dir(args, accelerator):
@@ -429,23 +442,25 @@ def log_progress(args, accelerator, progress_bar, global_step, logs, ema_model):
 def save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings):
     """What is due at `global_step`: a checkpoint, a sample grid, a pipeline (the first two at the last step too)."""
     last_step = global_step == args.max_train_steps
+    null_class = null_class_label(args, run_settings["class_names"])
     if global_step % args.checkpointing_steps == 0 or last_step:
         checkpoints.save_checkpoint(
             accelerator, args.output_dir, global_step, run_settings, args.checkpoints_total_limit
         )
     if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
         with ema_weights(ema_model, unet):
-            save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
+            save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step, null_class)
     pipeline_steps = args.save_pipeline_steps
     if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
         with ema_weights(ema_model, unet):
-            save_pipeline(accelerator.unwrap_model(unet), scheduler, run_settings["class_names"], args.output_dir)
+            unwrapped, class_names = accelerator.unwrap_model(unet), run_settings["class_names"]
+            save_pipeline(unwrapped, scheduler, class_names, args.output_dir, null_class)
 
 
 def save_outputs(args, unet, ema_model, scheduler, class_names, global_step):
     """The EMA pipeline, and the last sample grid as `samples.png`."""
     with ema_weights(ema_model, unet):
-        save_pipeline(unet, scheduler, class_names, args.output_dir)
+        save_pipeline(unet, scheduler, class_names, args.output_dir, null_class_label(args, class_names))
     last_grid = inside(args.output_dir, "samples", f"step_{global_step:07d}.png")
     if os.path.exists(last_grid):
         with open(last_grid, "rb") as f:
@@ -453,12 +468,13 @@ def save_outputs(args, unet, ema_model, scheduler, class_names, global_step):
     logger.info(f"Saved the pipeline (EMA weights: {ema_model is not None}) to {args.output_dir}")
 
 
-def save_samples(args, accelerator, unet, scheduler, global_step):
+def save_samples(args, accelerator, unet, scheduler, global_step, null_class=None):
     """A grid `samples/step_<step>.png` of `unet`'s samples (a fixed seed, a fresh scheduler; classes in turn for a
     class-conditional model), and the images to TensorBoard or W&B."""
-    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config))
+    scheduler = PFGMScheduler.from_config(scheduler.config)
+    pipeline = PFGMPipeline(unet=unet, scheduler=scheduler, null_class_label=null_class)
     pipeline.set_progress_bar_config(disable=True)
-    num_classes = unet.config.num_class_embeds
+    num_classes = pipeline.num_classes
     labels = {} if num_classes is None else {"class_labels": torch.arange(args.eval_batch_size) % num_classes}
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     samples = pipeline(
@@ -482,9 +498,11 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
             tracker.log_images({"samples": list(samples)}, step=global_step)
 
 
-def save_pipeline(unet, scheduler, class_names, output_dir):
-    """The pipeline with the class names of the data, written file by file atomically (checkpoints.save_pipeline)."""
-    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names), output_dir)
+def save_pipeline(unet, scheduler, class_names, output_dir, null_class=None):
+    """The pipeline with the class names of the data and its null class, written file by file atomically
+    (checkpoints.save_pipeline)."""
+    pipeline = PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names, null_class_label=null_class)
+    checkpoints.save_pipeline(pipeline, output_dir)
 
 
 def push_to_hub(repo_id, output_dir, token):

@@ -95,6 +95,9 @@ def build_parser():
     add("--center_crop", action="store_true", help="Center instead of random crop.")
     add("--random_flip", action="store_true", help="Random horizontal flips.")
     add("--class_conditional", action="store_true", help="Condition the UNet on the labels.")
+    add("--class_dropout_prob", type=float, default=0.0, help="With --class_conditional: each label is replaced by a "
+        "null class (one more class embedding) with this probability, so that the pipeline can guide "
+        "(guidance_scale). 0.1 is usual.")  # fmt: skip
     add("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
 
     add = parser.add_argument_group("model").add_argument
@@ -228,6 +231,10 @@ def check_args(args):
             f"({args.train_batch_size}): the small batch is the first rows of the large one"
         )
     check_target(args)
+    if not 0 <= args.class_dropout_prob < 1:  # NaN fails too
+        raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {args.class_dropout_prob}")
+    if args.class_dropout_prob > 0 and not args.class_conditional:
+        raise ValueError("--class_dropout_prob drops class labels: it needs --class_conditional")
     if args.P_std <= 0:  # --sigma_data is the scheduler's to check
         raise ValueError(f"--P_std must be > 0, got {args.P_std}")
     ranges = {  # name: the allowed interval as (lowest, highest, "[" or "(", "]" or ")"); NaN fails every comparison
