@@ -129,6 +129,7 @@ def test_resume_from_latest_equals_an_uninterrupted_run(tmp_path, image_folder, 
         (dict(target="stf", reference_batch_size=2), "--reference_batch_size (2) must be >= --train_batch_size (4)"),
         (dict(reference_batch_size=64), "--reference_batch_size is an option of --target stf"),
         (dict(target="stf", class_conditional=True), "--target stf with --class_conditional is not supported"),
+        (dict(target="stf", paired_task="denoise", paired_sigma_y=0.2), "--target stf with --paired_task is not"),
         (dict(target="stf", reference_batch_size=0), "--reference_batch_size (0) must be >= --train_batch_size"),
     ],
 )

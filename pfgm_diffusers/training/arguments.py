@@ -348,6 +348,13 @@ def check_target(args):
             "--target stf with --class_conditional is not supported: its posterior must run over the images of each "
             "sample's class (stable_target's class_labels), and the trainer does not pass the reference's labels"
         )
+    conditions = [
+        name for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task") if getattr(args, name)
+    ]
+    if conditions:  # the posterior would have to be conditioned on the condition image too
+        raise ValueError(
+            f"--target stf with --{conditions[0]} is not supported: STF's posterior ignores the condition"
+        )
 
 
 def build_objective(args, loss=None):
