@@ -50,9 +50,9 @@ from pfgm_diffusers.data import (
 )
 from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
 from pfgm_diffusers.guidance import drop_conditions
-from pfgm_diffusers.hub import save_model_card, upload_pipeline
+from pfgm_diffusers.hub import model_card_text, upload_pipeline
 from pfgm_diffusers.pipeline_pfgm import image_grid
-from pfgm_diffusers.training import checkpoints
+from pfgm_diffusers.training import checkpoints, metrics
 from pfgm_diffusers.training.arguments import (
     build_objective,
     build_scheduler,
@@ -229,6 +229,7 @@ def main(argv=None, loss=None):
     """Train, as `accelerate launch training/train_pfgm.py [flags]` does. `loss` replaces the objective's library loss
     (called as `pfgmpp_loss` or `poisson_field_loss` is): the seam through which tests record or stop training."""
     args = parse_args(argv)  # bad input fails here, the scheduler's own settings included
+    metrics.check_metric_available(args)  # FID/KID for your own data: torch-fidelity, before anything starts
     objective = build_objective(args, loss)  # the one choice of objective: its batch, loss and recorded settings
 
     # Accelerator, output folder, seed
@@ -241,6 +242,10 @@ def main(argv=None, loss=None):
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
         images = load_images(args)
+    reference = None  # FID's reference: the training images, on the process that measures
+    if args.eval_steps is not None and not metrics.uses_digits_metric(args) and accelerator.is_main_process:
+        reference = metrics.reference_images(images, args.resolution, images.num_channels)
+    last_figures = None  # of the last --eval_steps evaluation, for the model card
     transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
     dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
     sampler = EpochSampler(len(dataset), seed=args.seed)
@@ -334,6 +339,15 @@ def main(argv=None, loss=None):
                 log_progress(args, accelerator, progress_bar, global_step, logs, ema_model)
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
             save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings)
+            if args.eval_steps is not None and (global_step % args.eval_steps == 0 or last_step):
+                with ema_weights(ema_model, unet):  # every process samples its share
+                    pipeline = eval_pipeline(args, accelerator.unwrap_model(unet), scheduler, run_settings)
+                    record = metrics.evaluate(pipeline, args, accelerator, reference, global_step)
+                if record is not None:
+                    metrics.append_record(args.output_dir, record)
+                    accelerator.log(metrics.tracker_figures(record), step=global_step)
+                    logger.info(f"Evaluation at step {global_step}: {json.dumps(record)}")
+                    last_figures = record
             unet.train()
             if last_step:
                 break
@@ -343,6 +357,7 @@ def main(argv=None, loss=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, images.class_names, global_step)
+        write_model_card(args, argv, repo_id, scheduler, last_figures)
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
@@ -446,7 +461,8 @@ def save_progress(args, accelerator, global_step, unet, ema_model, scheduler, ru
         checkpoints.save_checkpoint(
             accelerator, args.output_dir, global_step, run_settings, args.checkpoints_total_limit
         )
-    if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
+    grids = args.save_images_steps > 0  # 0: no grids, not even at the end
+    if accelerator.is_main_process and grids and (global_step % args.save_images_steps == 0 or last_step):
         with ema_weights(ema_model, unet):
             save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step, null_class)
     pipeline_steps = args.save_pipeline_steps
@@ -504,11 +520,54 @@ def save_pipeline(unet, scheduler, class_names, output_dir, null_class=None):
     checkpoints.save_pipeline(pipeline, output_dir)
 
 
+def eval_pipeline(args, unet, scheduler, run_settings):
+    """The pipeline that --eval_steps samples: `unet` (the EMA weights) with a fresh scheduler."""
+    class_names = run_settings["class_names"]
+    pipeline = PFGMPipeline(
+        unet=unet,
+        scheduler=PFGMScheduler.from_config(scheduler.config),
+        class_names=class_names,
+        null_class_label=null_class_label(args, class_names),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def write_model_card(args, argv, repo_id, scheduler, figures):
+    """`README.md`: loading, the training command (secrets hidden), D, the last evaluation's figures and the grid."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # --hub_token VALUE or --hub_token=VALUE
+        if arg.startswith("--hub_token="):
+            argv[i] = "--hub_token=***"
+        elif i > 0 and argv[i - 1] == "--hub_token":
+            argv[i] = "***"
+    aug_dim = scheduler.config.aug_dim
+    objective = "the original PFGM (field objective)" if args.objective == "poisson_field" else "PFGM++"
+    lines = [
+        "## Training",
+        "",
+        "```",
+        " ".join(["accelerate launch training/train_pfgm.py", *argv]).strip(),
+        "```",
+        "",
+    ]
+    lines += [f"{objective}, D = {'inf (EDM)' if aug_dim is None else aug_dim}, {args.max_train_steps} steps.", ""]
+    if figures is not None:
+        lines += [f"Figures at step {figures['step']} ({figures['metric']}, {figures['num_images']} images, EMA):", ""]
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {key} | {value:.6g} |" for key, value in figures.items() if key not in ("step", "metric")]
+        lines.append("")
+    if os.path.exists(inside(args.output_dir, "samples.png")):
+        lines += ["![samples](samples.png)", ""]
+    name = repo_id if repo_id is not None else os.path.basename(os.path.normpath(args.output_dir))
+    card = model_card_text(name, "\n".join(lines))
+    atomic_write(inside(args.output_dir, "README.md"), card.encode(), folder=args.output_dir)
+
+
 def push_to_hub(repo_id, output_dir, token):
     """Upload the saved pipeline, its model card, `samples.png` and the arguments file: an allow-list, so checkpoints,
     logs and any stray file in the output folder stay local."""
-    save_model_card(output_dir, repo_id)
-    upload_pipeline(
+    upload_pipeline(  # the model card is written at the end of training (write_model_card)
         repo_id,
         output_dir,
         token=token,
