@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import types
 
 import pytest
 from test_train import TINY_UNET, fail_if_called, in_process, run_training, tiny_args
@@ -96,3 +97,23 @@ def test_metrics_file_is_never_written_through_a_link(tmp_path):
     with pytest.raises(ValueError, match="symbolic link"):
         metrics.append_record(out, {"step": 3})
     assert elsewhere.read_text() == "keep\n"
+
+
+def test_evaluations_go_to_the_tracker_as_eval_figures(tmp_path, unet_config, monkeypatch):
+    import accelerate
+    from test_train import FakeTracker
+
+    tracker = FakeTracker("tensorboard")
+    monkeypatch.setattr(
+        accelerate.Accelerator, "init_trackers", lambda self, *a, **kw: setattr(self, "trackers", [tracker])
+    )
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))  # "is it installed"
+    out = tmp_path / "out"
+    args = digits_args(unet_config, out, max_train_steps=2, logging_steps=100, save_images_steps=0)
+    with in_process(tmp_path) as train_pfgm:
+        train_pfgm.main([str(arg) for arg in args + ["--report_to", "tensorboard"]])
+    evaluations = [(step, values) for step, values in tracker.logs if "eval/frechet_distance" in values]
+    assert [step for step, _ in evaluations] == [2]
+    line = read_lines(out)[0]
+    assert evaluations[0][1]["eval/frechet_distance"] == line["frechet_distance"]
+    assert evaluations[0][1]["eval/num_images"] == 6 and "eval/step" not in evaluations[0][1]
