@@ -229,7 +229,6 @@ def main(argv=None, loss=None):
     """Train, as `accelerate launch training/train_pfgm.py [flags]` does. `loss` replaces the objective's library loss
     (called as `pfgmpp_loss` or `poisson_field_loss` is): the seam through which tests record or stop training."""
     args = parse_args(argv)  # bad input fails here, the scheduler's own settings included
-    metrics.check_metric_available(args)  # FID/KID for your own data: torch-fidelity, before anything starts
     objective = build_objective(args, loss)  # the one choice of objective: its batch, loss and recorded settings
 
     # Accelerator, output folder, seed
@@ -242,10 +241,7 @@ def main(argv=None, loss=None):
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
         images = load_images(args)
-    reference = None  # FID's reference: the training images, on the process that measures
-    if args.eval_steps is not None and not metrics.uses_digits_metric(args) and accelerator.is_main_process:
-        reference = metrics.reference_images(images, args.resolution, images.num_channels)
-    last_figures = None  # of the last --eval_steps evaluation, for the model card
+    reference = metrics.reference_for(args, images, accelerator.is_main_process)  # FID's, or None
     transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
     dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
     sampler = EpochSampler(len(dataset), seed=args.seed)
@@ -257,9 +253,7 @@ def main(argv=None, loss=None):
     if args.upper_norm == "auto":
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 for the field objective
-    null_class = null_class_label(args, images.class_names)  # --class_dropout_prob: one more class embedding
-    num_class_embeds = images.num_classes if null_class is None else images.num_classes + 1
-    unet_config = load_unet_config(args, images.num_channels, out_channels, num_class_embeds)
+    unet_config = load_unet_config(args, images.num_channels, out_channels, num_class_embeds(args, images))
     run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
@@ -310,11 +304,7 @@ def main(argv=None, loss=None):
         unet.train()
         for batch in batches:
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
-            if null_class is not None:  # from the global generator: seeded per process, restored on resume
-                dropped = drop_conditions(
-                    {"labels": class_labels}, {"labels": torch.tensor(null_class)}, args.class_dropout_prob
-                )
-                class_labels = dropped["labels"]
+            class_labels = drop_labels(args, class_labels, images.class_names)  # --class_dropout_prob
             with accelerator.accumulate(unet):
                 loss = objective(unet, scheduler, batch["pixel_values"], class_labels, accelerator)
                 accelerator.backward(loss)
@@ -340,14 +330,7 @@ def main(argv=None, loss=None):
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
             save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings)
             if args.eval_steps is not None and (global_step % args.eval_steps == 0 or last_step):
-                with ema_weights(ema_model, unet):  # every process samples its share
-                    pipeline = eval_pipeline(args, accelerator.unwrap_model(unet), scheduler, run_settings)
-                    record = metrics.evaluate(pipeline, args, accelerator, reference, global_step)
-                if record is not None:
-                    metrics.append_record(args.output_dir, record)
-                    accelerator.log(metrics.tracker_figures(record), step=global_step)
-                    logger.info(f"Evaluation at step {global_step}: {json.dumps(record)}")
-                    last_figures = record
+                evaluate(args, accelerator, unet, ema_model, scheduler, run_settings, reference, global_step)
             unet.train()
             if last_step:
                 break
@@ -357,7 +340,7 @@ def main(argv=None, loss=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, images.class_names, global_step)
-        write_model_card(args, argv, repo_id, scheduler, last_figures)
+        write_model_card(args, argv, repo_id, scheduler)
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
@@ -367,6 +350,21 @@ def main(argv=None, loss=None):
 def null_class_label(args, class_names):
     """The null class of --class_dropout_prob: the last class embedding, after the data's classes (or None)."""
     return len(class_names) if args.class_dropout_prob > 0 else None
+
+
+def num_class_embeds(args, images):
+    """The UNet's class embeddings: the data's classes, and the null class with --class_dropout_prob."""
+    return images.num_classes if null_class_label(args, images.class_names) is None else images.num_classes + 1
+
+
+def drop_labels(args, class_labels, class_names):
+    """--class_dropout_prob: each label becomes the null class with that probability, drawn from the global
+    generator (seeded per process, restored on resume); the labels as they are without it."""
+    null_class = None if class_labels is None else null_class_label(args, class_names)
+    if null_class is None:
+        return class_labels
+    null = {"labels": torch.tensor(null_class)}
+    return drop_conditions({"labels": class_labels}, null, args.class_dropout_prob)["labels"]
 
 
 def claim_output_dir(args, accelerator):
@@ -520,6 +518,19 @@ def save_pipeline(unet, scheduler, class_names, output_dir, null_class=None):
     checkpoints.save_pipeline(pipeline, output_dir)
 
 
+def evaluate(args, accelerator, unet, ema_model, scheduler, run_settings, reference, global_step):
+    """One --eval_steps evaluation of the EMA model on every process; the record on the main process (None
+    elsewhere), appended to metrics.jsonl and logged as eval/... ."""
+    with ema_weights(ema_model, unet):  # every process samples its share
+        pipeline = eval_pipeline(args, accelerator.unwrap_model(unet), scheduler, run_settings)
+        record = metrics.evaluate(pipeline, args, accelerator, reference, global_step)
+    if record is not None:
+        metrics.append_record(args.output_dir, record)
+        accelerator.log(metrics.tracker_figures(record), step=global_step)
+        logger.info(f"Evaluation at step {global_step}: {json.dumps(record)}")
+    return record
+
+
 def eval_pipeline(args, unet, scheduler, run_settings):
     """The pipeline that --eval_steps samples: `unet` (the EMA weights) with a fresh scheduler."""
     class_names = run_settings["class_names"]
@@ -533,8 +544,10 @@ def eval_pipeline(args, unet, scheduler, run_settings):
     return pipeline
 
 
-def write_model_card(args, argv, repo_id, scheduler, figures):
-    """`README.md`: loading, the training command (secrets hidden), D, the last evaluation's figures and the grid."""
+def write_model_card(args, argv, repo_id, scheduler):
+    """`README.md`: loading, the training command (secrets hidden), D, the last evaluation's figures (the last line
+    of metrics.jsonl) and the grid."""
+    figures = metrics.last_record(args.output_dir)
     argv = list(sys.argv[1:] if argv is None else argv)
     for i, arg in enumerate(argv):  # --hub_token VALUE or --hub_token=VALUE
         if arg.startswith("--hub_token="):

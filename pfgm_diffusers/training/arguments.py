@@ -15,7 +15,7 @@ import os
 from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
-from pfgm_diffusers.training import checkpoints
+from pfgm_diffusers.training import checkpoints, metrics
 from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective
 from pfgm_diffusers.training.presets import (
     CONFIG_DIR,
@@ -269,6 +269,7 @@ def check_args(args):
             raise ValueError(f"--report_to {args.report_to} needs `pip install {args.report_to}`") from None
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoints.checkpoint_path(args.resume_from_checkpoint, args.output_dir)
+    metrics.check_metric_available(args)  # FID/KID for your own data need torch-fidelity: refused now, not later
 
 
 def public_arguments(args):

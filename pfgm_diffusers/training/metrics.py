@@ -37,6 +37,13 @@ def check_metric_available(args) -> None:
         raise ValueError(f"--eval_steps on your own data measures FID/KID: {error}") from None
 
 
+def reference_for(args, images, measures: bool):
+    """FID's reference images for --eval_steps on your own data, on the process that `measures`; else None."""
+    if args.eval_steps is None or uses_digits_metric(args) or not measures:
+        return None
+    return reference_images(images, args.resolution, images.num_channels)
+
+
 def reference_images(images, resolution: int, num_channels: int) -> np.ndarray:
     """The training images as uint8 (M, H, W, C), center-cropped to the training resolution (FID's reference)."""
     transform = ImageTransform(resolution, num_channels, center_crop=True)
@@ -93,6 +100,16 @@ def append_record(output_dir: str, record: dict) -> None:
         with open(path, "rb") as f:
             old = f.read()
     atomic_write(path, old + (json.dumps(record) + "\n").encode(), folder=output_dir)
+
+
+def last_record(output_dir: str) -> dict | None:
+    """The last line of `metrics.jsonl`, or None without one."""
+    path = inside(output_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = f.read().splitlines()
+    return json.loads(lines[-1]) if lines else None
 
 
 def tracker_figures(record: dict) -> dict:
