@@ -124,6 +124,13 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             The label of the null class of a UNet trained with class dropout (`--class_dropout_prob`), which makes
             classifier-free guidance (`guidance_scale`) possible: the last class embedding,
             `unet.config.num_class_embeds - 1`. `None` (folders saved without it) means no null class.
+        conditioning_channels (`int`, *optional*):
+            C_cond for an image-conditional model (image-to-image, e.g. super-resolution): the UNet takes the scaled
+            sample and the condition concatenated, `in_channels = C + C_cond`, and every call needs a
+            `conditioning_image` of C_cond channels. Saved with the pipeline (`model_index.json`); None: no condition.
+        conditioning_dropout_prob (`float`, *optional*):
+            The share of training examples whose condition was replaced by zeros (conditioning dropout), recorded by
+            the trainer: a model trained with it > 0 knows the zero-condition branch that `guidance_scale` uses.
     """
 
     model_cpu_offload_seq = "unet"
@@ -134,15 +141,27 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         scheduler: PFGMScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
         null_class_label: int | None = None,
+        conditioning_channels: int | None = None,
+        conditioning_dropout_prob: float | None = None,
     ):
         super().__init__()
         _check_scheduler(scheduler)
+        _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob)
         _check_null_class_label(null_class_label, unet)
         _check_class_names(class_names, unet, null_class_label)
         self.register_modules(unet=unet, scheduler=scheduler)
         # Saved in model_index.json, so that a class-conditional model can be sampled by class name, and guided
         self.register_to_config(class_names=None if class_names is None else list(class_names))
         self.register_to_config(null_class_label=null_class_label)
+        # An image-conditional model's condition channels: not derivable from the UNet (field models: C + 1 outputs)
+        self.register_to_config(
+            conditioning_channels=conditioning_channels, conditioning_dropout_prob=conditioning_dropout_prob
+        )
+
+    @property
+    def num_channels(self) -> int:
+        """C, the channels of the images (the UNet's inputs less the condition's)."""
+        return self.unet.config.in_channels - (self.config.get("conditioning_channels") or 0)
 
     # ------------------------------------------------------------------ inputs
 
@@ -169,7 +188,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"Unexpected latents shape {tuple(latents.shape)}: expected {shape} (batch, C, H, W).")
         if latents is not None:
             _check_standard_gaussian(latents, self.scheduler)
-        in_channels, out_channels = self.unet.config.in_channels, self.unet.config.out_channels
+        in_channels, out_channels = self.num_channels, self.unet.config.out_channels
         expected = in_channels
         if isinstance(self.scheduler, PFGMScheduler):
             expected = self.scheduler.num_output_channels(in_channels)
@@ -183,7 +202,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     def _latent_shape(self, batch_size: int) -> tuple:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, self.unet.config.in_channels, *size)
+        return (batch_size, self.num_channels, *size)
 
     def prepare_latents(self, batch_size, latents=None, generator=None, device=None) -> torch.Tensor:
         """Standard Gaussian latents (B, C, H, W), float32: drawn from `generator`, or the given ones moved."""
@@ -255,10 +274,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         null_conditions = conditions  # w = 1: no null branch is built or run
         if guidance_scale != 1:
             null_conditions = dict(conditions)
-            if class_labels is not None:
+            # the null branch drops every condition the model learnt to do without; the others stay
+            if class_labels is not None and self._null_class is not None:
                 null_conditions["class_labels"] = torch.full_like(class_labels, self._null_class)
-            if conditioning_image is not None:  # the null image of conditioning dropout
-                null_conditions["conditioning_image"] = torch.zeros_like(conditioning_image)
+            if conditioning_image is not None and self.config.get("conditioning_dropout_prob"):
+                null_conditions["conditioning_image"] = torch.zeros_like(conditioning_image)  # conditioning dropout
 
         def network(model_input, timestep, class_labels=None, conditioning_image=None):
             model_input = concat_condition(model_input, conditioning_image)
@@ -268,7 +288,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
     def check_guidance(self, guidance_scale: float, conditioning_image: torch.Tensor | None = None) -> None:
         """Raise a `ValueError` for a `guidance_scale` this model cannot apply: not a finite number, or other than 1
-        for a model without a condition (class embedding or `conditioning_image`) or without a null class."""
+        for a model with no condition it learnt to do without (a null class from `--class_dropout_prob`, a zero
+        image from `--conditioning_dropout_prob`). The null branch drops every such condition; the others stay."""
         class_conditional = self.num_classes is not None
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
             raise ValueError(f"`guidance_scale` must be a real number, got {_short_repr(guidance_scale)}.")
@@ -276,17 +297,54 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}.")
         if guidance_scale == 1:
             return
-        if not class_conditional and conditioning_image is None:
+        image_conditional = self.config.get("conditioning_channels") is not None or conditioning_image is not None
+        if (class_conditional and self._null_class is not None) or (
+            image_conditional and self.config.get("conditioning_dropout_prob")
+        ):
+            return
+        if not class_conditional and not image_conditional:
             raise ValueError(
                 f"guidance_scale={guidance_scale} needs a conditional model, but the UNet has no class embedding "
                 "(unet.config.num_class_embeds is None) and no condition was given: pass guidance_scale=1."
             )
-        if class_conditional and self._null_class is None:
+        if not class_conditional:
             raise ValueError(
-                f"guidance_scale={guidance_scale} needs a model trained with a null class (train_pfgm.py "
-                "--class_dropout_prob, e.g. 0.1), but this pipeline has none (null_class_label is None): pass "
-                "guidance_scale=1."
+                f"guidance_scale={guidance_scale}: this model was trained without conditioning dropout "
+                "(conditioning_dropout_prob is not > 0; train_pfgm.py --conditioning_dropout_prob, e.g. 0.1), so it "
+                "has no zero-condition branch: pass guidance_scale=1."
             )
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a model trained with a null class (train_pfgm.py "
+            "--class_dropout_prob, e.g. 0.1), but this pipeline has none (null_class_label is None): pass "
+            "guidance_scale=1."
+        )
+
+    def prepare_conditioning_image(self, conditioning_image, batch_size, device=None, do_normalize=True):
+        """The condition of an image-conditional model as a float32 (B, C_cond, H, W) tensor in model space; None for
+        a model without one. Missing, unexpected or mis-shaped conditions are a ValueError."""
+        channels = self.config.get("conditioning_channels")
+        if channels is None:
+            if conditioning_image is not None:
+                raise ValueError(
+                    "A conditioning_image was given but this model takes no condition (conditioning_channels=None): "
+                    "it was trained without one. For image-to-image with any model, pass `image=` and `strength=`."
+                )
+            return None
+        if conditioning_image is None:
+            raise ValueError(
+                f"This model is image-conditional (conditioning_channels={channels}): pass `conditioning_image`, "
+                f"{channels}-channel images of {self._latent_shape(1)[2:]} pixels."
+            )
+        condition = preprocess(conditioning_image, channels, do_normalize)
+        shape = self._latent_shape(condition.shape[0])[2:]
+        if tuple(condition.shape[2:]) != shape:
+            raise ValueError(
+                f"conditioning_image must be {shape[0]}x{shape[1]} pixels (the UNet's sample_size), got "
+                f"{tuple(condition.shape[2:])}."
+            )
+        if batch_size is not None and condition.shape[0] != batch_size:
+            raise ValueError(f"Got {condition.shape[0]} conditioning images for a batch of {batch_size}.")
+        return condition.to(device)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as `DiffusionPipeline.save_pretrained` does, after checking that `class_names` fit the UNet."""
@@ -295,11 +353,18 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
     # ------------------------------------------------------------------ the ODE's pieces
 
-    def denoise(self, sample: torch.Tensor, sigma: float, class_labels=None, guidance_scale: float = 1.0):
+    def denoise(
+        self,
+        sample: torch.Tensor,
+        sigma: float,
+        class_labels=None,
+        guidance_scale: float = 1.0,
+        conditioning_image=None,
+    ):
         """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1),
         with classifier-free guidance for `guidance_scale` other than 1. Only the network's input is cast to
-        `unet.dtype`."""
-        return self._denoise(self._network(class_labels, guidance_scale), sample, sigma)
+        `unet.dtype`; `conditioning_image` is a model-space (B, C_cond, H, W) tensor."""
+        return self._denoise(self._network(class_labels, guidance_scale, conditioning_image), sample, sigma)
 
     def _denoise(self, network, sample, sigma):
         model_input = self.scheduler.precondition_inputs(sample, sigma)
@@ -378,9 +443,15 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         rtol: float = 1e-4,
         atol: float = 1e-4,
         guidance_scale: float = 1.0,
+        image=None,
+        strength: float | None = None,
+        conditioning_image=None,
+        do_normalize: bool = True,
     ) -> PFGMPipelineOutput | tuple:
         r"""
-        Generate images by carrying prior samples to the data along the PFGM ODE.
+        Generate images by carrying prior samples to the data along the PFGM ODE; or, with `image`, from a noised
+        image part of the way down (image-to-image: SDEdit, PPFM's "hijack" start from a measurement); with
+        `conditioning_image`, for a model trained on paired data.
 
         Args:
             batch_size (`int`, defaults to 1):
@@ -410,10 +481,28 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
             guidance_scale (`float`, defaults to 1.0):
-                Classifier-free guidance (Ho & Salimans 2022) for a class-conditional model trained with a null
-                class (`null_class_label`): D = D_null + w (D_cond - D_null), both branches in one network call on a
-                doubled batch. 1 is the conditional model exactly (one branch, no extra cost), 0 the unconditional
-                one exactly, > 1 stronger conditioning. For the field objective the predicted fields are combined.
+                Classifier-free guidance (Ho & Salimans 2022) for a model trained with a null class
+                (`null_class_label`) and/or conditioning dropout (`conditioning_dropout_prob`): D = D_null +
+                w (D_cond - D_null), the null branch with the null class and/or a zero `conditioning_image` (the
+                conditions the model learnt to do without), both branches in one network call on a doubled batch.
+                1 is the conditional model exactly (one branch, no extra cost), 0 the null branch exactly, > 1
+                stronger conditioning. For the field objective the predicted fields are combined.
+            image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`, *optional*):
+                Images to start from (as [`~PFGMPipeline.invert`] takes them), for any model, as diffusers' img2img
+                pipelines: of the grid of `num_inference_steps` steps the last `int(num_inference_steps * strength)`
+                run, from `scheduler.add_noise(image, latents)` at the first of them (an exact PFGM++ kernel draw
+                around the image; `latents` or `generator` give its Gaussian noise) with `set_begin_index`. The batch
+                is the images'. Not with `solver="rk45"`.
+            strength (`float`, *optional*, defaults to 0.8 with `image`):
+                In (0, 1]: the share of the grid's steps that run. 1 runs every step from sigma_max (the image then
+                barely matters); a small strength runs few steps from a low noise level. Only with `image`.
+            conditioning_image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or a list of them, *optional*):
+                The condition of an image-conditional model (`config.conditioning_channels` channels, the UNet's
+                size, one per image; in [0, 1] unless `do_normalize=False`), e.g. the low-resolution or noisy
+                measurement; required for such a model and refused for others.
+            do_normalize (`bool`, defaults to `True`):
+                `image` and `conditioning_image` are in [0, 1]; with `False`, tensors in model space ([-1, 1] for
+                clean images; a noisy measurement may lie beyond).
 
         Examples:
 
@@ -421,16 +510,30 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             [`PFGMPipelineOutput`] or `tuple`: the images and the number of network evaluations `nfe`; as a tuple
             `(images, nfe)`.
         """
-        if latents is not None and latents.ndim > 0:
-            if batch_size not in (1, latents.shape[0]):
-                raise ValueError(f"batch_size={batch_size} does not match latents of batch {latents.shape[0]}.")
-            batch_size = latents.shape[0]
-        self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
-        scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
+        if image is not None:
+            image = preprocess(image, self.num_channels, do_normalize)
+            strength = 0.8 if strength is None else strength
+            _check_strength(strength)
+            if solver == "rk45":
+                raise ValueError(
+                    "`image` with solver='rk45': strength selects a step of the scheduler's grid, and "
+                    "RK45 has none; pass a grid solver (None, 'heun', 'euler', ...)."
+                )
+        elif strength is not None:
+            raise ValueError(
+                f"strength={strength!r} was given without `image`: it sets how far down to start from it."
+            )
         device = self._execution_device
+        condition = self.prepare_conditioning_image(conditioning_image, None, device, do_normalize)
+        sources = {"latents": latents, "image": image, "conditioning_image": condition}
+        batch_size = _batch_size(batch_size, {name: value for name, value in sources.items() if value is not None})
+        self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
+        if image is not None and tuple(image.shape) != self._latent_shape(batch_size):
+            raise ValueError(f"image must have shape {self._latent_shape(batch_size)}, got {tuple(image.shape)}.")
+        scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
-        network = self._network(labels, guidance_scale)
+        network = self._network(labels, guidance_scale, condition)
         latents = self.prepare_latents(batch_size, latents, generator, device)
         if solver == "rk45":
             denoise, progress = self._denoiser(network)
@@ -444,11 +547,17 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             scheduler.set_timesteps(num_inference_steps, device=device)
             # The generic diffusers start: the scheduler maps it onto its prior at the first call (docs/scheduler.md).
             sample = latents * scheduler.init_noise_sigma
-            for t in self.progress_bar(scheduler.timesteps):
+            if image is not None:  # diffusers' img2img start: a begin index, and the image noised to its level
+                t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+                scheduler.set_begin_index(t_start * scheduler.order)
+                start = scheduler.timesteps[t_start * scheduler.order :][:1].repeat(batch_size)
+                sample = scheduler.add_noise(image.to(device), latents, start)
+            timesteps = scheduler.timesteps[scheduler.begin_index or 0 :]
+            for t in self.progress_bar(timesteps):
                 model_input = scheduler.scale_model_input(sample, t)
                 model_output = network(model_input, t)
                 sample = scheduler.step(model_output.float(), t, sample).prev_sample
-            nfe = len(scheduler.timesteps)
+            nfe = len(timesteps)
 
         image = postprocess(sample, output_type)
         self.maybe_free_model_hooks()
@@ -469,6 +578,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         rtol: float = 1e-4,
         atol: float = 1e-4,
         guidance_scale: float = 1.0,
+        conditioning_image=None,
     ) -> torch.Tensor:
         r"""
         Map images to standard Gaussian latents: integrate the ODE from sigma_min (the images' state) to sigma_max, and
@@ -494,6 +604,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             guidance_scale (`float`, defaults to 1.0):
                 As in [`~PFGMPipeline.__call__`]: the guided ODE walked backwards, so that sampling with the same
                 scale reconstructs the images.
+            conditioning_image (*optional*):
+                The images' conditions, required for an image-conditional model (as in `__call__`; normalised with
+                `do_normalize`).
 
         Returns:
             `torch.Tensor` of shape `(B, C, H, W)`: standard Gaussian latents, float32.
@@ -501,9 +614,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         self.check_inputs(num_inference_steps)
         scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = preprocess(images, self.num_channels, do_normalize).to(device)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
-        denoise, progress = self._denoiser(self._network(labels, guidance_scale))
+        condition = self.prepare_conditioning_image(conditioning_image, x.shape[0], device, do_normalize)
+        denoise, progress = self._denoiser(self._network(labels, guidance_scale, condition))
         if solver == "rk45":
             sigma_min, sigma_max = self._sigma_range()
             x, _ = ode.solve_rk45(denoise, x, sigma_min, sigma_max, rtol, atol, self._is_field_model)
@@ -549,6 +663,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         atol: float = 1e-5,
         return_dict: bool = True,
         guidance_scale: float = 1.0,
+        conditioning_image=None,
     ) -> PFGMLikelihoodOutput | tuple:
         r"""
         Log-likelihood of images under the model, through the probability-flow ODE (PFGM `likelihood.py`).
@@ -603,10 +718,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 "`pipe.to(torch.float32)` first (the weights are the same model)."
             )
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = preprocess(images, self.num_channels, do_normalize).to(device)
         batch_size, N = x.shape[0], x[0].numel()
         self.check_inputs(1, batch_size=batch_size, generator=generator)
         labels = self.prepare_class_labels(class_labels, batch_size, device=device, required=True)
+        condition = self.prepare_conditioning_image(conditioning_image, batch_size, device, do_normalize)
         if dequantize:
             levels = torch.round((x + 1) * 127.5)  # 0..255
             uniform = torch.special.ndtr(randn_tensor(x.shape, generator=generator, device=device))  # U(0, 1)
@@ -615,7 +731,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
         sigma_min, sigma_max = self._sigma_range()
-        denoise, progress = self._denoiser(self._network(labels))
+        denoise, progress = self._denoiser(self._network(labels, conditioning_image=condition))
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
@@ -695,6 +811,45 @@ def _check_standard_gaussian(latents, scheduler):
             f" {math.sqrt(norm_sq[i] / N):.3g} times a standard Gaussian's (sqrt(N) = {math.sqrt(N):.4g}): prior"
             f" samples, as the previous release took them? Convert them with {fix}."
         )
+
+
+def _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob):
+    if conditioning_channels is not None:
+        in_channels = unet.config.in_channels
+        if (
+            isinstance(conditioning_channels, bool)
+            or not isinstance(conditioning_channels, (int, np.integer))
+            or not 1 <= conditioning_channels < in_channels
+        ):
+            raise ValueError(
+                f"conditioning_channels must be None or an integer in [1, {in_channels - 1}] (the UNet's in_channels "
+                f"{in_channels} = C + C_cond with C >= 1), got {conditioning_channels!r}."
+            )
+    if conditioning_dropout_prob is not None:
+        if conditioning_channels is None:
+            raise ValueError(
+                "conditioning_dropout_prob is set but the model has no condition (conditioning_channels)."
+            )
+        if not isinstance(conditioning_dropout_prob, (int, float)) or not 0 <= conditioning_dropout_prob <= 1:
+            raise ValueError(f"conditioning_dropout_prob must be in [0, 1], got {conditioning_dropout_prob!r}.")
+
+
+def _check_strength(strength):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
+
+
+def _batch_size(batch_size, sources):
+    """The batch: that of every given tensor (which must agree), with `batch_size` 1 or equal to it."""
+    sizes = {name: value.shape[0] for name, value in sources.items() if value.ndim > 0}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"The batch sizes of {', '.join(f'{k} ({v})' for k, v in sizes.items())} must be equal.")
+    if not sizes:
+        return batch_size
+    (name, size), *_ = sizes.items()
+    if batch_size not in (1, size):
+        raise ValueError(f"batch_size={batch_size} does not match {name} of batch {size}.")
+    return size
 
 
 def _label_index(label, class_names):

@@ -29,7 +29,19 @@ def uses_digits_metric(args) -> bool:
 
 def check_metric_available(args) -> None:
     """At start-up: FID/KID for your own data need torch-fidelity; a ValueError naming the install line if absent."""
-    if args.eval_steps is None or uses_digits_metric(args):
+    if args.eval_steps is None:
+        return
+    paired = [
+        name
+        for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task")
+        if getattr(args, name, None)
+    ]
+    if paired:
+        raise ValueError(
+            f"--eval_steps samples from the prior without a condition; with paired data (--{paired[0]}) measure the "
+            "saved model with scripts/evaluate.py's conditional evaluation instead"
+        )
+    if uses_digits_metric(args):
         return
     try:
         import_torch_fidelity()
