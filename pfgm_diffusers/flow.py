@@ -1,7 +1,7 @@
 """The pieces of the pipeline's ODE runs: the counted denoiser, the grid of a solver, the prior maps of a scheduler.
 
 `PFGMPipeline` is a diffusers pipeline (check inputs, prepare latents, loop, post-process); what it integrates comes
-from here, and from the tables of `ode.py` (`SAMPLERS` by solver name) and `denoiser.make_denoiser`.
+from here, from the tables of `ode.py` (`SAMPLERS` by solver name) and from `denoiser.denoise`.
 """
 
 import torch
@@ -9,7 +9,6 @@ from diffusers import EDMEulerScheduler
 from tqdm.auto import tqdm
 
 from . import ode
-from .denoiser import make_denoiser
 from .scheduling_common import PoissonFlowScheduler
 from .scheduling_pfgm_field import PFGMFieldScheduler
 
@@ -28,11 +27,10 @@ def check_scheduler(scheduler) -> None:
         )
 
 
-def counted_denoiser(unet, scheduler, class_labels, progress_bar_config: dict):
-    """`make_denoiser(unet, scheduler, class_labels=...)` counting its calls (`counted.calls`), and a progress bar of
-    them (no total: the adaptive solvers choose their number)."""
+def counted_denoiser(denoise, progress_bar_config: dict):
+    """`denoise(x, sigma)` counting its calls (`counted.calls`), and a progress bar of them (no total: the adaptive
+    solvers choose their number)."""
     progress = tqdm(total=None, **{"desc": "network evaluations", **progress_bar_config})
-    denoise = make_denoiser(unet, scheduler, class_labels=class_labels)
 
     def counted(sample, sigma):
         counted.calls += 1

@@ -199,9 +199,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         return denoise(self.unet, self.scheduler, sample, sigma, **conditions)
 
     def _denoiser(self, class_labels):
-        return flow.counted_denoiser(
-            self.unet, self.scheduler, class_labels, getattr(self, "_progress_bar_config", {})
-        )
+        """`denoise` with the labels bound, as `ode.SAMPLERS` call it, counted, with its progress bar."""
+        progress_config = getattr(self, "_progress_bar_config", {})
+        return flow.counted_denoiser(lambda x, sigma: self.denoise(x, sigma, class_labels), progress_config)
 
     # ------------------------------------------------------------------ generation
 

@@ -54,7 +54,89 @@ def check_grid_config(sigma_min, sigma_max, sigma_schedule, num_train_timesteps,
     check_choice("solver", solver, tuple(ode.STEPPERS))
 
 
-class PoissonFlowScheduler(SchedulerMixin, ConfigMixin):
+class PriorMixin:
+    """The prior of a Poisson flow scheduler, and where its runs start (docs/scheduler.md): the radial map of
+    standard Gaussian noise onto the prior at r_max = sigma_max sqrt(D), its inverse, and the first sample of a run."""
+
+    def prior_from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """
+        Map standard Gaussian `noise` onto the exact prior (deterministic radial quantile map, math.md §2). The
+        returned tensor is recognised as a prior draw if a loop starts from it (docs/scheduler.md).
+
+        Args:
+            noise (`torch.Tensor`): N(0, I) samples (B, C, H, W).
+
+        Returns:
+            `torch.Tensor`: prior samples at r_max = sigma_max sqrt(D) (`sigma_max * noise` for `aug_dim=None`), in the
+            dtype of `noise` (a radius that dtype cannot hold raises a `ValueError`).
+        """
+        x, radius = prior_from_noise(noise, self.config.sigma_max, self.config.aug_dim, self._upper_norm)
+        return x if radius is None else prior_draws.remember(x, radius)
+
+    def noise_from_prior(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        The standard Gaussian latent of a prior sample: the inverse of `prior_from_noise`. Sets no state.
+
+        Args:
+            x (`torch.Tensor`): prior samples (B, C, H, W), e.g. the end of an inversion at sigma_max.
+
+        Returns:
+            `torch.Tensor`: `noise` with `prior_from_noise(noise) == x` (exact up to rounding; for radii inside the
+            `upper_norm` clip where there is one).
+        """
+        return pfgmpp_noise_from_prior(x, self.config.sigma_max, self.config.aug_dim)
+
+    def sample_prior(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """
+        Draw the exact prior: `prior_from_noise(randn_tensor(shape, generator))`. A loop may start from the draw with
+        or without `set_begin_index(0)` (docs/scheduler.md).
+
+        Args:
+            shape (`tuple`): (B, C, H, W).
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per sample.
+            device (`str` or `torch.device`, *optional*): where to put the samples.
+            dtype (`torch.dtype`, *optional*): their dtype (float32 by default). The radii are computed in float64;
+                a draw that `dtype` cannot hold (e.g. float16 with D = 1) raises a `ValueError`.
+
+        Returns:
+            `torch.Tensor`: prior samples of shape `shape`.
+        """
+        return self.prior_from_noise(gaussian(shape, generator, device, dtype))
+
+    # ----- the first call of a run -----
+
+    def _start_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """The sample the run starts from (docs/scheduler.md's rule), checked once; float32 where it was mapped."""
+        if self._start is not None and self._start[0] is sample:
+            return self._start[1]
+        generic = self._begin_index is None and self._first_index == 0
+        x = sample.float() if generic and self.config.aug_dim is not None else sample  # (a no-op for float32)
+        norm_sq = squared_norms(x)  # (B,): the run's one host sync
+        run_checks.check_finite_start(norm_sq)
+        if generic and self.config.aug_dim is not None and prior_draws.is_prior_draw(sample, norm_sq):
+            generic = False  # a `sample_prior` / `prior_from_noise` draw (or a copy): already on the prior
+        start = sample
+        if generic:
+            run_checks.warn_if_far_from_gaussian(logger, norm_sq / self.init_noise_sigma**2, sample[0].numel())
+            if self.config.aug_dim is not None:
+                try:  # direction kept, radius moved onto the prior's: prior_from_noise(sample / init_noise_sigma)
+                    config = self.config
+                    start, _ = prior_from_noise(
+                        x, config.sigma_max, config.aug_dim, self._upper_norm, self.init_noise_sigma, norm_sq
+                    )
+                except ValueError as error:
+                    raise ValueError(f"{error} {run_checks.MAPPED_START_NOTE}") from error
+        self._start = (sample, start)
+        return start
+
+
+class PoissonFlowScheduler(PriorMixin, SchedulerMixin, ConfigMixin):
     """The run bookkeeping both schedulers share; not a scheduler of its own (docs/scheduler.md)."""
 
     def _init_schedule(self) -> None:
@@ -198,59 +280,6 @@ class PoissonFlowScheduler(SchedulerMixin, ConfigMixin):
                 f" {tuple(sample.shape)}, got {tuple(model_output.shape)}."
             )
 
-    # ----- the prior -----
-
-    def prior_from_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """
-        Map standard Gaussian `noise` onto the exact prior (deterministic radial quantile map, math.md §2). The
-        returned tensor is recognised as a prior draw if a loop starts from it (docs/scheduler.md).
-
-        Args:
-            noise (`torch.Tensor`): N(0, I) samples (B, C, H, W).
-
-        Returns:
-            `torch.Tensor`: prior samples at r_max = sigma_max sqrt(D) (`sigma_max * noise` for `aug_dim=None`), in the
-            dtype of `noise` (a radius that dtype cannot hold raises a `ValueError`).
-        """
-        x, radius = prior_from_noise(noise, self.config.sigma_max, self.config.aug_dim, self._upper_norm)
-        return x if radius is None else prior_draws.remember(x, radius)
-
-    def noise_from_prior(self, x: torch.Tensor) -> torch.Tensor:
-        """
-        The standard Gaussian latent of a prior sample: the inverse of `prior_from_noise`. Sets no state.
-
-        Args:
-            x (`torch.Tensor`): prior samples (B, C, H, W), e.g. the end of an inversion at sigma_max.
-
-        Returns:
-            `torch.Tensor`: `noise` with `prior_from_noise(noise) == x` (exact up to rounding; for radii inside the
-            `upper_norm` clip where there is one).
-        """
-        return pfgmpp_noise_from_prior(x, self.config.sigma_max, self.config.aug_dim)
-
-    def sample_prior(
-        self,
-        shape: tuple[int, ...],
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> torch.Tensor:
-        """
-        Draw the exact prior: `prior_from_noise(randn_tensor(shape, generator))`. A loop may start from the draw with
-        or without `set_begin_index(0)` (docs/scheduler.md).
-
-        Args:
-            shape (`tuple`): (B, C, H, W).
-            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): one generator, or one per sample.
-            device (`str` or `torch.device`, *optional*): where to put the samples.
-            dtype (`torch.dtype`, *optional*): their dtype (float32 by default). The radii are computed in float64;
-                a draw that `dtype` cannot hold (e.g. float16 with D = 1) raises a `ValueError`.
-
-        Returns:
-            `torch.Tensor`: prior samples of shape `shape`.
-        """
-        return self.prior_from_noise(gaussian(shape, generator, device, dtype))
-
     # ----- the first call of a run -----
 
     def _start_run(self, timestep) -> None:
@@ -262,30 +291,6 @@ class PoissonFlowScheduler(SchedulerMixin, ConfigMixin):
         else:
             self._step_index = self._begin_index
         self._first_index = self._step_index
-
-    def _start_sample(self, sample: torch.Tensor) -> torch.Tensor:
-        """The sample the run starts from (docs/scheduler.md's rule), checked once; float32 where it was mapped."""
-        if self._start is not None and self._start[0] is sample:
-            return self._start[1]
-        generic = self._begin_index is None and self._first_index == 0
-        x = sample.float() if generic and self.config.aug_dim is not None else sample  # (a no-op for float32)
-        norm_sq = squared_norms(x)  # (B,): the run's one host sync
-        run_checks.check_finite_start(norm_sq)
-        if generic and self.config.aug_dim is not None and prior_draws.is_prior_draw(sample, norm_sq):
-            generic = False  # a `sample_prior` / `prior_from_noise` draw (or a copy): already on the prior
-        start = sample
-        if generic:
-            run_checks.warn_if_far_from_gaussian(logger, norm_sq / self.init_noise_sigma**2, sample[0].numel())
-            if self.config.aug_dim is not None:
-                try:  # direction kept, radius moved onto the prior's: prior_from_noise(sample / init_noise_sigma)
-                    config = self.config
-                    start, _ = prior_from_noise(
-                        x, config.sigma_max, config.aug_dim, self._upper_norm, self.init_noise_sigma, norm_sq
-                    )
-                except ValueError as error:
-                    raise ValueError(f"{error} {run_checks.MAPPED_START_NOTE}") from error
-        self._start = (sample, start)
-        return start
 
     # ----- sampling -----
 
@@ -422,12 +427,8 @@ class PoissonFlowScheduler(SchedulerMixin, ConfigMixin):
         sigmas: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """
-        Perturb clean samples with the PFGM++ kernel, from Gaussian `noise` (math.md §2).
-
-        `original + kernel_noise(noise, sigma, D)`: the direction of each sample's noise is kept and its radius is
-        moved through the quantiles, so `noise = randn` gives an exact draw of p_r(y | x), r = sigma sqrt(D). With
-        `aug_dim=None` this is `original + sigma * noise`, exactly `EDMEulerScheduler.add_noise`. The official training
-        clips Beta draws to [1e-3, 1 - 1e-3]; here the kernel is exact (the clip binds often for D << N/100).
+        Perturb clean samples with the PFGM++ kernel from Gaussian `noise`: `original + kernel_noise(noise, sigma, D)`
+        (`perturbation.kernel_noise`, exact, math.md §2); `aug_dim=None` is exactly `EDMEulerScheduler.add_noise`.
 
         Args:
             original_samples (`torch.Tensor`): clean samples (B, C, H, W).
@@ -459,10 +460,6 @@ class PoissonFlowScheduler(SchedulerMixin, ConfigMixin):
             sigma = sigma.to(original_samples.device)
         if sigma.numel() not in (1, batch_size):
             raise ValueError(f"Need 1 or {batch_size} (one per sample) timesteps or sigmas, got {sigma.numel()}.")
-        if self.config.aug_dim is None:
-            while len(sigma.shape) < len(original_samples.shape):
-                sigma = sigma.unsqueeze(-1)
-            return original_samples + noise * sigma
         return original_samples + kernel_noise(noise, sigma, self.config.aug_dim)
 
     def _sigmas_for_timesteps(self, original_samples: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

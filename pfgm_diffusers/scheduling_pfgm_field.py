@@ -81,8 +81,8 @@ class PFGMFieldScheduler(PoissonFlowScheduler):
             raise ValueError(f"`upper_norm` must be >= 1 or None, got {upper_norm}.")
         if prediction_type != "poisson_field" or aug_dim != 1:
             raise ValueError(
-                "`prediction_type='poisson_field'` is the original PFGM and needs aug_dim=1 (PFGMFieldScheduler; PFGM++"
-                f" is PFGMScheduler), got prediction_type={prediction_type!r}, aug_dim={aug_dim!r}."
+                "`prediction_type='poisson_field'` is the original PFGM and needs aug_dim=1 (PFGMFieldScheduler;"
+                f" PFGM++ is PFGMScheduler), got prediction_type={prediction_type!r}, aug_dim={aug_dim!r}."
             )
         self._init_schedule()
 

@@ -42,7 +42,7 @@ def exact_network(scheduler, data, record=None):
         sigma = sigma_of_timestep(scheduler, timestep)
         x = model_input.double()
         if not field:
-            x = x * (sigma**2 + scheduler.config.get("sigma_data")**2) ** 0.5  # undo c_in
+            x = x * (sigma**2 + scheduler.config.get("sigma_data") ** 2) ** 0.5  # undo c_in
         if record is not None:
             record.append(x)
         denoised = ideal_denoiser(x, sigma, data.double(), aug_dim)

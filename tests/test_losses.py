@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers import PFGMFieldScheduler, PFGMScheduler
 from pfgm_diffusers.field import poisson_field_target
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 from pfgm_diffusers.perturbation import pfgm_perturb
@@ -172,7 +172,7 @@ def test_poisson_field_loss_of_the_exact_field_is_zero_and_the_network_sees_raw_
     poisson_field_loss(recorder, charges[:5], charges, M=80, generator=torch.Generator().manual_seed(9))
     y, z = pfgm_perturb(charges[:5], M=80, generator=torch.Generator().manual_seed(9))
     sample, timestep, _ = recorder.calls[0]
-    field = PFGMScheduler(prediction_type="poisson_field", aug_dim=1, sigma_min=1e-3, sigma_max=40.0)
+    field = PFGMFieldScheduler(sigma_min=1e-3, sigma_max=40.0)
     assert torch.equal(sample, field.precondition_inputs(y, z)) and torch.equal(timestep, field.precondition_noise(z))
 
 
