@@ -42,6 +42,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_trainer.py --repeats 5 --steps 600 --skip_field
 	$(PY) benchmarks/bench_trainer.py --skip_trainer
 	$(PY) benchmarks/bench_pipeline_ode.py
+	$(PY) benchmarks/bench_latent.py --json latent.json
 
 # The papers' claims at CPU scale: rewrites the evidence section of docs/benchmarks.md and docs/evidence_*.png
 # (~45-50 min on 2 idle cores; results kept in outputs/evidence/full are reused by a rerun with the same settings).

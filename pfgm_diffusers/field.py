@@ -8,9 +8,10 @@ fast (a matrix product) and exact where it matters.
 """
 
 import math
-import numbers
 
 import torch
+
+from .perturbation import _check_aug_dim
 
 # Bound on the number of elements of the (pairs, N) float64 block of exact differences built at once.
 _CHUNK_ELEMENTS = 1 << 18
@@ -369,8 +370,7 @@ def stable_target(perturbed: torch.Tensor, sigma, reference: torch.Tensor, aug_d
     ```
     """
     batch_size, N = _batch_sizes(perturbed, "perturbed", reference, "reference")
-    if aug_dim is not None and (isinstance(aug_dim, bool) or not isinstance(aug_dim, numbers.Integral) or aug_dim < 1):
-        raise ValueError(f"`aug_dim` must be an integer >= 1 or None (D = infinity), got {aug_dim!r}.")
+    _check_aug_dim(aug_dim)
     dtype = torch.float64 if perturbed.dtype == torch.float64 else torch.float32
     y = perturbed.detach().reshape(batch_size, N).to(dtype)
     x = reference.detach().reshape(reference.shape[0], N).to(y.device, dtype)

@@ -6,15 +6,18 @@
   sample (N - 1) covariances, the mean over the positions where the window fits and over the channels. The window
   fits images of at least 7x7 pixels (the 8x8 digits have 2x2 such positions).
 
-Both take `(B, C, H, W)` tensors (or `(B, H, W, C)` arrays, as pipelines return with output_type "np") in [0, 1] by
-default (`data_range=1`).
+`RestorationMetrics` accumulates both (and a classifier's label accuracy) over batches, for restored images and
+the degraded inputs beside them. All take `(B, C, H, W)` tensors (or `(B, H, W, C)` arrays, as pipelines return
+with output_type "np") in [0, 1] by default (`data_range=1`).
 """
+
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["psnr", "ssim"]
+__all__ = ["RestorationMetrics", "digit_classifier", "psnr", "ssim"]
 
 SSIM_WIN_SIZE = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -90,3 +93,73 @@ def ssim(images, references, data_range: float = 1.0, win_size: int = SSIM_WIN_S
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(1)
+
+
+class RestorationMetrics:
+    r"""
+    Streaming scores of restored images against their clean references (image-to-image evaluation): mean PSNR and
+    SSIM with their standard errors, the same for the degraded inputs beside them, and, given a `classify` function
+    and labels, the share of restored and of degraded images whose predicted class is the clean image's label.
+
+    Args:
+        classify (`Callable`, *optional*):
+            `(B, C, H, W)` images in [0, 1] -> `(B,)` predicted labels, e.g. `digit_classifier()` for the digits.
+        data_range (`float`, defaults to 1.0): the range of the pixel values.
+
+    Examples:
+
+    ```py
+    >>> metrics = RestorationMetrics(classify=digit_classifier())
+    >>> metrics.update(restored, clean, degraded=measured, labels=labels)  # (B, 1, H, W) in [0, 1], (B,)
+    >>> metrics.compute()["psnr"], metrics.compute()["degraded_psnr"]
+    ```
+    """
+
+    def __init__(self, classify=None, data_range: float = 1.0):
+        self.classify = classify
+        self.data_range = data_range
+        self.scores = {}  # name -> list of (B,) float64 tensors
+
+    def _add(self, name, values):
+        self.scores.setdefault(name, []).append(values.detach().to("cpu", torch.float64))
+
+    def update(self, restored, references, degraded=None, labels=None) -> "RestorationMetrics":
+        """Add a batch: `restored`, `references` and `degraded` images in [0, 1] of one shape; `labels` `(B,)`."""
+        for prefix, images in (("", restored), ("degraded_", degraded)):
+            if images is None:
+                continue
+            self._add(prefix + "psnr", psnr(images, references, self.data_range))
+            self._add(prefix + "ssim", ssim(images, references, self.data_range))
+            if labels is not None:
+                if self.classify is None:
+                    raise ValueError("labels were given but RestorationMetrics has no `classify` function")
+                x, _ = _as_pair(images, images, "RestorationMetrics")
+                predicted = torch.as_tensor(self.classify(x.float())).cpu()
+                self._add(prefix + "accuracy", (predicted == torch.as_tensor(labels).cpu()).double())
+        return self
+
+    def compute(self) -> dict:
+        """`{name: mean, name + "_sem": standard error, ..., "num_images": n}` for psnr, ssim, accuracy and their
+        `degraded_` versions."""
+        if not self.scores:
+            raise ValueError("RestorationMetrics.compute() before any update()")
+        result = {}
+        for name, batches in self.scores.items():
+            values = torch.cat(batches)
+            result[name] = values.mean().item()
+            result[name + "_sem"] = (values.std() / values.numel() ** 0.5).item() if values.numel() > 1 else math.nan
+        result["num_images"] = torch.cat(self.scores["psnr"]).numel()
+        return result
+
+
+def digit_classifier(device="cpu"):
+    """The shipped digits classifier as a `classify` function: `(B, 1, H, W)` images in [0, 1] -> `(B,)` labels."""
+    from .evaluation import load_digit_classifier, to_classifier_input
+
+    model = load_digit_classifier(device=device)
+
+    @torch.no_grad()
+    def classify(images):
+        return model(to_classifier_input(images.to(device))).argmax(1)
+
+    return classify

@@ -393,6 +393,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices):
+        if not self.cache.random_flip and self.sampling == "mean":  # nothing random: no generators to seed
+            return self._examples(indices, self.cache.moments(indices)[0])
         generators = [
             torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
             for i in indices
@@ -405,8 +407,51 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.sampling == "sample":
             noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
             latents = mean + std * noise
+        return self._examples(indices, latents)
+
+    def _examples(self, indices, latents):
         examples = [{"pixel_values": latent} for latent in latents]
         if self.labels is not None:
             for example, index in zip(examples, indices, strict=True):
                 example["label"] = self.labels[index]
         return examples
+
+
+# ---------------------------------------------------------------------- training defaults from the statistics
+
+# D/N of the reported best PFGM++ settings: CIFAR-10 D = 128 at N = 3072 (1/24; D = 2048, 2/3, is as good) and
+# FFHQ 64x64 D = 128 at N = 12288 (1/96) (math.md §2, PFGM++ Tables 1-2). Smaller D/N is more robust, larger D/N
+# more rigid (PFGM++ Section 4: the kernel's norm concentrates as D grows against N).
+AUG_DIM_PER_N = 1 / 24
+MIN_AUG_DIM, MAX_AUG_DIM = 64, 2048
+
+
+def default_aug_dim(N: int) -> int:
+    """D for data of size N: the power of two nearest to N / 24 (CIFAR-10's best D/N), within [64, 2048], the range
+    the PFGM++ paper found best. A heuristic that keeps D/N where it was measured, not a derived optimum."""
+    exponent = round(math.log2(max(N * AUG_DIM_PER_N, 1)))
+    return int(min(max(2**exponent, MIN_AUG_DIM), MAX_AUG_DIM))
+
+
+def training_defaults(statistics: dict, latent_sampling: str = "mean") -> dict:
+    """The defaults for latent data and where each comes from, as `{name: (value, source)}`:
+
+    - `sigma_data`: the latents' root mean square (EDM's sigma_data is the data's second moment; 0.5 for images in
+      [-1, 1]); with `latent_sampling="sample"` the posterior's variance is included.
+    - `aug_dim`: `default_aug_dim(N)` for the latent's N.
+    - `sigma_max`: the largest distance between two training latents (Song & Ermon 2020, Technique 1: sigma_max
+      about the data's diameter; EDM's 80 for CIFAR-10 in [-1, 1] follows it), rounded up to one significant digit
+      above. The PFGM++ prior then has r_max = sigma_max sqrt(D) (the alignment r = sigma sqrt(D), math.md §2).
+    """
+    if latent_sampling not in LATENT_SAMPLING:
+        raise ValueError(f"latent sampling must be one of {LATENT_SAMPLING}, got {latent_sampling!r}")
+    sigma_data = statistics["rms_sample" if latent_sampling == "sample" else "rms"]
+    distance = statistics["max_pairwise_distance"]
+    magnitude = 10 ** math.floor(math.log10(distance)) if distance > 0 else 1.0
+    sigma_max = math.ceil(distance / magnitude) * magnitude
+    N = statistics["N"]
+    return dict(
+        sigma_data=(round(sigma_data, 4), f"root mean square of the {statistics['num_latents']} cached latents"),
+        aug_dim=(default_aug_dim(N), f"power of two nearest to N / 24 for N = {N} (CIFAR-10's D = 128 at N = 3072)"),
+        sigma_max=(sigma_max, f"largest distance between two cached latents ({distance:.4g}), rounded up"),
+    )

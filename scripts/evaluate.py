@@ -3,7 +3,8 @@
 
     # offline, for models of the embedded digits: the shipped classifier's metrics (pfgm_diffusers.evaluation)
     python scripts/evaluate.py --model outputs/pfgm --num_images 1000 --num_inference_steps 18 --output results.json
-    # FID/KID against a Hub dataset or an image folder, through torch-fidelity (pip install pfgm_diffusers[eval])
+    # FID/KID against a Hub dataset or an image folder, through torch-fidelity (the [eval] extra: in a checkout,
+    # pip install -e ".[eval]" "torchvision==0.28.*", the torchvision of torch 2.13, so that torch stays as it is)
     python scripts/evaluate.py --model outputs/cifar --reference uoft-cs/cifar10 --num_images 10000 --device cuda
 
 `--reference digits` (the default) needs no network: it reports the Fréchet distance in the digit classifier's
@@ -32,14 +33,9 @@ from tqdm.auto import tqdm
 import pfgm_diffusers
 from pfgm_diffusers import PFGMPipeline, scheduling_pfgm
 from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder
-from pfgm_diffusers.evaluation import (
-    DigitsMetrics,
-    FidelityUnavailableError,
-    check_digits_pipeline,
-    fidelity_metrics,
-    import_torch_fidelity,
-    inception_weights_path,
-)
+from pfgm_diffusers.evaluation import DigitsMetrics, FidelityMetrics, FidelityUnavailableError, SampleMetric
+
+DIGITS_REFERENCE = "digits"
 
 
 def solver_choices():
@@ -166,41 +162,34 @@ def load_reference(args, resolution, num_channels):
     return ((pixels + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def to_uint8(images):
-    """[0, 1] floats -> 8-bit levels, as the pipeline's PIL output and saved PNGs have them."""
-    return np.round(images * 255).astype(np.uint8)
+def build_metric(args, pipe) -> SampleMetric:
+    """The metric of --reference, with everything that can fail (the pipeline's fit, a missing extra, weights or
+    data) checked before any sampling. The one place the references differ: the rest drives a `SampleMetric`."""
+    if args.reference == DIGITS_REFERENCE:
+        metric = DigitsMetrics(device=args.device)
+        metric.check_pipeline(pipe)
+        return metric
+    metric = FidelityMetrics(args.inception_weights, device=args.device, batch_size=args.batch_size)
+    metric.check_pipeline(pipe)
+    return metric.update_reference(load_reference(args, unet_resolution(pipe), pipe.unet.config.in_channels))
+
+
+def unet_resolution(pipe):
+    """The UNet's `sample_size`: an int, or (height, width)."""
+    size = pipe.unet.config.sample_size
+    return size if isinstance(size, int) else tuple(size)
 
 
 def evaluate(args):
     pipe = load_pipeline(args)
-    config = pipe.unet.config
-    resolution = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
-    # Everything that can fail (a missing extra, weights or data) fails before the sampling
-    if args.reference == "digits":
-        check_digits_pipeline(pipe)
-        metric = DigitsMetrics(device=args.device)
-        on_batch = metric.update  # streaming: only the feature statistics are kept
-    else:
-        import_torch_fidelity()
-        weights_path = inception_weights_path(args.inception_weights)
-        reference = load_reference(args, resolution, config.in_channels)
-        generated = []
-        on_batch = lambda images: generated.append(to_uint8(images))  # noqa: E731
-
-    nfe_per_batch, sampling_seconds, metric_seconds = sample(pipe, args, on_batch)
+    metric = build_metric(args, pipe)
+    nfe_per_batch, sampling_seconds, metric_seconds = sample(pipe, args, metric.update)
     began = time.perf_counter()
-    if args.reference == "digits":
-        metrics = metric.compute()
-        frechet = metrics["frechet_distance"]
-    else:
-        generated = np.concatenate(generated)
-        metrics = fidelity_metrics(generated, reference, weights_path, device=args.device, batch_size=args.batch_size)
-        frechet = metrics["fid"]
+    metrics = metric.compute()
     metric_seconds += time.perf_counter() - began
-
     return {
-        "frechet_distance": frechet,
-        "frechet_features": "digit_classifier" if args.reference == "digits" else "inception_v3",
+        "frechet_distance": metrics["frechet_distance"],
+        "frechet_features": metric.frechet_features,
         "nfe": float(np.mean(nfe_per_batch)),
         "nfe_per_batch": nfe_per_batch,
         "num_images": args.num_images,
@@ -208,11 +197,12 @@ def evaluate(args):
         "metric_seconds": metric_seconds,
         "images_per_second": args.num_images / sampling_seconds,
         "metrics": metrics,
+        "report": metric.report(metrics),
         "settings": vars(args),
         "scheduler": json.loads(pipe.scheduler.to_json_string()),
         "unet": {
-            "sample_size": resolution,
-            "in_channels": config.in_channels,
+            "sample_size": unet_resolution(pipe),
+            "in_channels": pipe.unet.config.in_channels,
             "parameters": pipe.unet.num_parameters(),
         },
         "environment": environment(args.device),
@@ -234,31 +224,15 @@ def environment(device):
 
 
 def summary(results):
-    metrics = results["metrics"]
-    lines = [
-        f"{results['num_images']} images, {results['nfe']:.1f} network evaluations per image "
-        f"({results['settings']['solver']}, {results['settings']['num_inference_steps']} steps)",
-        f"sampling {results['sampling_seconds']:.1f} s ({results['images_per_second']:.2f} images/s), "
-        f"metrics {results['metric_seconds']:.1f} s",
-    ]
-    if results["frechet_features"] == "digit_classifier":
-        lines.append(f"{'':24s}{'generated':>12s}{'held-out real':>15s}")
-        for key, label in (
-            ("frechet_distance", "Fréchet distance"),
-            ("confident_share", f"confident (p >= {metrics['confidence_threshold']})"),
-            ("class_coverage", "class coverage"),
-            ("class_kl", "class KL (nats)"),
-        ):
-            lines.append(f"{label:24s}{metrics[key]:12.4f}{metrics['heldout_' + key]:15.4f}")
-        lines.append(
-            f"(held-out: {metrics['heldout_num_images']} real digits, accuracy {metrics['heldout_accuracy']:.4f})"
-        )
-    else:
-        lines.append(
-            f"FID {metrics['fid']:.3f}, KID {metrics['kid_mean']:.5f} +- {metrics['kid_std']:.5f} "
-            f"against {metrics['num_reference']} reference images"
-        )
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"{results['num_images']} images, {results['nfe']:.1f} network evaluations per image "
+            f"({results['settings']['solver']}, {results['settings']['num_inference_steps']} steps)",
+            f"sampling {results['sampling_seconds']:.1f} s ({results['images_per_second']:.2f} images/s), "
+            f"metrics {results['metric_seconds']:.1f} s",
+            results["report"],
+        ]
+    )
 
 
 def write_json(results, path):

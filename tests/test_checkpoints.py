@@ -2,10 +2,13 @@
 verified checkpoints, pipelines a killed run leaves, and the export of a checkpoint to a pipeline."""
 
 import errno
+import importlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -286,3 +289,190 @@ def test_export_checkpoint_makes_a_pipeline_of_the_ema_or_trained_weights(run_co
     damage(run_copy / "checkpoint-2" / "unet_ema" / "diffusion_pytorch_model.safetensors", "flip")
     with pytest.raises(ValueError, match="checkpoint-2' is damaged"):
         export_checkpoint.main([str(run_copy / "checkpoint-2"), str(tmp_path / "again")])
+
+
+# ----- hardening round 3 (issue 14): links, folders that are not runs, resumes that would change the model -----
+
+
+def checkpoints_module():
+    if TRAINING_DIR not in sys.path:
+        sys.path.insert(0, TRAINING_DIR)
+    import checkpoints
+
+    return checkpoints
+
+
+def edit_state(checkpoint, edit, rehash=True):
+    """Apply `edit` to the training state of `checkpoint`, with its own checksum recomputed when `rehash` (so that only
+    the check under test can catch the edit)."""
+    path = checkpoint / "pfgm_training_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    if rehash:
+        state["state_sha256"] = checkpoints_module().state_sha256(state)
+    path.write_text(json.dumps(state, indent=2))
+
+
+@pytest.mark.parametrize("name", ["training_args.json", "samples.png", "samples", "logs", ".pfgm_train.lock"])
+def test_the_trainer_never_writes_through_a_link_in_its_folder(run_copy, tmp_path, image_folder, unet_config, name):
+    victim = tmp_path / "victim"  # another user's file or folder the link points to
+    if name in ("samples", "logs"):
+        victim.mkdir()
+        (victim / "theirs.txt").write_text("theirs")
+    else:
+        victim.write_text("theirs")
+    target = run_copy / name
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    target.symlink_to(victim)
+    args = resume_args(image_folder, unet_config, run_copy, max_train_steps=3)
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args)
+    assert f"'{target}' is a symbolic link" in str(error.value)
+    if victim.is_dir():
+        assert os.listdir(victim) == ["theirs.txt"] and (victim / "theirs.txt").read_text() == "theirs"
+    else:
+        assert victim.read_text() == "theirs"
+
+
+def test_a_linked_partial_pipeline_is_refused_and_its_target_untouched(run_copy, tmp_path, image_folder, unet_config):
+    other_model = tmp_path / "other-model"
+    shutil.copytree(run_copy / "unet", other_model)
+    before = {name: (other_model / name).read_bytes() for name in os.listdir(other_model)}
+    link = run_copy / ".partial-pipeline"
+    link.symlink_to(other_model)
+    pipeline = PFGMPipeline.from_pretrained(run_copy)
+    with pytest.raises(ValueError, match=f"'{link}' is a symbolic link"):
+        checkpoints_module().save_pipeline(pipeline, str(run_copy))
+    # A run finds it as a leftover of a killed run: it removes the link, never what it points to
+    train(tmp_path, resume_args(image_folder, unet_config, run_copy, max_train_steps=3))
+    assert not os.path.lexists(link) and (run_copy / "checkpoint-3").is_dir()
+    assert {name: (other_model / name).read_bytes() for name in os.listdir(other_model)} == before
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "unet_ema/../../outside.bin", "/tmp/outside.bin", "./x", ""])
+def test_a_manifest_naming_files_outside_the_checkpoint_is_refused_before_reading(run_copy, tmp_path, name):
+    (run_copy / "outside.bin").write_bytes(b"x" * 1234)  # what `../outside.bin` names from checkpoint-2
+    edit_state(run_copy / "checkpoint-2", lambda state: state["files"].update({name: {"size": 1, "sha256": "0"}}))
+    export = importlib.import_module("export_checkpoint") if checkpoints_module() else None
+    for attempt in (
+        lambda: checkpoints_module().find_checkpoint(str(run_copy / "checkpoint-2"), str(run_copy)),
+        lambda: export.main([str(run_copy / "checkpoint-2"), str(tmp_path / "exported")]),
+    ):
+        with pytest.raises(ValueError) as error:
+            attempt()
+        assert f"its file list names {name!r} is not a plain relative file name" in str(error.value)
+        assert "1234" not in str(error.value)
+    assert not (tmp_path / "exported").exists()
+
+
+def test_an_edited_training_state_is_refused_by_resume_and_export(run_copy, tmp_path, image_folder, unet_config):
+    def edit(state):
+        state["scheduler_config"]["sigma_max"] = 10.0
+
+    edit_state(run_copy / "checkpoint-2", edit, rehash=False)
+    state = run_copy / "checkpoint-2" / "pfgm_training_state.json"
+    message = f"the training state '{state}' is damaged: it differs from the state that was saved"
+    export = importlib.import_module("export_checkpoint") if checkpoints_module() else None
+    with pytest.raises(ValueError, match=re.escape(message)):
+        export.main([str(run_copy / "checkpoint-2"), str(tmp_path / "exported")])
+    args = resume_args(image_folder, unet_config, run_copy, resume_from_checkpoint="checkpoint-2")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(tmp_path, args, load_images=fail_if_called)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(sigma_data=0.6), "scheduler config sigma_data: 0.5 there, 0.6 here"),
+        (dict(sigma_max=40.0), "scheduler config sigma_max: 80.0 there, 40.0 here"),
+        (dict(P_mean=-1.0), "loss setting P_mean: -1.2 there, -1.0 here"),
+        (dict(P_std=1.0), "loss setting P_std: 1.2 there, 1.0 here"),
+    ],
+)
+def test_resume_refuses_another_scheduler_or_loss_setting(
+    run_copy, tmp_path, image_folder, unet_config, overrides, message
+):
+    args = resume_args(image_folder, unet_config, run_copy, max_train_steps=3, **overrides)
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, pfgmpp_loss=fail_if_called)
+    assert f"checkpoint '{run_copy}/checkpoint-2' does not match this run: " in str(error.value)
+    assert message in str(error.value)
+
+
+def test_a_random_state_accelerate_cannot_restore_is_reported(run_copy, tmp_path, image_folder, unet_config, caplog):
+    checkpoint = run_copy / "checkpoint-2"
+    torch.save({"not": "a random state"}, checkpoint / "random_states_0.pkl")  # checksum updated: only the load fails
+    record = {"size": os.path.getsize(checkpoint / "random_states_0.pkl")}
+    record["sha256"] = checkpoints_module()._sha256(checkpoint / "random_states_0.pkl")
+    edit_state(checkpoint, lambda state: state["files"].update({"random_states_0.pkl": record}))
+    train(tmp_path, resume_args(image_folder, unet_config, run_copy, max_train_steps=3))
+    assert f"could not restore the random state '{checkpoint}/random_states_0.pkl'" in caplog.text
+    assert "this resume is not reproducible" in caplog.text
+
+
+def test_overwrite_output_dir_refuses_a_folder_that_is_not_a_run(tmp_path, image_folder, unet_config):
+    home = tmp_path / "home"
+    for name in ("logs", "samples"):
+        (home / name).mkdir(parents=True)
+        (home / name / "mine.txt").write_text("mine")
+    (home / "notes.txt").write_text("mine")
+    args = tiny_args(image_folder, unet_config, home, max_train_steps=1, overwrite_output_dir=True)
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, load_images=fail_if_called)
+    message = str(error.value)
+    assert f"--output_dir '{home}' is not a run of this trainer (no pfgm_run.json)" in message
+    assert "but holds logs, notes.txt, samples: choose a new or empty --output_dir" in message
+    assert sorted(os.listdir(home)) == ["logs", "notes.txt", "samples"]  # nothing deleted, nothing added
+    assert [(home / name / "mine.txt").read_text() for name in ("logs", "samples")] == ["mine", "mine"]
+
+
+def test_a_lock_file_naming_an_unrelated_process_or_empty_is_named_not_taken_over(tmp_path, image_folder, unet_config):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".pfgm_train.lock"
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=1)
+    lock.write_text(f"{os.getppid()} {os.uname().nodename}\n")  # a live process that is not a trainer
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, load_images=fail_if_called)
+    assert f"The lock file is '{lock}': if process {os.getppid()} is not a run of this trainer" in str(error.value)
+    # The instant between another trainer creating its lock and writing its pid: never taken over
+    lock.write_text("")
+    with pytest.raises(ValueError) as error:
+        train(tmp_path, args, load_images=fail_if_called)
+    assert f"holds a lock file '{lock}' that is not this trainer's ('')" in str(error.value)
+    assert lock.exists() and lock.read_text() == ""
+
+
+def test_the_lock_never_appears_without_its_pid(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    lock_path = out / ".pfgm_train.lock"
+    seen = []
+    real_fsync, real_hostname = os.fsync, socket.gethostname
+
+    def look(real):  # at each step of writing the lock: whenever the lock exists, it holds the whole line
+        def step(*args):
+            if lock_path.exists():
+                seen.append(lock_path.read_text())
+            return real(*args)
+
+        return step
+
+    monkeypatch.setattr(os, "fsync", look(real_fsync))
+    monkeypatch.setattr(socket, "gethostname", look(real_hostname))
+    lock = checkpoints_module().OutputDirLock(str(out))
+    lock.acquire()
+    assert lock_path.read_text() == f"{os.getpid()} {real_hostname()}\n"
+    assert all(text == lock_path.read_text() for text in seen), seen
+    lock.release()
+    assert os.listdir(out) == []  # no temporary file left
+
+
+def test_latest_ignores_a_checkpoint_name_with_non_ascii_digits(run_copy, tmp_path, image_folder, unet_config, caplog):
+    (run_copy / "checkpoint-²").mkdir()
+    caplog.set_level(logging.INFO)
+    train(tmp_path, resume_args(image_folder, unet_config, run_copy, max_train_steps=3))
+    assert f"Resumed from {run_copy}/checkpoint-2 at step 2" in caplog.text

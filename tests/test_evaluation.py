@@ -4,7 +4,9 @@ the shipped digits classifier and its metrics, the evaluation script offline, an
 import importlib.util
 import json
 import math
+import os
 import re
+import subprocess
 import sys
 import types
 import urllib.error
@@ -261,7 +263,10 @@ def test_evaluate_script_writes_the_results_offline(digits_pipeline, tmp_path, c
     # The saved scheduler's config is recorded as it is; this call ran Euler (nfe == 3 above shows it)
     assert results["scheduler"]["solver"] == "heun" and results["unet"]["sample_size"] == 16
     assert results["frechet_distance"] == returned["frechet_distance"]
-    assert "held-out real" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out real: 6 real digits kept out of the classifier's training" in printed
+    assert "Both Fréchet distances are to the classifier's 1438 real training digits" in printed
+    assert results["frechet_features"] == "digit_classifier" and results["metrics"]["train_num_images"] == 1438
     assert not list(output.parent.glob(".*.tmp"))
 
     # Image i comes from seed + i: one batch of 6 gives the same images, hence the same figures
@@ -368,7 +373,7 @@ def test_fidelity_without_torch_fidelity_names_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as if not installed
     with pytest.raises(FidelityUnavailableError) as error:
         fidelity_metrics(uint8_images(4), uint8_images(4))
-    assert_one_line(error, "pip install pfgm_diffusers[eval]")
+    assert_one_line(error, 'pip install -e ".[eval]" "torchvision==', "in a checkout of pfgm_diffusers")
 
 
 def test_fidelity_offline_without_weights_never_touches_the_network(monkeypatch, tmp_path):
@@ -434,4 +439,90 @@ def test_evaluate_script_stops_with_one_line_before_sampling(digits_pipeline, mo
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--model", digits_pipeline, "--num_images", "2", "--reference", str(folder)])
     message = str(exit_info.value.code)
-    assert "\n" not in message and "pip install pfgm_diffusers[eval]" in message
+    assert "\n" not in message and evaluation.eval_install_line() in message
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "torchvision"),
+    [("2.13.0+cpu", "torchvision==0.28.*"), ("2.1.2", "torchvision==0.16.*"), ("2.14.0a0+git", "torchvision==0.29.*")],
+)
+def test_the_install_line_pins_the_torchvision_of_the_installed_torch(monkeypatch, torch_version, torchvision):
+    """torchvision 0.28.0 requires torch==2.13.0 (its wheel's metadata); an unpinned one pulls the newest torch."""
+    monkeypatch.setattr(torch, "__version__", torch_version)
+    line = evaluation.eval_install_line()
+    assert f'pip install -e ".[eval]" "{torchvision}"' in line and "pfgm_diffusers[eval]" not in line
+
+
+def test_importing_the_metrics_reads_no_environment_and_imports_no_torch_fidelity(tmp_path):
+    """The torch-fidelity part is imported, and its weights looked up, only when a FID/KID metric is built."""
+    code = (
+        "import sys; sys.modules['torch_fidelity'] = None\n"
+        "import pfgm_diffusers.evaluation as evaluation\n"
+        "from pfgm_diffusers.evaluation import fidelity\n"
+        "assert sys.modules['torch_fidelity'] is None\n"
+        "try:\n"
+        "    evaluation.FidelityMetrics()\n"
+        "except evaluation.FidelityUnavailableError as error:\n"
+        "    print('refused:', error)\n"
+    )
+    env = {**os.environ, "PFGM_INCEPTION_WEIGHTS": str(tmp_path / "missing.pth"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused: FID/KID need torch-fidelity")
+
+
+def test_fidelity_metrics_stream_both_sides_and_check_before_sampling(monkeypatch, tmp_path):
+    seen = []
+
+    def calculate_metrics(**kwargs):
+        seen.append((np.stack([kwargs["input1"][i] for i in range(len(kwargs["input1"]))]), len(kwargs["input2"])))
+        return {
+            "frechet_inception_distance": 3.0,
+            "kernel_inception_distance_mean": 0.5,
+            "kernel_inception_distance_std": 0.1,
+        }
+
+    fake_torch_fidelity(monkeypatch, calculate_metrics)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    metric = evaluation.FidelityMetrics(str(weights))
+    generated = np.random.default_rng(0).random((5, 8, 8, 1))  # a pipeline's output_type="np"
+    metric.update_reference(uint8_images(3)).update_reference(uint8_images(4, seed=1))
+    metric.update(generated[:2]).update(generated[2:])
+    results = metric.compute()
+    assert results["frechet_distance"] == results["fid"] == 3.0 and results["num_images"] == 5
+    images, num_reference = seen[0]
+    assert num_reference == results["num_reference"] == 7
+    np.testing.assert_array_equal(images[:, 0], np.round(generated[..., 0] * 255).astype(np.uint8))
+    assert "FID 3.000" in metric.report(results) and metric.frechet_features == "inception_v3"
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        metric.update(generated * 2 - 1)
+    rgba = PFGMPipeline(unet=tiny_unet(in_channels=4), scheduler=PFGMScheduler())
+    with pytest.raises(ValueError, match="4 channels"):
+        metric.check_pipeline(rgba)
+
+
+def test_evaluate_script_measures_fid_through_the_same_interface(digits_pipeline, monkeypatch, tmp_path, capsys):
+    folder = tmp_path / "reference"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(uint8_images(1, seed=i)[0, :, :, 0], mode="L").save(folder / f"{i}.png")
+    inputs = []
+
+    def calculate_metrics(**kwargs):
+        inputs.append(kwargs)
+        return {
+            "frechet_inception_distance": 7.0,
+            "kernel_inception_distance_mean": 0.2,
+            "kernel_inception_distance_std": 0.05,
+        }
+
+    fake_torch_fidelity(monkeypatch, calculate_metrics)
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"weights")
+    argv = ["--model", digits_pipeline, "--num_images", "3", "--num_inference_steps", "2", "--solver", "euler"]
+    results = load_script().main(argv + ["--reference", str(folder), "--inception_weights", str(weights)])
+    assert results["frechet_distance"] == 7.0 and results["frechet_features"] == "inception_v3"
+    assert len(inputs[0]["input1"]) == 3 and len(inputs[0]["input2"]) == 4
+    assert inputs[0]["input2"][0].shape == (3, 16, 16)  # resized to the model's 16x16 like the trainer's data
+    assert "FID 7.000" in capsys.readouterr().out

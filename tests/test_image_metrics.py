@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfgm_diffusers.image_metrics import psnr, ssim
+from pfgm_diffusers.image_metrics import RestorationMetrics, digit_classifier, psnr, ssim
 
 
 def test_psnr_of_a_known_mean_squared_error():
@@ -67,3 +67,42 @@ def test_bad_input_is_refused():
         ssim(x, x, win_size=4)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         ssim(x[0], x[0])
+
+
+def test_restoration_metrics_accumulate_batches_beside_the_degraded_inputs():
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    clean = torch.rand(6, 1, 8, 8, generator=generator) * 0.6
+    clean[:, 0, 0, 0] = labels / 10  # a stand-in classifier reads the label from the first pixel
+    restored = clean.clone()
+    restored[..., 1:, :] += 0.05
+    degraded = clean + 0.3
+
+    def classify(images):
+        return (images[:, 0, 0, 0] * 10).round().long()
+
+    metrics = RestorationMetrics(classify=classify)
+    metrics.update(restored[:4], clean[:4], degraded[:4], labels[:4])
+    metrics.update(restored[4:], clean[4:], degraded[4:], labels[4:])
+    result = metrics.compute()
+    assert result["num_images"] == 6
+    assert result["psnr"] == pytest.approx(psnr(restored, clean).mean().item())
+    assert result["ssim"] == pytest.approx(ssim(restored, clean).mean().item())
+    assert result["degraded_psnr"] == pytest.approx(20 * math.log10(1 / 0.3))
+    assert (result["accuracy"], result["degraded_accuracy"]) == (1.0, 0.0)
+    assert result["psnr_sem"] == pytest.approx(psnr(restored, clean).std().item() / 6**0.5)
+    with pytest.raises(ValueError, match="before any update"):
+        RestorationMetrics().compute()
+    with pytest.raises(ValueError, match="no `classify`"):
+        RestorationMetrics().update(restored, clean, labels=labels)
+
+
+def test_the_digit_classifier_labels_held_out_8px_digits():
+    from pfgm_diffusers.evaluation import digits_split, load_digits_images
+
+    _, heldout = digits_split()
+    images, labels = load_digits_images(heldout[:200])  # (200, 1, 16, 16) in [0, 1]
+    eight = torch.nn.functional.avg_pool2d(images, 2)  # the trainer's 8x8 digits
+    accuracy = (digit_classifier()(eight) == labels).float().mean().item()
+    assert accuracy > 0.9
+    assert (digit_classifier()(torch.rand(200, 1, 8, 8)) == labels).float().mean() < 0.3

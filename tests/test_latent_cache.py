@@ -176,3 +176,22 @@ def test_a_memory_mapped_cache_reads_the_same_rows(tmp_path, monkeypatch):
     indices, flips = [9, 0, 5, 4], torch.tensor([True, False, True, False])
     for a, b in zip(mapped.moments(indices, flips), cache.moments(indices, flips), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_default_aug_dim_keeps_cifar10s_d_over_n():
+    from pfgm_diffusers.latent_cache import default_aug_dim
+
+    assert default_aug_dim(3072) == 128  # CIFAR-10's best D for its N
+    assert default_aug_dim(4 * 32 * 32) == 128  # Stable Diffusion's VAE at 256 px: N = 4096
+    assert default_aug_dim(4 * 64 * 64) == 512  # ... at 512 px
+    assert default_aug_dim(2 * 4 * 4) == 64 and default_aug_dim(10**7) == 2048  # the paper's range
+
+
+def test_training_defaults_come_from_the_statistics():
+    from pfgm_diffusers.latent_cache import training_defaults
+
+    statistics = dict(N=64, num_latents=10, rms=0.8, rms_sample=0.9, max_pairwise_distance=23.4)
+    defaults = training_defaults(statistics, "mean")
+    assert defaults["sigma_data"][0] == 0.8 and defaults["sigma_max"][0] == 30 and defaults["aug_dim"][0] == 64
+    assert training_defaults(statistics, "sample")["sigma_data"][0] == 0.9
+    assert training_defaults({**statistics, "max_pairwise_distance": 0.123}, "mean")["sigma_max"][0] == 0.2

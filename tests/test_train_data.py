@@ -393,3 +393,106 @@ def test_a_unet_config_with_another_class_count_is_refused_naming_both(tmp_path)
             error.value
         )
         assert message in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Your own data: the resolution, the UNet and the output folder come from the data; the digits keep theirs.
+
+
+def make_sized_folder(root, size, count):
+    rng = np.random.default_rng(size)
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"{i:03d}.png")
+    return root
+
+
+def test_the_no_argument_run_keeps_the_digits_defaults_and_a_dataset_gets_its_own(tmp_path):
+    from test_train import in_process
+
+    with in_process(tmp_path) as train_pfgm:
+        digits = train_pfgm.parse_args([])
+        assert (digits.resolution, digits.output_dir, digits.train_batch_size, digits.max_train_steps) == (
+            8,
+            "pfgm-digits",
+            64,
+            6000,
+        )
+        assert os.path.basename(digits.model_config_name_or_path) == "unet_digits_8px.json"
+        folder = train_pfgm.parse_args(["--train_data_dir", "data/my_photos/"])
+        assert (folder.resolution, folder.model_config_name_or_path) == (None, None)  # from the data, once loaded
+        assert folder.output_dir == "pfgm-my_photos"
+        assert train_pfgm.parse_args(["--dataset_name", "uoft-cs/cifar10"]).output_dir == "pfgm-cifar10"
+        given = train_pfgm.parse_args(["--train_data_dir", "x", "--resolution", "12", "--output_dir", "o"])
+        assert (given.resolution, given.output_dir) == (12, "o")
+        preset = train_pfgm.parse_args(["--preset", "cifar10"])  # the preset's settings, the data's folder name
+        assert (preset.resolution, preset.output_dir) == (32, "pfgm-cifar10")
+        assert os.path.basename(preset.model_config_name_or_path) == "unet_ddpmpp_32.json"
+
+
+@pytest.mark.parametrize(
+    "size, given, resolution, config",
+    [
+        ((24, 24), {}, 24, "unet_32px.json"),
+        ((30, 40), {}, 28, "unet_32px.json"),  # the shorter side, down to the UNet's downsampling factor 4
+        ((512, 384), {}, 64, "unet_64px.json"),  # capped at the largest UNet of the table
+        ((5, 5), {}, 4, "unet_digits_8px.json"),
+        ((24, 24), {"resolution": 16}, 16, "unet_digits.json"),  # a given resolution picks the UNet
+        ((24, 24), {"model_config_name_or_path": "mine.json"}, 24, "mine.json"),  # a given UNet sets the factor
+    ],
+)
+def test_resolution_and_unet_from_the_data(tmp_path, size, given, resolution, config):
+    from test_train import TINY_UNET, in_process
+
+    (tmp_path / "mine.json").write_text(json.dumps(dict(TINY_UNET, block_out_channels=[4, 8, 8])))  # factor 4
+    argv = ["--train_data_dir", "photos"] + [f"--{key}={value}" for key, value in given.items()]
+    with in_process(tmp_path) as train_pfgm:
+        args = train_pfgm.parse_args(argv)
+        line = train_pfgm.fill_from_the_data(args, *size)
+    assert (args.resolution, os.path.basename(args.model_config_name_or_path)) == (resolution, config)
+    assert line.startswith(f"From the data (its first image is {size[0]}x{size[1]}): ")
+    assert (f"--resolution {resolution}" in line) == ("resolution" not in given)
+    assert line.endswith("; --output_dir pfgm-photos")
+
+
+def test_a_resolution_beyond_the_table_without_a_unet_is_refused(tmp_path):
+    from test_train import in_process
+
+    with in_process(tmp_path) as train_pfgm:
+        args = train_pfgm.parse_args(["--train_data_dir", "photos", "--resolution", "128"])
+        with pytest.raises(ValueError, match=r"--resolution 128: .*unet_by_resolution.json has UNets up to 64 px"):
+            train_pfgm.fill_from_the_data(args, 128, 128)
+
+
+@pytest.mark.parametrize("size, config", [(16, "unet_digits.json"), (24, "unet_32px.json")])
+def test_a_run_on_a_folder_trains_at_its_image_size_into_a_folder_named_after_it(tmp_path, caplog, size, config):
+    from test_train import in_process
+
+    from pfgm_diffusers import PFGMPipeline
+
+    folder = make_sized_folder(tmp_path / f"tiles{size}", size, count=8)
+    argv = ["--train_data_dir", folder, "--train_batch_size", 4, "--max_train_steps", 1, "--eval_batch_size", 2]
+    argv += ["--num_inference_steps", 1, "--cache_dir", tmp_path / "cache"]
+    with in_process(tmp_path) as train_pfgm:
+        train_pfgm.main([str(arg) for arg in argv])
+    assert f"From the data (its first image is {size}x{size}): --resolution {size}, " in caplog.text
+    assert f"{config} (<= {size if size == 16 else 32} px); --output_dir pfgm-tiles{size}" in caplog.text
+    assert "Images are resized" not in caplog.text  # trained at their own size, not shrunk to 8x8
+    pipeline = PFGMPipeline.from_pretrained(tmp_path / f"pfgm-tiles{size}")
+    with open(os.path.join(os.path.dirname(__file__), "..", "training", "configs", config)) as f:
+        expected = json.load(f)
+    assert pipeline.unet.config.sample_size == size and pipeline.unet.config.in_channels == 3
+    assert list(pipeline.unet.config.block_out_channels) == expected["block_out_channels"]
+
+
+def test_a_folder_smaller_than_one_step_says_what_to_change(tmp_path):
+    from test_train import in_process
+
+    folder = make_sized_folder(tmp_path / "few", 8, count=5)
+    with in_process(tmp_path) as train_pfgm:
+        with pytest.raises(ValueError) as error:
+            train_pfgm.main(["--train_data_dir", str(folder), "--cache_dir", str(tmp_path / "cache")])
+    assert str(error.value) == (
+        "the dataset has 5 images, fewer than one optimizer step: batches of 64 x 1 process(es) x 1 accumulation = "
+        "64 images; give --train_batch_size 5 or less, use fewer processes or accumulation steps, or add images"
+    )

@@ -19,7 +19,7 @@ from pfgm_diffusers import PFGMScheduler
 # isort: split
 # Siblings in training/ (on sys.path when a script there runs)
 import checkpoints
-from presets import NO_PRESET, OBJECTIVE_DEFAULTS, PRESETS
+from presets import CONFIG_DIR, FROM_THE_DATA, NO_PRESET, OBJECTIVE_DEFAULTS, PRESETS, UNET_BY_RESOLUTION
 
 # Arguments whose names contain these words are secrets: never written to disk, logged or sent to a tracker.
 SECRET_WORDS = ("token", "key", "password", "secret")
@@ -83,14 +83,16 @@ def build_parser():
     add("--image_column", help="Default: the dataset's first image column.")
     add("--label_column", default="label", help="The dataset's labels, read only with --class_conditional.")
     add("--cache_dir", help="The `datasets` cache. Default: datasets' own.")
-    add("--resolution", type=int, help="Images are resized (shorter side) and cropped to this square size.")
+    add("--resolution", type=int, help="Images are resized (shorter side) and cropped to this square size. With "
+        "--train_data_dir/--dataset_name: the data's image size (up to 64).")  # fmt: skip
     add("--center_crop", action="store_true", help="Center instead of random crop.")
     add("--random_flip", action="store_true", help="Random horizontal flips.")
     add("--class_conditional", action="store_true", help="Condition the UNet on the labels.")
     add("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
 
     add = parser.add_argument_group("model").add_argument
-    add("--model_config_name_or_path", help="A UNet2DModel config: JSON file, or folder/Hub id with config.json.")
+    add("--model_config_name_or_path", help="A UNet2DModel config: JSON file, or folder/Hub id with config.json. "
+        "With --train_data_dir/--dataset_name: configs/unet_by_resolution.json's for --resolution.")  # fmt: skip
     add("--gradient_checkpointing", action="store_true", help="Less memory, more compute.")
     add("--enable_xformers_memory_efficient_attention", action="store_true", help="With xformers and CUDA only.")
 
@@ -115,7 +117,7 @@ def build_parser():
     add = parser.add_argument_group("optimisation").add_argument
     add("--train_batch_size", type=int, help="Per process.")
     add("--num_epochs", type=int, help="Used when --max_train_steps is not given. Default: none.")
-    add("--max_train_steps", type=int, help="Default: 2000 (or the preset's), unless --num_epochs is given.")
+    add("--max_train_steps", type=int, help="Default: 6000 (or the preset's), unless --num_epochs is given.")
     add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     add("--learning_rate", type=float, help="AdamW's.")
     lr_schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -137,7 +139,7 @@ def build_parser():
     add("--ema_max_decay", type=float, help="EMA decay after the warm-up.")
 
     add = parser.add_argument_group("outputs: checkpoints, samples, pipeline, logs").add_argument
-    add("--output_dir", help="The run's folder.")
+    add("--output_dir", help="The run's folder. With a dataset: pfgm-<its folder or Hub name>.")
     add("--overwrite_output_dir", action="store_true", help="Replace another run's outputs in --output_dir.")
     add("--checkpointing_steps", type=int, help="A checkpoint every N steps and at the end.")
     add("--checkpoints_total_limit", type=int, default=2, help="Older checkpoints are deleted.")
@@ -173,7 +175,14 @@ def parse_args(argv=None):
     parser.set_defaults(**preset)
     objective = parser.parse_args(argv).objective  # the command line's, else the preset's
     parser.set_defaults(**{**OBJECTIVE_DEFAULTS[objective], **preset})
+    if given.preset is None and (given.dataset_name is not None or given.train_data_dir is not None):
+        parser.set_defaults(**dict.fromkeys(FROM_THE_DATA))  # not the digits': fill_from_the_data sets them
+    if given.dataset_name is not None or given.train_data_dir is not None or "dataset_name" in preset:
+        parser.set_defaults(output_dir=None)
     args = parser.parse_args(argv)
+    if args.output_dir is None:  # named after the data, so that another dataset's run is not in the way
+        data = args.train_data_dir if args.train_data_dir is not None else args.dataset_name
+        args.output_dir = "pfgm-" + (os.path.basename(os.path.normpath(data)) or "data")
     if args.max_train_steps is None and args.num_epochs is None:
         args.max_train_steps = preset.get("max_train_steps", NO_PRESET["max_train_steps"])
     if args.objective == "poisson_field" and args.large_batch_size is None:
@@ -188,9 +197,9 @@ def check_args(args):
         raise ValueError("give at most one of --dataset_name and --train_data_dir")
     if args.preset is not None and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError(f"--preset {args.preset} needs a dataset: give --dataset_name or --train_data_dir")
-    positive = ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
+    positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
     positive += ["save_images_steps", "eval_batch_size", "num_inference_steps", "logging_steps"]
-    optional = ["max_train_steps", "num_epochs", "checkpoints_total_limit", "save_pipeline_steps"]
+    optional = ["max_train_steps", "num_epochs", "checkpoints_total_limit", "save_pipeline_steps", "resolution"]
     for name in positive + [name for name in optional if getattr(args, name) is not None]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -270,15 +279,53 @@ def build_scheduler(args, num_channels=None):
     )
 
 
+def fill_from_the_data(args, width, height):
+    """--resolution and --model_config_name_or_path where `parse_args` left them to the data (None): the image size
+    (`width` x `height`, the first image's) capped at the largest UNet of configs/unet_by_resolution.json and rounded
+    down to a multiple of its UNet's downsampling factor, and that table's UNet for the resolution. Returns the log
+    line that says so."""
+    with open(UNET_BY_RESOLUTION) as f:
+        rows = json.load(f)["unets"]
+    filled = []
+    resolution = args.resolution if args.resolution is not None else min(width, height, rows[-1]["max_resolution"])
+    if args.model_config_name_or_path is None:
+        row = next((row for row in rows if row["max_resolution"] >= resolution), None)
+        if row is None:
+            raise ValueError(
+                f"--resolution {resolution}: {UNET_BY_RESOLUTION} has UNets up to {rows[-1]['max_resolution']} px "
+                "only; give --model_config_name_or_path (e.g. training/configs/unet_ddpmpp_64.json, for a GPU)"
+            )
+        args.model_config_name_or_path = os.path.join(CONFIG_DIR, row["config"])
+        filled.append(f"--model_config_name_or_path {args.model_config_name_or_path} (<= {row['max_resolution']} px)")
+    if args.resolution is None:
+        factor = downsampling_factor(read_unet_config(args.model_config_name_or_path))
+        args.resolution = max(factor, resolution // factor * factor)
+        filled.insert(0, f"--resolution {args.resolution}")
+    return (
+        f"From the data (its first image is {width}x{height}): "
+        + ", ".join(filled)
+        + f"; --output_dir {args.output_dir}"
+    )
+
+
+def read_unet_config(model_config_name_or_path):
+    """A UNet2DModel config: a JSON file (keys starting with "_" are comments), or a folder/Hub id with config.json."""
+    if os.path.isfile(model_config_name_or_path):
+        with open(model_config_name_or_path) as f:
+            return {key: value for key, value in json.load(f).items() if not key.startswith("_")}
+    return dict(UNet2DModel.load_config(model_config_name_or_path))
+
+
+def downsampling_factor(config):
+    """How much a UNet2DModel config shrinks the image: 2 per resolution below the first."""
+    return 2 ** (len(config.get("block_out_channels", UNet2DModel().config.block_out_channels)) - 1)
+
+
 def load_unet_config(args, num_channels, out_channels, num_classes):
     """The UNet2DModel config of --model_config_name_or_path (a JSON file, or a folder/Hub id with config.json), with
     the keys the data and the objective decide filled in."""
     model_config_name_or_path, resolution = args.model_config_name_or_path, args.resolution
-    if os.path.isfile(model_config_name_or_path):
-        with open(model_config_name_or_path) as f:
-            config = {key: value for key, value in json.load(f).items() if not key.startswith("_")}
-    else:
-        config = dict(UNet2DModel.load_config(model_config_name_or_path))
+    config = read_unet_config(model_config_name_or_path)
     derived = dict(sample_size=resolution, in_channels=num_channels, out_channels=out_channels)
     derived["num_class_embeds"] = num_classes
     classes = "an unconditional run" if num_classes is None else f"the data's {num_classes} classes"
@@ -290,7 +337,7 @@ def load_unet_config(args, num_channels, out_channels, num_classes):
                 f"{sources.get(key, 'the objective')}; remove it from the config, the trainer derives it"
             )
     config.update(derived)
-    downsampling = 2 ** (len(config.get("block_out_channels", UNet2DModel().config.block_out_channels)) - 1)
+    downsampling = downsampling_factor(config)
     if resolution % downsampling != 0:
         raise ValueError(
             f"--resolution {resolution} is not divisible by {downsampling}, the UNet's downsampling factor "

@@ -37,6 +37,12 @@ NO_PRESET = dict(
     num_inference_steps=18,
 )
 
+# Given a dataset (--train_data_dir or --dataset_name) and no --preset, these come from the data, not from NO_PRESET
+# (arguments.fill_from_the_data): the resolution is the data's image size, the UNet the one for that resolution in
+# this table, and the output folder pfgm-<the data's folder or Hub name>.
+FROM_THE_DATA = ("resolution", "model_config_name_or_path")
+UNET_BY_RESOLUTION = os.path.join(CONFIG_DIR, "unet_by_resolution.json")
+
 # Defaults that differ between the objectives. PFGM++ takes the scheduler's own (D, sigma range); in the field
 # objective "sigma" is z and D is 1 (math.md §3).
 OBJECTIVE_DEFAULTS = {

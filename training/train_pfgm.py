@@ -14,11 +14,11 @@ Settings live in presets.py, the output folder and checkpoints in checkpoints.py
 
 import atexit
 import contextlib
+import io
 import json
 import logging
 import math
 import os
-import shutil
 import time
 
 import datasets
@@ -46,6 +46,7 @@ from pfgm_diffusers.data import (
     load_hub_dataset,
     load_image_folder,
 )
+from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 from pfgm_diffusers.pipeline_pfgm import image_grid
@@ -53,7 +54,7 @@ from pfgm_diffusers.pipeline_pfgm import image_grid
 # isort: split
 # This script's siblings in training/ (on sys.path when the script runs)
 import checkpoints
-from arguments import build_scheduler, load_unet_config, parse_args, public_arguments
+from arguments import build_scheduler, fill_from_the_data, load_unet_config, parse_args, public_arguments
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -112,6 +113,8 @@ def load_images(args):
     if args.class_conditional and images.class_names is None:
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
+    if args.resolution is None or args.model_config_name_or_path is None:  # your own data, no --preset
+        logger.info(fill_from_the_data(args, width, height))
     if (width, height) != (args.resolution, args.resolution):
         logger.info(
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
@@ -133,9 +136,14 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
     )
     steps_per_epoch = len(dataset) // (batch_size * accelerator.num_processes) // args.gradient_accumulation_steps
     if steps_per_epoch < 1:
+        per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+        most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
+        flag = "--large_batch_size" if batch_size != args.train_batch_size else "--train_batch_size"
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one optimizer step: batches of {batch_size} x "
-            f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation"
+            f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = {per_step} "
+            f"images; {f'give {flag} {most} or less, ' if most >= 1 else ''}use fewer processes or accumulation "
+            "steps, or add images"
         )
     return dataloader, steps_per_epoch
 
@@ -256,6 +264,7 @@ def main(argv=None):
         class_names=images.class_names,
         unet_config=unet_config,
         scheduler_config=json.loads(scheduler.to_json_string()),
+        loss_config=loss_config(args),
     )
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
@@ -293,8 +302,8 @@ def main(argv=None):
     elif args.resume_from_checkpoint is not None:
         logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
     if accelerator.is_main_process:  # the arguments, without secrets, to a file and the tracker
-        with open(os.path.join(args.output_dir, checkpoints.ARGS_NAME), "w") as f:
-            json.dump(public_arguments(args), f, indent=2)
+        arguments_file = os.path.join(args.output_dir, checkpoints.ARGS_NAME)
+        atomic_write_json(arguments_file, public_arguments(args), folder=args.output_dir)
         if args.report_to != "none":
             accelerator.init_trackers("train_pfgm", {k: v for k, v in public_arguments(args).items() if v is not None})
 
@@ -386,14 +395,22 @@ def main(argv=None):
     if accelerator.is_main_process:
         with ema_weights(ema_model, unet):
             save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
-        last_grid = os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png")
+        last_grid = inside(args.output_dir, "samples", f"step_{global_step:07d}.png")
         if os.path.exists(last_grid):
-            shutil.copyfile(last_grid, os.path.join(args.output_dir, "samples.png"))
+            with open(last_grid, "rb") as f:
+                atomic_write(os.path.join(args.output_dir, "samples.png"), f.read(), folder=args.output_dir)
         logger.info(f"Saved the pipeline (EMA weights: {ema_model is not None}) to {args.output_dir}")
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
     accelerator.end_training()
+
+
+def loss_config(args):
+    """The loss's own settings, recorded in each checkpoint: a resume that changes them trains another objective."""
+    if args.objective == "poisson_field":
+        return dict(sigma=args.sigma, tau=args.tau, M=args.M, gamma=args.gamma)
+    return dict(P_mean=args.P_mean, P_std=args.P_std)
 
 
 def save_samples(args, accelerator, unet, scheduler, global_step):
@@ -411,11 +428,13 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
         output_type="np",
         **labels,
     ).images  # (B, H, W, C) in [0, 1]
-    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     grid = image_grid(PFGMPipeline.numpy_to_pil(samples), padding=1)
     scale = max(1, 32 // args.resolution)  # small images drawn at >= 32 pixels, so that a person can see them
     grid = grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
-    grid.save(os.path.join(args.output_dir, "samples", f"step_{global_step:07d}.png"))
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    folder = makedirs(args.output_dir, "samples")  # refused if a link would take it out of the output folder
+    atomic_write(os.path.join(folder, f"step_{global_step:07d}.png"), png.getvalue(), folder=args.output_dir)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({"samples": samples}, step=global_step, dataformats="NHWC")
