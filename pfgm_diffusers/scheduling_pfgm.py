@@ -24,8 +24,8 @@ logger = logging.get_logger(__name__)
 SOLVERS = tuple(ode.STEPPERS)
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _FINAL_SIGMAS = ("zero", "sigma_min")
-# The original PFGM's config keys: a `PFGMScheduler` config that names them is a `PFGMFieldScheduler`'s.
-_FIELD_ONLY = ("gamma", "z_exp", "upper_norm", "vz_eps")
+# The original PFGM's config keys, with the values v0.1 gave them (which meant nothing outside its field mode).
+_V0_1_FIELD_KEYS = dict(gamma=5.0, z_exp=None, upper_norm=None, vz_eps=1e-5)
 # What a v0.1 `PFGMScheduler(prediction_type="poisson_field")` got for the keys it was not given.
 _V0_1_FIELD_DEFAULTS = dict(sigma_min=0.002, sigma_max=80.0, sigma_schedule="karras", rho=7.0, solver="heun")
 _FIELD_NOTE = (
@@ -42,7 +42,27 @@ def _field_scheduler(config: dict, defaults: dict):
     return PFGMFieldScheduler, {**defaults, **{k: v for k, v in config.items() if k not in dropped}}
 
 
-class PFGMScheduler(PoissonFlowScheduler):
+class _ReadsV01Arguments(type(PoissonFlowScheduler)):
+    """v0.1 code built the original PFGM as `PFGMScheduler(prediction_type="poisson_field", ...)`: it gets the sibling
+    class with the same samples and a warning. It also passed the field keys to PFGM++ schedulers at their v0.1 values,
+    which meant nothing there: those are dropped, any other value is refused."""
+
+    def __call__(cls, *args, **kwargs):
+        if cls is PFGMScheduler and kwargs.get("prediction_type") == "poisson_field" and not args:
+            logger.warning(_FIELD_NOTE + " Build it as `PFGMFieldScheduler(...)`.")
+            field_class, config = _field_scheduler(kwargs, _V0_1_FIELD_DEFAULTS)
+            return field_class(**config)
+        if cls is PFGMScheduler:
+            given = {key: kwargs.pop(key) for key in _V0_1_FIELD_KEYS if key in kwargs}
+            changed = sorted(key for key, value in given.items() if value != _V0_1_FIELD_KEYS[key])
+            if changed:
+                raise ValueError(
+                    f"{changed} are options of the original PFGM's field model: use `PFGMFieldScheduler(...)`."
+                )
+        return super().__call__(*args, **kwargs)
+
+
+class PFGMScheduler(PoissonFlowScheduler, metaclass=_ReadsV01Arguments):
     """
     Sampler and noise kernel of PFGM++ ([Xu et al. 2023](https://huggingface.co/papers/2302.04265)) for any
     augmentation dimension D: `aug_dim=None` (D = infinity) is `EDMEulerScheduler` bit for bit, D = 1 the geometry of
@@ -70,20 +90,6 @@ class PFGMScheduler(PoissonFlowScheduler):
     _upper_norm = None  # the exact prior, never clipped
     _output_channels_note = ""
 
-    def __new__(cls, *args, **kwargs):
-        # v0.1 code built the original PFGM as PFGMScheduler(prediction_type="poisson_field", ...): it gets the
-        # sibling class, with the same samples, and a note; a field key with another prediction type is refused.
-        if cls is PFGMScheduler and kwargs.get("prediction_type") == "poisson_field" and not args:
-            logger.warning(_FIELD_NOTE + " Build it as `PFGMFieldScheduler(...)`.")
-            field_class, config = _field_scheduler(kwargs, _V0_1_FIELD_DEFAULTS)
-            return field_class(**config)
-        field_keys = [key for key in _FIELD_ONLY if key in kwargs]
-        if cls is PFGMScheduler and field_keys:
-            raise ValueError(
-                f"{field_keys} are options of the original PFGM's field model: use `PFGMFieldScheduler(...)`."
-            )
-        return super().__new__(cls)
-
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """`ConfigMixin.from_config`; a v0.1 field-mode config (`prediction_type="poisson_field"`, as pipelines saved
@@ -93,6 +99,8 @@ class PFGMScheduler(PoissonFlowScheduler):
             logger.info(_FIELD_NOTE)
             field_class, field_config = _field_scheduler(merged, {})
             return field_class.from_config(field_config, return_unused_kwargs=return_unused_kwargs)
+        if config is not None and cls is PFGMScheduler:  # a v0.1 PFGM++ config holds the field keys: meaningless
+            config = {key: value for key, value in dict(config).items() if key not in _V0_1_FIELD_KEYS}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config

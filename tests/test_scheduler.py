@@ -16,6 +16,7 @@ from exact_networks import exact_network, run_loop
 from scipy import stats
 
 from pfgm_diffusers import PFGMFieldScheduler, PFGMScheduler, PFGMSchedulerOutput
+from pfgm_diffusers.perturbation import kernel_noise
 from pfgm_diffusers.scheduling_pfgm import SOLVERS
 
 ORACLE = Path(__file__).resolve().parent / "oracle"  # the official code's outputs (see oracle/README.md)
@@ -257,8 +258,20 @@ def test_add_noise_at_a_schedule_timestep(config):
     scheduler.set_timesteps(50)
     sample = dummy_sample()
     scaled = scheduler.scale_model_input(sample, scheduler.timesteps[-1])
-    noised = scheduler.add_noise(scaled, torch.randn(scaled.shape), scheduler.timesteps[5][None])
-    assert noised.shape == scaled.shape and torch.isfinite(noised).all()
+    noise = torch.randn(scaled.shape, generator=torch.Generator().manual_seed(5))
+    noised = scheduler.add_noise(scaled, noise, scheduler.timesteps[5][None])
+    # the kernel at timesteps[5]'s own noise level: sigma * noise for D = inf (EDM's), else its radial map
+    sigma, aug_dim = scheduler.sigmas[5], scheduler.config.aug_dim
+    assert torch.equal(noised, scaled + kernel_noise(noise, sigma.reshape(1), aug_dim))
+    ratio = (noised - scaled).flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)  # R / |noise|
+    if aug_dim is None:
+        torch.testing.assert_close(ratio, sigma.expand(4), rtol=1e-5, atol=0)
+    else:  # a heavier-tailed radius than the Gaussian's, direction kept
+        assert (ratio / sigma - 1).abs().max() > 0.05
+        torch.testing.assert_close(
+            torch.nn.functional.cosine_similarity((noised - scaled).flatten(1), noise.flatten(1)),
+            torch.ones(4),
+        )
 
 
 def test_config_attributes_and_no_deprecated_kwargs():
@@ -443,8 +456,8 @@ def test_add_noise_draws_the_kernel_at_continuous_sigma():
         (dict(rho=float("nan")), "rho"),
         (dict(num_train_timesteps=0), "num_train_timesteps"),
         (dict(num_train_timesteps=10.5), "num_train_timesteps"),
-        (dict(gamma=5.0), r"\['gamma'\] are options of the original PFGM's field model: use `PFGMFieldScheduler"),
-        (dict(upper_norm=3000.0, z_exp=1.0), r"\['z_exp', 'upper_norm'\] are options .*PFGMFieldScheduler"),
+        (dict(gamma=3.0), r"\['gamma'\] are options of the original PFGM's field model: use `PFGMFieldScheduler"),
+        (dict(upper_norm=3000.0, z_exp=1.0), r"\['upper_norm', 'z_exp'\] are options .*PFGMFieldScheduler"),
         (dict(prediction_type="flow"), "prediction_type"),
         (dict(solver="rk4"), "solver"),
         (dict(sigma_schedule="linear"), "sigma_schedule"),
@@ -738,6 +751,9 @@ def test_v0_1_code_building_the_field_mode_gets_the_field_scheduler_with_a_note(
     assert type(old) is PFGMFieldScheduler and "PFGMFieldScheduler(" in caplog.text
     # v0.1's defaults for what it was not given (a Karras grid from 0.002), not the new class's (official PFGM's)
     assert (old.config.sigma_min, old.config.sigma_schedule, old.config.z_exp) == (0.002, "karras", 1.0)
+    # v0.1 code also gave PFGM++ schedulers the field keys at their v0.1 values, which meant nothing there
+    quiet = PFGMScheduler(aug_dim=8, gamma=5.0, z_exp=None, upper_norm=None, vz_eps=1e-5)
+    assert type(quiet) is PFGMScheduler and dict(quiet.config) == dict(PFGMScheduler(aug_dim=8).config)
     new = PFGMFieldScheduler(sigma_min=0.002, sigma_max=40.0, sigma_schedule="karras", z_exp=1.0)
     old.set_timesteps(5)
     new.set_timesteps(5)
