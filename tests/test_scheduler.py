@@ -267,7 +267,7 @@ def test_add_noise_at_a_schedule_timestep(config):
     if aug_dim is None:
         torch.testing.assert_close(ratio, sigma.expand(4), rtol=1e-5, atol=0)
     else:  # a heavier-tailed radius than the Gaussian's, direction kept
-        assert (ratio / sigma - 1).abs().max() > 0.05
+        assert (ratio / sigma - 1).abs().max() > 5e-3
         torch.testing.assert_close(
             torch.nn.functional.cosine_similarity((noised - scaled).flatten(1), noise.flatten(1)),
             torch.ones(4),
