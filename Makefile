@@ -38,6 +38,8 @@ format: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_field_target.py --threads 1 --json field_target_1thread.json
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_field_target.py --threads 2 --no-official --json field_target_2threads.json
+	$(PY) benchmarks/bench_stable_target.py --threads 1 --json stable_target_D128.json
+	$(PY) benchmarks/bench_stable_target.py --threads 1 --aug_dim inf --json stable_target_Dinf.json
 	$(PY) benchmarks/bench_scheduler_step.py --json scheduler_step.json
 	$(PY) benchmarks/bench_trainer.py --repeats 5 --steps 600 --skip_field
 	$(PY) benchmarks/bench_trainer.py --skip_trainer

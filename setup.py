@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["pfgm_diffusers", "pfgm_diffusers.*"]),
-    package_data={"pfgm_diffusers": ["data/*.npz", "data/*.safetensors"]},
+    package_data={"pfgm_diffusers": ["data/*.npz", "data/*.safetensors", "training/configs/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -28,7 +28,10 @@ setup(
         "test": ["pytest", "ruff", "matplotlib"],
         "train": ["tensorboard"],
         "xformers": ["xformers"],
-        # FID/KID in pfgm_diffusers.evaluation and scripts/evaluate.py (the digits metrics need nothing extra)
+        # FID/KID in pfgm_diffusers.evaluation and scripts/evaluate.py (the digits metrics need nothing extra).
+        # torch-fidelity requires torchvision unpinned: install the one built for your torch beside it (torch 2.m pairs
+        # with torchvision 0.(m+15): pip install -e ".[eval]" "torchvision==0.28.*" for torch 2.13), or pip replaces
+        # the installed torch with the newest build.
         "eval": ["torch-fidelity"],
         "plots": ["matplotlib"],
     },

@@ -2,7 +2,7 @@
 the host, so each evaluation moves the state device -> host -> device and scipy does its vector arithmetic.
 
 For `pipe(solver="rk45")` and `pipe.log_likelihood` on randomly initialised UNets (the tiny test UNet, 8x8x3, and the
-digits UNet of training/configs/unet_digits.json, 16x16x1, 1.1M parameters), per network evaluation:
+digits UNet of pfgm_diffusers/training/configs/unet_digits.json, 16x16x1, 1.1M parameters), per network evaluation:
 - network: time inside `unet.forward` (and, for the likelihood, inside `torch.autograd.grad`, the backward pass);
 - outside: the rest of the wall time (scipy's RK45, the host copies, preconditioning, the prior map), the figure an
   in-torch solver could remove at most.
@@ -45,7 +45,7 @@ def tiny_unet():
 
 
 def digits_unet():
-    with open(os.path.join(REPO, "training", "configs", "unet_digits.json")) as file:
+    with open(os.path.join(REPO, "pfgm_diffusers", "training", "configs", "unet_digits.json")) as file:
         config = {key: value for key, value in json.load(file).items() if not key.startswith("_")}
     torch.manual_seed(0)
     return UNet2DModel(sample_size=16, in_channels=1, out_channels=1, **config)

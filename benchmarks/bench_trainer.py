@@ -1,14 +1,15 @@
 """Trainer overhead and the PFGM field target's cost per step. A script, not a test.
 
-1. The trainer's steps/s (training/train_pfgm.py launched for real on the embedded digits, its own "Training
-   throughput" line, which leaves out the first 5 steps, sampling and checkpoints) against a bare accelerate loop of
-   the same UNet, batch, optimizer and thread count (forward, a mean-square loss, backward, step; the first 5 steps
-   left out too). The ratio bare/trainer is the trainer's overhead (target <= 1.10): data loading, the PFGM++ kernel
-   and preconditioning, clipping, the lr schedule, EMA and logging. Trainer and bare loop run alternately,
-   `--repeats` times, so that load from other processes hits both alike; the ratio of each pair is printed, then the
-   median and the spread (min-max). Two ratios: of wall time per step, and of the process's CPU time per step
-   (`time.process_time`), which other processes' load barely moves (they take turns on the cores, they do not add
-   work to ours); on a machine shared with others, the CPU ratio is the one to read.
+1. The trainer's steps/s (training/train_pfgm.py launched for real on the embedded digits, timed through its loss
+   seam by trainer_timing.py: the steps after the first 5, without sampling and checkpoints) against a bare accelerate
+   loop of the same UNet, batch, optimizer and thread count (forward, a mean-square loss, backward, step; the first 5
+   steps left out too). The ratio bare/trainer is the trainer's overhead
+   (target <= 1.10): data loading, the PFGM++ kernel and preconditioning, clipping, the lr schedule, EMA and logging.
+   Trainer and bare loop run alternately, `--repeats` times, so that load from other processes hits both alike; the
+   ratio of each pair is printed, then the median and the spread (min-max). Two ratios: of wall time per step, and of
+   CPU time per step (`time.process_time` of the trainer's process and of the bare loop), which other
+   processes' load barely moves (they take turns on the cores, they do not add work to ours); on a machine shared
+   with others, the CPU ratio is the one to read.
 2. The field target of the PFGM objective (`pfgm_perturb` + `poisson_field_target`, fp32, no grad) per training step
    for large batches of 512, 2048 and 4096 charges, at CIFAR-10's size (N = 3072, small batch 128) and at the digits'
    size (N = 256, small batch 64); best of `--repeats`.
@@ -22,7 +23,6 @@ Every figure is printed with the CPU model, the thread count and the 1-minute lo
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,39 +33,44 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAINING_DIR = os.path.join(REPO, "training")
-SCRIPT = os.path.join(TRAINING_DIR, "train_pfgm.py")
-sys.path[:0] = [REPO, TRAINING_DIR]
+sys.path[:0] = [REPO]
 
 from machine import describe, load_average  # noqa: E402
 
+TIMER = os.path.join(REPO, "benchmarks", "trainer_timing.py")  # the trainer, timed through its loss seam
+
 
 def trainer_steps_per_second(steps, train_batch_size, threads):
-    """Launch the trainer on the embedded digits in a fresh folder; parse its steps/s and CPU ms per step."""
+    """Launch the trainer on the embedded digits in a fresh folder, timed through its loss seam (trainer_timing.py):
+    its steps/s and CPU ms per step after the first 5 steps."""
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    output_dir = tempfile.mkdtemp(prefix="bench-trainer-")
+    work = tempfile.mkdtemp(prefix="bench-trainer-")
+    times = os.path.join(work, "times.json")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", SCRIPT, "--output_dir", output_dir]
-    command += ["--max_train_steps", str(steps), "--train_batch_size", str(train_batch_size)]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", TIMER, times]
+    command += ["--output_dir", os.path.join(work, "run"), "--max_train_steps", str(steps)]
+    command += ["--train_batch_size", str(train_batch_size)]
     command += ["--checkpointing_steps", str(10 * steps), "--save_images_steps", str(10 * steps)]
     command += ["--eval_batch_size", "4", "--num_inference_steps", "2", "--cpu_threads_per_process", str(threads)]
     try:
         result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"the trainer failed:\n{result.stdout[-3000:]}")
+        with open(times) as f:
+            measured = json.load(f)
     finally:
-        shutil.rmtree(output_dir, ignore_errors=True)
-    match = re.search(r"Training throughput: ([0-9.]+) steps/s, ([0-9.]+) CPU ms per step", result.stdout)
-    if result.returncode != 0 or match is None:
-        raise RuntimeError(f"the trainer failed:\n{result.stdout[-3000:]}")
-    return float(match.group(1)), float(match.group(2))
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 / measured["seconds_per_step"], measured["cpu_ms_per_step"]
 
 
 def bare_steps_per_second(steps, train_batch_size, threads):
     """The same UNet, batch and AdamW under a bare accelerate loop, with fixed data and timesteps: steps/s and CPU
-    ms per step, measured as the trainer measures them."""
+    ms per step after the first 5 steps."""
     from accelerate import Accelerator
-    from arguments import load_unet_config
     from diffusers import UNet2DModel
-    from presets import NO_PRESET
+
+    from pfgm_diffusers.training.arguments import load_unet_config
+    from pfgm_diffusers.training.presets import NO_PRESET
 
     torch.set_num_threads(threads)
     accelerator = Accelerator(mixed_precision="no", cpu=not torch.accelerator.is_available())  # as the trainer
@@ -87,7 +92,7 @@ def bare_steps_per_second(steps, train_batch_size, threads):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    # As the trainer: leave out the first steps
+    # Leave out the first steps, which warm up allocators and caches
     return (steps - 5) / sum(times[5:]), 1000 * sum(cpu_times[5:]) / (steps - 5)
 
 

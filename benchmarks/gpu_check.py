@@ -8,9 +8,10 @@ It runs, in order, each part timed and its peak GPU memory recorded:
 
 1. The CUDA-relevant tests (`tests/test_cuda.py`: timesteps and sampling on the device, the field target and the
    losses there, each checked against the CPU).
-2. bf16 training throughput of the CIFAR-10 preset's UNet (training/configs/unet_ddpmpp_32.json, 32x32, batch 64 per
-   process as in `--preset cifar10`): the real trainer launched with `accelerate launch --mixed_precision bf16` on a
-   generated image folder, its own "Training throughput" line (steps after the first 5, no sampling or checkpoints),
+2. bf16 training throughput of the CIFAR-10 preset's UNet (pfgm_diffusers/training/configs/unet_ddpmpp_32.json,
+   32x32, batch 64 per process as in `--preset cifar10`): the real trainer launched with `accelerate launch
+   --mixed_precision bf16` on a generated image folder, timed through its loss seam (benchmarks/trainer_timing.py:
+   the steps after the first 5),
    against a bare loop of the same UNet, batch and optimizer (forward, mean-square loss, backward, AdamW step).
 3. Sampling throughput at batch 256 with that UNet (random weights: speed does not depend on them): 18 Heun steps
    (35 network evaluations) and 17 DPM-Solver++(2M) steps, images/s.
@@ -24,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -42,7 +42,7 @@ from machine import cpu_model, load_average  # noqa: E402
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, pfgm_perturb, poisson_field_target  # noqa: E402
 
-CIFAR_UNET = os.path.join(REPO, "training", "configs", "unet_ddpmpp_32.json")
+CIFAR_UNET = os.path.join(REPO, "pfgm_diffusers", "training", "configs", "unet_ddpmpp_32.json")
 SMOKE_UNET = {
     "block_out_channels": [8, 16],
     "down_block_types": ["DownBlock2D", "DownBlock2D"],
@@ -121,7 +121,8 @@ def make_image_folder(folder, count, resolution):
 
 
 def trainer_throughput(device, smoke, batch_size, steps, resolution, work):
-    """The real trainer under `accelerate launch`: its steps/s (after the first 5 steps, without sampling/saving)."""
+    """The real trainer under `accelerate launch`: its steps/s after the first 5 steps, without sampling or saving,
+    timed through its loss seam (trainer_timing.py)."""
     images = os.path.join(work, "images")
     make_image_folder(images, max(4 * batch_size, 64), resolution)
     config_path = os.path.join(work, "unet.json")
@@ -135,17 +136,11 @@ def trainer_throughput(device, smoke, batch_size, steps, resolution, work):
             f,
         )
     precision = "bf16" if device.type == "cuda" else "no"
+    times = os.path.join(work, "times.json")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    command += ["--mixed_precision", precision, "--dynamo_backend", "no"]
-    if device.type == "cpu":
-        command += ["--cpu"]
-    command += [
-        os.path.join(REPO, "training", "train_pfgm.py"),
-        "--train_data_dir",
-        images,
-        "--resolution",
-        str(resolution),
-    ]
+    command += ["--mixed_precision", precision, "--dynamo_backend", "no"] + (["--cpu"] if device.type == "cpu" else [])
+    command += [os.path.join(REPO, "benchmarks", "trainer_timing.py"), times]  # the trainer, timed through its loss
+    command += ["--train_data_dir", images, "--resolution", str(resolution)]
     command += ["--model_config_name_or_path", config_path, "--train_batch_size", str(batch_size)]
     command += [
         "--max_train_steps",
@@ -161,11 +156,10 @@ def trainer_throughput(device, smoke, batch_size, steps, resolution, work):
     env["HF_DATASETS_OFFLINE"] = "1"
     env["HF_HOME"] = os.path.join(work, "hf_home")
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    output = result.stdout + result.stderr
-    match = re.search(r"Training throughput: ([0-9.]+) steps/s", output)
-    if result.returncode != 0 or match is None:
-        raise RuntimeError("the trainer failed:\n" + output[-4000:])
-    steps_per_second = float(match.group(1))
+    if result.returncode != 0:
+        raise RuntimeError("the trainer failed:\n" + (result.stdout + result.stderr)[-4000:])
+    with open(times) as f:
+        steps_per_second = 1 / json.load(f)["seconds_per_step"]
     return {"steps_per_second": steps_per_second, "images_per_second": steps_per_second * batch_size}
 
 
@@ -260,18 +254,43 @@ def field_target_vs_floor(device, B, L, N, repeats):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--smoke", action="store_true", help="Tiny sizes: checks the code path in seconds, on any device."
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--json", default=None, help="Write the results here.")
-    parser.add_argument("--skip_tests", action="store_true")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="Where to run: `cuda` (the default when torch sees a CUDA device), `cuda:1`, or `cpu`. Without CUDA the"
+        " full workload (a CIFAR-size UNet, batch 256 sampling, B=128/L=4096 field target) would take hours on a"
+        " CPU, so it is refused unless `--device cpu` is given explicitly; `--smoke` runs the tiny sizes anywhere.",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="Tiny sizes (an 8 px UNet, batch 4, 12 training steps): checks the code path in about a minute on any"
+        " device; its figures say nothing about speed.",
+    )
+    parser.add_argument("--json", default=None, help="Also write every figure (with the environment) to this file.")
+    parser.add_argument(
+        "--skip_tests", action="store_true", help="Skip part 1 (tests/test_cuda.py), e.g. when pytest is missing."
+    )
     args = parser.parse_args(argv)
+    if args.device is None:
+        if not torch.cuda.is_available() and not args.smoke:
+            parser.error(
+                "torch sees no CUDA device (torch.cuda.is_available() is False): pass --smoke for the tiny check of"
+                " the code path on the CPU, or --device cpu to run the full GPU workload on the CPU (hours)."
+            )
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return args, device
+
+
+def main(argv=None):
+    args, device = parse_args(argv)
     if device.type == "cpu":
         torch.set_num_threads(1)  # as `accelerate launch` gives the trainer, so that the bare loop is comparable
     if args.smoke:

@@ -323,7 +323,14 @@ def _posterior_mean(y, sigma, charges, aug_dim):
         return _pull_toward_charges(y, charges, exponent, scale) + y  # y + sum_j w_ij (x_j - y)
 
 
-def stable_target(perturbed: torch.Tensor, sigma, reference: torch.Tensor, aug_dim: int | None) -> torch.Tensor:
+def stable_target(
+    perturbed: torch.Tensor,
+    sigma,
+    reference: torch.Tensor,
+    aug_dim: int | None,
+    class_labels: torch.Tensor | None = None,
+    reference_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The Stable Target Field (STF) training target: the posterior mean of the clean image over a reference batch.
 
     For a perturbed image y at noise level sigma and a reference batch x_1..x_L that holds y's own clean image,
@@ -345,8 +352,11 @@ def stable_target(perturbed: torch.Tensor, sigma, reference: torch.Tensor, aug_d
     - The official finite-D weights are (min_j d_j / (d_j + 1e-7))^(N+D) in float64 from a (B, L, N+1) difference
       tensor, and the D = infinity weights a float32 softmax of a (B, L, N) tensor: both agree with these weights
       to float rounding, at O(B L N) memory (6.4 GB at 128 x 4096 x 3072 in float32, twice that in float64).
-    - The official code ignores class labels: a class-conditional model regresses a posterior mean over the
-      images of every class. Pass a reference batch of the sample's class to avoid it.
+    - The official code ignores class labels: a class-conditional model then regresses the posterior mean over the
+      images of every class, not E[x | y, class] (at large sigma the mean of all classes, not of its class). With
+      `class_labels` and `reference_labels`, each sample's posterior runs over the images of its class only.
+    - Without `--augment`, the official code assigns the training batch to the rest of the reference batch
+      (`(images, None)` in place of the augmented reference), which fails unless L = 2B.
 
     Args:
         perturbed (`torch.Tensor` of shape `(B, C, H, W)`): the perturbed images y.
@@ -354,6 +364,8 @@ def stable_target(perturbed: torch.Tensor, sigma, reference: torch.Tensor, aug_d
         reference (`torch.Tensor` of shape `(L, C, H, W)`): the reference batch of clean images; for the STF
             estimator it holds the clean image of each perturbed one.
         aug_dim (`int` or `None`): D >= 1, or `None` for D = infinity (EDM).
+        class_labels (`torch.Tensor` of shape `(B,)`, *optional*): the samples' classes, for a class-conditional
+            model; then `reference_labels` (`torch.Tensor` of shape `(L,)`) gives the reference images' classes.
 
     Returns:
         `torch.Tensor`: the targets, shaped like `perturbed`, in float32 (float64 for float64 inputs).
@@ -374,12 +386,37 @@ def stable_target(perturbed: torch.Tensor, sigma, reference: torch.Tensor, aug_d
     dtype = torch.float64 if perturbed.dtype == torch.float64 else torch.float32
     y = perturbed.detach().reshape(batch_size, N).to(dtype)
     x = reference.detach().reshape(reference.shape[0], N).to(y.device, dtype)
+    sigma = _levels("sigma", sigma, batch_size, y.device)
     with torch.no_grad():
-        target = _posterior_mean(y, _levels("sigma", sigma, batch_size, y.device), x, aug_dim)
+        if class_labels is None and reference_labels is None:
+            target = _posterior_mean(y, sigma, x, aug_dim)
+        else:
+            target = _posterior_mean_per_class(y, sigma, x, aug_dim, class_labels, reference_labels)
     # A NaN or inf in the inputs spreads to their rows: one (B, N) check, the inputs named on failure.
     if not torch.isfinite(target).all():
         _raise_non_finite(perturbed=perturbed, reference=reference)
     return target.reshape(perturbed.shape).to(dtype)
+
+
+def _posterior_mean_per_class(y, sigma, x, aug_dim, class_labels, reference_labels):
+    """`_posterior_mean` of each sample over the reference images of its class: one call per class in the batch."""
+    if class_labels is None or reference_labels is None:
+        raise ValueError("give both `class_labels` and `reference_labels`, or neither.")
+    if tuple(class_labels.shape) != (y.shape[0],) or tuple(reference_labels.shape) != (x.shape[0],):
+        raise ValueError(
+            f"`class_labels` must have shape ({y.shape[0]},) and `reference_labels` ({x.shape[0]},), got "
+            f"{tuple(class_labels.shape)} and {tuple(reference_labels.shape)}."
+        )
+    class_labels, reference_labels = class_labels.to(y.device), reference_labels.to(y.device)
+    target = torch.empty(y.shape, dtype=torch.float64, device=y.device)
+    for label in class_labels.unique().tolist():
+        rows, charges = (class_labels == label).nonzero()[:, 0], x[reference_labels == label]
+        if len(charges) == 0:
+            raise ValueError(
+                f"the reference batch holds no image of class {label}: it must hold each sample's own clean image."
+            )
+        target[rows] = _posterior_mean(y[rows], sigma[rows], charges, aug_dim)
+    return target
 
 
 def split_field_output(model_output: torch.Tensor):

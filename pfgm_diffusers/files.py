@@ -8,6 +8,7 @@ One helper for the library, the trainer, the scripts and the benchmarks:
 - `inside(folder, *parts)`: the path `folder/parts...`, or a `ValueError` when it would leave `folder` or pass through
   a symbolic link below it (a link planted in an output folder must not redirect a write elsewhere).
 - `check_file_name(name)`: a relative name of plain components (what a file manifest may list).
+- `check_output_file(path)`, `check_output_folder(path)`: that a path can be written, checked before long work.
 """
 
 import errno
@@ -15,7 +16,17 @@ import json
 import os
 import secrets
 
-__all__ = ["atomic_write", "atomic_write_json", "check_file_name", "fsync_dir", "fsync_tree", "inside", "makedirs"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_json",
+    "check_file_name",
+    "check_output_file",
+    "check_output_folder",
+    "fsync_dir",
+    "fsync_tree",
+    "inside",
+    "makedirs",
+]
 
 
 def inside(folder, *parts):
@@ -126,3 +137,29 @@ def fsync_dir(folder):
             raise
     finally:
         os.close(fd)
+
+
+def check_output_file(path):
+    """A `ValueError` unless a file can be written at `path`: not a folder, under no file, below a folder the user
+    may write (missing folders between are the writer's to create). For a check before long work (sampling, say)
+    whose results a failed write would lose."""
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)!r} is a folder; give the path of a file")
+    _check_creatable(os.path.dirname(os.path.abspath(path)), path)
+
+
+def check_output_folder(path):
+    """A `ValueError` unless `path` is a folder, or one that can be created, that the user may write into."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)!r} is a file, not a folder")
+    _check_creatable(os.path.abspath(path), path)
+
+
+def _check_creatable(folder, path):
+    existing = folder
+    while not os.path.lexists(existing):  # the nearest existing ancestor: the writer creates the folders below it
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{os.fspath(path)!r} lies under {existing!r}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{os.fspath(path)!r} cannot be written: the folder {existing!r} is not writable")

@@ -275,13 +275,14 @@ tags:
 # {repo_id}
 
 A Poisson flow generative model (PFGM / PFGM++) saved by `pfgm_diffusers`'s `PFGMPipeline`, a diffusers
-pipeline. Load it with that package installed (`pip install pfgm_diffusers`); no remote code is needed or run:
+pipeline. Load it with that library installed; it is on no package index, so install it from a checkout of its
+repository (`pip install -e .` in the checkout). No remote code is needed or run:
 
 ```python
 import torch
-from pfgm_diffusers import PFGMPipeline
+import pfgm_diffusers  # the pipeline and its scheduler, registered with diffusers
 
-pipe = PFGMPipeline.from_pretrained("{repo_id}")
+pipe = pfgm_diffusers.PFGMPipeline.from_pretrained("{repo_id}")
 images = pipe(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images
 ```
 """

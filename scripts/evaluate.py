@@ -34,6 +34,7 @@ import pfgm_diffusers
 from pfgm_diffusers import PFGMPipeline, scheduling_pfgm
 from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder
 from pfgm_diffusers.evaluation import DigitsMetrics, FidelityMetrics, FidelityUnavailableError, SampleMetric
+from pfgm_diffusers.files import atomic_write_json, check_output_file
 
 DIGITS_REFERENCE = "digits"
 
@@ -77,25 +78,11 @@ def parse_args(argv=None):
     if args.num_reference is not None and args.num_reference < 2:
         parser.error(f"--num_reference must be >= 2, got {args.num_reference}")
     if args.output is not None:
-        problem = output_problem(args.output)
-        if problem is not None:
-            parser.error(f"--output {args.output}: {problem}")
+        try:
+            check_output_file(args.output)  # before sampling, which may take hours
+        except ValueError as error:
+            parser.error(f"--output: {error}")
     return args
-
-
-def output_problem(path):
-    """Why the results could not be written to `path`, or None: checked before sampling, which may take hours."""
-    if os.path.isdir(path):
-        return "is a folder; give the path of a JSON file"
-    folder = os.path.dirname(os.path.abspath(path))
-    existing = folder
-    while not os.path.lexists(existing):  # the nearest existing ancestor: write_json creates the rest
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is a file, not a folder, so nothing can be written under it"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"the folder {existing} is not writable"
-    return None
 
 
 # ---------------------------------------------------------------------- the pipeline: the only two calls into it
@@ -236,13 +223,9 @@ def summary(results):
 
 
 def write_json(results, path):
-    """Write to a temporary file and rename it: a crash never leaves half a JSON."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(results, file, indent=2)
-    os.replace(temporary, path)
+    """Write whole or not at all (`files.atomic_write_json`): a crash never leaves half a JSON."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_json(path, results)
 
 
 def main(argv=None):

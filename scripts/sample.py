@@ -6,18 +6,24 @@
     python scripts/sample.py --model outputs/digits-cond --class_labels 7 --num_images 8 --output sevens.png
 
 Image i is drawn with its own generator seeded `seed + i`, so a given image does not depend on `--batch_size`
-(for the scheduler's solvers; RK45 adapts its steps to each batch). See docs/pipeline.md.
+(for the scheduler's solvers; RK45 adapts its steps to each batch). The grid is drawn as the trainer's sample grids
+are: tiles 1 px apart, small images enlarged to at least 32 px (8x8 digits 4x: 64 of them make a 292-px grid),
+`--grid_scale` to choose; the PNGs of `--output_dir` keep the model's size. See docs/pipeline.md.
 """
 
 import argparse
 import math
 import os
 
+import PIL.Image
 import torch
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, image_grid
+from pfgm_diffusers.files import check_output_file, check_output_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Grid tiles are drawn at least this many pixels wide, as training/train_pfgm.py draws its sample grids.
+GRID_TILE_PIXELS = 32
 
 
 def solver_name(value: str) -> str:
@@ -57,9 +63,24 @@ def parse_args(argv=None):
         "the pipeline or an integer label (a name wins). Random if not given.",
     )
     parser.add_argument("--nrow", type=int, default=None, help="Images per grid row (default: about sqrt(n)).")
+    parser.add_argument(
+        "--grid_scale",
+        type=int,
+        default=None,
+        help="Draw the grid this many times larger (nearest neighbour). Default: as the trainer's grids, small "
+        f"images enlarged to at least {GRID_TILE_PIXELS} pixels (8x8 digits 4x), others as they are.",
+    )
     args = parser.parse_args(argv)
     if args.output is None and args.output_dir is None:
         parser.error("give --output (a grid PNG) and/or --output_dir (one PNG per image)")
+    for flag, check in (("output", check_output_file), ("output_dir", check_output_folder)):
+        try:
+            if getattr(args, flag) is not None:
+                check(getattr(args, flag))  # before sampling, whose images a failed write would lose
+        except ValueError as error:
+            parser.error(f"--{flag}: {error}")
+    if args.grid_scale is not None and args.grid_scale < 1:
+        parser.error(f"--grid_scale must be >= 1, got {args.grid_scale}")
     if args.num_images < 1 or args.batch_size < 1:
         parser.error(f"--num_images and --batch_size must be >= 1, got {args.num_images} and {args.batch_size}")
     if args.class_labels is not None and len(args.class_labels) not in (1, args.num_images):
@@ -84,6 +105,15 @@ def class_labels(values: list[str], class_names: list[str] | None) -> list[int |
         else:
             raise SystemExit(f"--class_labels: {value!r} is neither an integer nor a class name of {class_names}")
     return labels
+
+
+def sample_grid(images, nrow=None, scale=None):
+    """The images tiled as the trainer's sample grids are: 1 px apart, enlarged `scale` times by nearest neighbour
+    (default: so that a tile is at least `GRID_TILE_PIXELS` wide; 8x8 digits 4x, 32x32 images as they are)."""
+    grid = image_grid(images, nrow, padding=1)
+    if scale is None:
+        scale = max(1, GRID_TILE_PIXELS // max(images[0].size))
+    return grid.resize((grid.width * scale, grid.height * scale), PIL.Image.NEAREST)
 
 
 def sample(pipe, args):
@@ -124,7 +154,7 @@ def main(argv=None):
             image.save(os.path.join(args.output_dir, f"{i:05d}.png"))
     if args.output is not None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        image_grid(images, args.nrow).save(args.output)
+        sample_grid(images, args.nrow, args.grid_scale).save(args.output)
     batches = math.ceil(args.num_images / args.batch_size)
     solver = args.solver or pipe.scheduler.config.get("solver", "euler")
     print(f"{args.num_images} images, {nfe / batches:.1f} network evaluations per batch ({solver})")

@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from test_train import TINY_UNET, TRAINING_DIR, in_process, load_weights, make_image_folder, tiny_args
 
@@ -22,12 +24,12 @@ from pfgm_diffusers import PFGMPipeline
 RUN = dict(class_conditional=True, aug_dim=16, max_train_steps=2, checkpointing_steps=1, checkpoints_total_limit=3)
 
 
-def train(tmp_path, args, **patches):
-    """`main(args)` in this process, with module attributes of the script replaced by `patches`."""
+def train(tmp_path, args, loss=None, **patches):
+    """`main(args, loss)` in this process, with module attributes of the script replaced by `patches`."""
     with in_process(tmp_path) as train_pfgm:
         for name, value in patches.items():
             setattr(train_pfgm, name, value)
-        train_pfgm.main([str(arg) for arg in args])
+        train_pfgm.main([str(arg) for arg in args], loss=loss)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,7 @@ def test_resume_refuses_a_checkpoint_of_another_setting_naming_it(
         overrides = dict(model_config_name_or_path=wider)
     args = resume_args(image_folder, unet_config, run_copy, **overrides)
     with pytest.raises(ValueError) as error:
-        train(tmp_path, args, pfgmpp_loss=fail_if_called, poisson_field_loss=fail_if_called)
+        train(tmp_path, args, loss=fail_if_called)
     assert f"checkpoint '{run_copy}/checkpoint-2' does not match this run: " in str(error.value)
     assert message in str(error.value)
 
@@ -261,7 +263,7 @@ def test_save_pipeline_steps_leaves_a_pipeline_when_a_run_dies(tmp_path, image_f
     out = tmp_path / "out"
     args = tiny_args(image_folder, unet_config, out, max_train_steps=4, checkpointing_steps=1, save_pipeline_steps=2)
     with pytest.raises(RuntimeError, match="killed"):
-        train(tmp_path, args, pfgmpp_loss=dies_at_the_third_step)
+        train(tmp_path, args, loss=dies_at_the_third_step)
     # The pipeline of step 2 (its EMA weights), whole, although the run never reached its end
     pipeline = PFGMPipeline.from_pretrained(out)
     ema = load_weights(out / "checkpoint-2" / "unet_ema")
@@ -295,11 +297,15 @@ def test_export_checkpoint_makes_a_pipeline_of_the_ema_or_trained_weights(run_co
 
 
 def checkpoints_module():
-    if TRAINING_DIR not in sys.path:
-        sys.path.insert(0, TRAINING_DIR)
-    import checkpoints
+    from pfgm_diffusers.training import checkpoints
 
     return checkpoints
+
+
+def export_checkpoint_script():
+    if TRAINING_DIR not in sys.path:
+        sys.path.insert(0, TRAINING_DIR)
+    return importlib.import_module("export_checkpoint")
 
 
 def edit_state(checkpoint, edit, rehash=True):
@@ -356,7 +362,7 @@ def test_a_linked_partial_pipeline_is_refused_and_its_target_untouched(run_copy,
 def test_a_manifest_naming_files_outside_the_checkpoint_is_refused_before_reading(run_copy, tmp_path, name):
     (run_copy / "outside.bin").write_bytes(b"x" * 1234)  # what `../outside.bin` names from checkpoint-2
     edit_state(run_copy / "checkpoint-2", lambda state: state["files"].update({name: {"size": 1, "sha256": "0"}}))
-    export = importlib.import_module("export_checkpoint") if checkpoints_module() else None
+    export = export_checkpoint_script()
     for attempt in (
         lambda: checkpoints_module().find_checkpoint(str(run_copy / "checkpoint-2"), str(run_copy)),
         lambda: export.main([str(run_copy / "checkpoint-2"), str(tmp_path / "exported")]),
@@ -375,7 +381,7 @@ def test_an_edited_training_state_is_refused_by_resume_and_export(run_copy, tmp_
     edit_state(run_copy / "checkpoint-2", edit, rehash=False)
     state = run_copy / "checkpoint-2" / "pfgm_training_state.json"
     message = f"the training state '{state}' is damaged: it differs from the state that was saved"
-    export = importlib.import_module("export_checkpoint") if checkpoints_module() else None
+    export = export_checkpoint_script()
     with pytest.raises(ValueError, match=re.escape(message)):
         export.main([str(run_copy / "checkpoint-2"), str(tmp_path / "exported")])
     args = resume_args(image_folder, unet_config, run_copy, resume_from_checkpoint="checkpoint-2")
@@ -397,7 +403,7 @@ def test_resume_refuses_another_scheduler_or_loss_setting(
 ):
     args = resume_args(image_folder, unet_config, run_copy, max_train_steps=3, **overrides)
     with pytest.raises(ValueError) as error:
-        train(tmp_path, args, pfgmpp_loss=fail_if_called)
+        train(tmp_path, args, loss=fail_if_called)
     assert f"checkpoint '{run_copy}/checkpoint-2' does not match this run: " in str(error.value)
     assert message in str(error.value)
 
@@ -476,3 +482,72 @@ def test_latest_ignores_a_checkpoint_name_with_non_ascii_digits(run_copy, tmp_pa
     caplog.set_level(logging.INFO)
     train(tmp_path, resume_args(image_folder, unet_config, run_copy, max_train_steps=3))
     assert f"Resumed from {run_copy}/checkpoint-2 at step 2" in caplog.text
+
+
+# ----- issue 16: frictions of the trainer -----
+
+
+def test_resuming_a_finished_run_says_so_and_trains_no_step(run_copy, tmp_path, image_folder, unet_config, caplog):
+    before = sorted(os.listdir(run_copy))
+    weights = (run_copy / "checkpoint-2" / "model.safetensors").read_bytes()
+    train(tmp_path, resume_args(image_folder, unet_config, run_copy), loss=fail_if_called)
+    assert "Already at 2 steps: pass a larger --max_train_steps to train on" in caplog.text
+    assert "throughput" not in caplog.text
+    assert sorted(os.listdir(run_copy)) == before
+    assert (run_copy / "checkpoint-2" / "model.safetensors").read_bytes() == weights
+
+
+def test_training_args_hold_no_absolute_local_path(trained_run):
+    saved = json.loads((trained_run / "training_args.json").read_text())
+    assert saved["train_data_dir"] == os.path.basename(saved["train_data_dir"]) != ""  # the folder's name only
+    assert not [name for name, value in saved.items() if isinstance(value, str) and os.path.isabs(value)]
+    assert saved["resolution"] == 8 and saved["aug_dim"] == 16  # the settings themselves stay
+
+
+def test_a_bad_input_is_one_error_line_and_removes_the_folder_it_created(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), 10 * i, dtype=np.uint8)).save(flat / f"{i}.png")
+    out = tmp_path / "new-run"
+    args = ["--train_data_dir", flat, "--output_dir", out, "--class_conditional", "--cache_dir", tmp_path / "cache"]
+    result = subprocess.run(
+        [sys.executable, os.path.join(TRAINING_DIR, "train_pfgm.py")] + [str(arg) for arg in args],
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(TRAINING_DIR), HF_HOME=str(tmp_path / "hf_home")),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --class_conditional needs labels: class sub-folders or a label column in the dataset"
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not out.exists()  # created by the failed run, holding nothing but its mark: removed
+    # A folder that existed before stays, whatever the failure
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    subprocess.run(
+        [sys.executable, os.path.join(TRAINING_DIR, "train_pfgm.py")] + [str(arg) for arg in args],
+        env=dict(os.environ, PYTHONPATH=os.path.dirname(TRAINING_DIR), HF_HOME=str(tmp_path / "hf_home")),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=300,
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_no_function_of_the_trainer_is_longer_than_120_lines():
+    import ast
+
+    folders = [TRAINING_DIR, os.path.join(os.path.dirname(TRAINING_DIR), "pfgm_diffusers", "training")]
+    long = []
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                tree = ast.parse(open(os.path.join(folder, name)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 120:
+                        long.append(f"{name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []

@@ -263,7 +263,7 @@ def test_evaluate_script_writes_the_results_offline(digits_pipeline, tmp_path, c
     # The saved scheduler's config is recorded as it is; this call ran Euler (nfe == 3 above shows it)
     assert results["scheduler"]["solver"] == "heun" and results["unet"]["sample_size"] == 16
     assert results["frechet_distance"] == returned["frechet_distance"]
-    printed = capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())  # the notes are wrapped at 100 columns
     assert "held-out real: 6 real digits kept out of the classifier's training" in printed
     assert "Both Fréchet distances are to the classifier's 1438 real training digits" in printed
     assert results["frechet_features"] == "digit_classifier" and results["metrics"]["train_num_images"] == 1438
@@ -322,9 +322,9 @@ def test_digits_check_accepts_models_of_the_digits():
 @pytest.mark.parametrize(
     ("output", "match"),
     [
-        ("notes.txt/results.json", r"notes.txt is a file, not a folder"),
-        ("notes.txt/deeper/results.json", r"notes.txt is a file, not a folder"),
-        ("a_folder", "is a folder; give the path of a JSON file"),
+        ("notes.txt/results.json", r"notes.txt', which is a file, not a folder"),
+        ("notes.txt/deeper/results.json", r"notes.txt', which is a file, not a folder"),
+        ("a_folder", "is a folder; give the path of a file"),
     ],
 )
 def test_evaluate_script_checks_the_output_path_before_sampling(

@@ -2,6 +2,7 @@
 
 import doctest
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -649,6 +650,13 @@ def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch
     card = huggingface_hub.ModelCard.load(remote / "README.md")
     assert card.data.library_name == "pfgm_diffusers" and "pfgm" in card.data.tags
     assert "trust_remote_code" not in card.text
+    # The loading example runs as written: `import pfgm_diffusers`, no install line naming an index it is not on
+    assert (
+        re.search(r"^import pfgm_diffusers\b", card.text, re.MULTILINE)
+        and "pip install pfgm_diffusers" not in card.text
+    )
+    example = card.text.split("```python\n")[1].split("```")[0]
+    exec(example.replace("batch_size=16, num_inference_steps=18", "batch_size=1, num_inference_steps=2"), {})
     loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny")
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))

@@ -40,7 +40,11 @@ def test_grid_and_folder_with_per_image_seeds(saved_pipeline, tmp_path, capsys):
     )
     files = sorted(folder.glob("*.png"))
     assert [f.name for f in files] == [f"{i:05d}.png" for i in range(5)]
-    assert Image.open(grid_path).size == (3 * 10 + 2, 2 * 10 + 2)  # 3 x 2 tiles of 8 px, 2 px padding
+    # As the trainer's grids: 3 x 2 tiles of 8 px, 1 px apart, drawn 4x so that a tile is 32 px
+    grid = np.asarray(Image.open(grid_path))
+    assert grid.shape[:2] == (4 * (2 * 9 + 1), 4 * (3 * 9 + 1))
+    second = np.asarray(Image.open(files[1]))  # (8, 8, 3): the model's size
+    np.testing.assert_array_equal(grid[4:36, 40:72], second.repeat(4, axis=0).repeat(4, axis=1))
     assert "5 images" in capsys.readouterr().out
 
     # Image i comes from seed 10 + i whatever the batching.
@@ -49,6 +53,35 @@ def test_grid_and_folder_with_per_image_seeds(saved_pipeline, tmp_path, capsys):
     expected = pipe(class_labels=1, num_inference_steps=3, generator=torch.Generator().manual_seed(13)).images[0]
     difference = np.abs(np.asarray(Image.open(files[3]), dtype=int) - np.asarray(expected, dtype=int))
     assert difference.max() <= 1  # batch-of-2 vs batch-of-1 float noise can flip a rounding
+
+
+def test_grid_scale(saved_pipeline, tmp_path):
+    sample = load_script()
+    argv = ["--model", str(saved_pipeline), "--num_images", "4", "--num_inference_steps", "2"]
+    sample.main(argv + ["--output", str(tmp_path / "raw.png"), "--grid_scale", "1", "--nrow", "4"])
+    assert Image.open(tmp_path / "raw.png").size == (4 * 9 + 1, 9 + 1)
+    with pytest.raises(SystemExit):
+        sample.parse_args(argv + ["--output", "x.png", "--grid_scale", "0"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "path", "message"),
+    [
+        ("--output", "notes.txt/grid.png", "notes.txt', which is a file, not a folder"),
+        ("--output", "a_folder", "is a folder; give the path of a file"),
+        ("--output_dir", "notes.txt", "notes.txt' is a file, not a folder"),
+        ("--output_dir", "notes.txt/images", "notes.txt', which is a file, not a folder"),
+    ],
+)
+def test_output_paths_are_checked_before_sampling(saved_pipeline, tmp_path, monkeypatch, capsys, flag, path, message):
+    (tmp_path / "notes.txt").write_text("the user's notes")
+    (tmp_path / "a_folder").mkdir()
+    sample = load_script()
+    monkeypatch.setattr(sample, "load_pipeline", lambda args: pytest.fail("loaded and sampled before the check"))
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--model", str(saved_pipeline), flag, str(tmp_path / path)])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "the user's notes"
 
 
 def test_class_labels_by_name(saved_pipeline, tmp_path):

@@ -181,3 +181,23 @@ def test_bad_input_is_refused_naming_the_value():
         stable_target(perturbed, sigma, broken, 128)
     with pytest.raises(ValueError, match="`perturbed` must be finite, found 1 NaN or inf"):
         stable_target(torch.where(perturbed == perturbed[1, 2, 3, 3], math.inf, perturbed), sigma, reference, None)
+
+
+@pytest.mark.parametrize("D", [128, None])
+def test_class_labels_restrict_each_posterior_to_its_class(D):
+    """With labels, each row's target is the posterior over the reference images of its class only: the direct form
+    on that class's images; without them (the official code) it mixes classes."""
+    perturbed, sigma, reference = perturbed_batch(9, D=D, sigmas=(0.5, 50.0))
+    labels = torch.arange(48) % 3
+    target = stable_target(perturbed, sigma, reference, D, labels[:12], labels)
+    for label in range(3):
+        rows, own = labels[:12] == label, reference[labels == label]
+        expected = direct_target(perturbed[rows], sigma[rows], own, D)
+        torch.testing.assert_close(target[rows].double(), expected, rtol=0, atol=2e-6)
+    assert (stable_target(perturbed, sigma, reference, D) - target).abs().max() > 0.1
+    with pytest.raises(ValueError, match="give both `class_labels` and `reference_labels`, or neither"):
+        stable_target(perturbed, sigma, reference, D, labels[:12])
+    with pytest.raises(ValueError, match=r"`reference_labels` \(48,\), got \(12,\) and \(47,\)"):
+        stable_target(perturbed, sigma, reference, D, labels[:12], labels[:47])
+    with pytest.raises(ValueError, match="the reference batch holds no image of class 3"):
+        stable_target(perturbed, sigma, reference, D, torch.where(labels[:12] == 2, 3, labels[:12]), labels)

@@ -190,7 +190,8 @@ import torch
 sys.path.insert(0, {training_dir!r})
 import train_pfgm
 
-original_loss = train_pfgm.poisson_field_loss
+from pfgm_diffusers.losses import poisson_field_loss
+
 calls = []
 
 
@@ -200,11 +201,10 @@ def recording_loss(unet, x, charges, *args, **kwargs):
     path = os.path.join({record_dir!r}, f"rank{{rank}}_call{{len(calls)}}.pt")
     torch.save({{"x": x.clone(), "charges": charges.clone()}}, path)
     calls.append(1)
-    return original_loss(unet, x, charges, *args, **kwargs)
+    return poisson_field_loss(unet, x, charges, *args, **kwargs)
 
 
-train_pfgm.poisson_field_loss = recording_loss
-train_pfgm.main()
+train_pfgm.main(loss=recording_loss)
 """
 
 
@@ -439,8 +439,7 @@ def test_sample_grids_go_to_the_tracker_and_the_loss_every_logging_steps(
     out = tmp_path / "out"
     args = tiny_args(image_folder, unet_config, out, max_train_steps=5, logging_steps=2, save_images_steps=2)
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.pfgmpp_loss = recording_loss
-        train_pfgm.main([str(arg) for arg in args + ["--report_to", tracker_name]])
+        train_pfgm.main([str(arg) for arg in args + ["--report_to", tracker_name]], loss=recording_loss)
 
     # The mean loss of the steps since the last log, at steps 2, 4 and the last one
     assert [step for step, _ in tracker.logs] == [2, 4, 5]
@@ -468,9 +467,8 @@ def test_push_to_hub_without_the_hub_fails_in_one_line_before_training(
     # HF_HUB_OFFLINE=1 (tests/conftest.py): huggingface_hub's own offline error, no network touched
     assert huggingface_hub.constants.HF_HUB_OFFLINE
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.pfgmpp_loss = fail_if_called
         with pytest.raises(ValueError) as error:
-            train_pfgm.main([str(arg) for arg in args])
+            train_pfgm.main([str(arg) for arg in args], loss=fail_if_called)
     message = str(error.value)
     assert message.startswith("--push_to_hub: the Hub is unreachable or refused to create 'me/pfgm' (")
     assert "OfflineModeIsEnabled" in message and "\n" not in message
@@ -481,9 +479,8 @@ def test_push_to_hub_without_the_hub_fails_in_one_line_before_training(
 
     monkeypatch.setattr(huggingface_hub, "create_repo", no_network)
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.pfgmpp_loss = fail_if_called
         with pytest.raises(ValueError) as error:
-            train_pfgm.main([str(arg) for arg in args])
+            train_pfgm.main([str(arg) for arg in args], loss=fail_if_called)
     assert "(ConnectionError: [Errno -2] Name or service not known)" in str(error.value)
     assert "\n" not in str(error.value)
 
@@ -499,8 +496,6 @@ class in_process:
 
         self.cwd = os.getcwd()
         os.chdir(self.tmp_path)
-        if TRAINING_DIR not in sys.path:
-            sys.path.insert(0, TRAINING_DIR)  # the script's siblings (checkpoints, arguments, presets)
         spec = importlib.util.spec_from_file_location("train_pfgm", SCRIPT)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -554,9 +549,9 @@ def fail_if_called(*args, **kwargs):
 def test_bad_arguments_fail_before_loading_anything(tmp_path, image_folder, unet_config, overrides, message):
     args = [str(a) for a in tiny_args(image_folder, unet_config, tmp_path / "out", **overrides)]
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.load_images = train_pfgm.pfgmpp_loss = train_pfgm.poisson_field_loss = fail_if_called
+        train_pfgm.load_images = fail_if_called
         with pytest.raises(ValueError) as error:
-            train_pfgm.main(args)
+            train_pfgm.main(args, loss=fail_if_called)
     assert message in str(error.value)
     assert not (tmp_path / "out").exists()  # nothing written either
 
@@ -702,9 +697,8 @@ def test_bad_input_fails_before_training(tmp_path, image_folder, unet_config, ca
     args = tiny_args(image_folder, unet_config, tmp_path / "out", **overrides)
     with in_process(tmp_path) as train_pfgm:
         # A training step would need the optimizer: make any step fail loudly so "before training" is checked too
-        train_pfgm.pfgmpp_loss = train_pfgm.poisson_field_loss = fail_if_called
         with pytest.raises(ValueError) as error:
-            train_pfgm.main([str(a) for a in args])
+            train_pfgm.main([str(a) for a in args], loss=fail_if_called)
     assert message in str(error.value)
 
 
@@ -757,7 +751,42 @@ def test_a_non_finite_loss_stops_the_run_with_its_step(tmp_path, image_folder, u
     out = tmp_path / "out"
     args = tiny_args(image_folder, unet_config, out, max_train_steps=6, logging_steps=2, checkpointing_steps=2)
     with in_process(tmp_path) as train_pfgm:
-        train_pfgm.pfgmpp_loss = lambda *args, **kwargs: pfgmpp_loss(*args, **kwargs) * float("nan")
         with pytest.raises(RuntimeError, match="loss became nan within the 2 steps before step 2"):
-            train_pfgm.main([str(arg) for arg in args])
+            train_pfgm.main([str(arg) for arg in args], loss=lambda *a, **kw: pfgmpp_loss(*a, **kw) * float("nan"))
     assert not (out / "model_index.json").exists()  # no pipeline saved from a diverged run
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+FAST_LR_CASES = {("linear", 2, 1), ("constant_with_warmup", 1, 2)}  # the rest of the matrix runs with -m slow
+
+
+@pytest.mark.parametrize(
+    "lr_scheduler, before, after",
+    [
+        pytest.param(name, before, after, marks=() if (name, before, after) in FAST_LR_CASES else pytest.mark.slow)
+        for name in LR_SCHEDULERS
+        for before, after in ((2, 1), (1, 2))
+    ],
+)
+def test_a_resume_on_another_process_count_continues_the_lr_schedule(
+    tmp_path, image_folder, unet_config, lr_scheduler, before, after
+):
+    """The lr is a function of the optimizer step: after 2 steps on `before` processes and 2 more on `after`, every
+    checkpoint's lr is the schedule's at its step, as for an uninterrupted run on one process."""
+    from diffusers.optimization import get_scheduler
+
+    out = tmp_path / "out"
+    common = dict(lr_scheduler=lr_scheduler, lr_warmup_steps=3, checkpointing_steps=1, checkpoints_total_limit=4)
+    run_training(tmp_path, tiny_args(image_folder, unet_config, out, max_train_steps=2, **common), before)
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=4, resume_from_checkpoint="latest", **common)
+    log = run_training(tmp_path, args, after)
+    assert f"The global batch changed: {4 * before} images per optimizer step ({before} process(es)) in the " in log
+    assert f"checkpoint, {4 * after} ({after} process(es)) now; the lr schedule continues at optimizer step 2" in log
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    expected = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=3, num_training_steps=4)
+    for step in range(1, 5):
+        optimizer.step()
+        expected.step()
+        state = torch.load(out / f"checkpoint-{step}" / "optimizer.bin", weights_only=True)
+        assert state["param_groups"][0]["lr"] == pytest.approx(expected.get_last_lr()[0], rel=1e-12, abs=1e-15), step

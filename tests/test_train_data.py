@@ -479,7 +479,7 @@ def test_a_run_on_a_folder_trains_at_its_image_size_into_a_folder_named_after_it
     assert f"{config} (<= {size if size == 16 else 32} px); --output_dir pfgm-tiles{size}" in caplog.text
     assert "Images are resized" not in caplog.text  # trained at their own size, not shrunk to 8x8
     pipeline = PFGMPipeline.from_pretrained(tmp_path / f"pfgm-tiles{size}")
-    with open(os.path.join(os.path.dirname(__file__), "..", "training", "configs", config)) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "pfgm_diffusers", "training", "configs", config)) as f:
         expected = json.load(f)
     assert pipeline.unet.config.sample_size == size and pipeline.unet.config.in_channels == 3
     assert list(pipeline.unet.config.block_out_channels) == expected["block_out_channels"]

@@ -16,10 +16,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
-
-# isort: split
-# Siblings in training/ (on sys.path when a script there runs)
-import checkpoints
+from pfgm_diffusers.training import checkpoints
 
 
 def export_pipeline(checkpoint, output_dir, use_ema=True):

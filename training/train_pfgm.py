@@ -8,8 +8,9 @@
         --large_batch_size 4096 --train_batch_size 128
 
 The script reads top to bottom: arguments, accelerator, data, model/scheduler/optimizer/EMA, prepare, loop, save.
-Settings live in presets.py, the output folder and checkpoints in checkpoints.py, the math in `pfgm_diffusers`
-(the losses in `pfgm_diffusers.losses`); see docs/training.md.
+The reusable pieces live in `pfgm_diffusers.training`: the flags (`arguments`), settings as data (`presets`), the
+objectives (`objectives`), the output folder and checkpoints (`checkpoints`); the math in `pfgm_diffusers` (the losses
+in `pfgm_diffusers.losses`). See docs/training.md.
 """
 
 import atexit
@@ -19,12 +20,13 @@ import json
 import logging
 import math
 import os
-import time
+import re
+import sys
+import warnings
 
 import datasets
 import diffusers
 import huggingface_hub
-import numpy as np
 import PIL.Image
 import torch
 from accelerate import Accelerator
@@ -48,20 +50,18 @@ from pfgm_diffusers.data import (
 )
 from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
-from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 from pfgm_diffusers.pipeline_pfgm import image_grid
-
-# isort: split
-# This script's siblings in training/ (on sys.path when the script runs)
-import checkpoints
-from arguments import build_scheduler, fill_from_the_data, load_unet_config, parse_args, public_arguments
+from pfgm_diffusers.training import checkpoints
+from pfgm_diffusers.training.arguments import (
+    build_objective,
+    build_scheduler,
+    fill_from_the_data,
+    load_unet_config,
+    parse_args,
+    public_arguments,
+)
 
 logger = get_logger(__name__, log_level="INFO")
-
-
-def clock():
-    """Wall and CPU seconds of this process: under load from other processes the CPU time still measures the work."""
-    return np.array([time.perf_counter(), time.process_time()])
 
 
 def create_accelerator(args):
@@ -224,18 +224,16 @@ def ema_weights(ema_model, unet):
         ema_model.restore(unet.parameters())
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    scheduler = build_scheduler(args)  # validates the sampler's settings before anything is loaded
+def main(argv=None, loss=None):
+    """Train, as `accelerate launch training/train_pfgm.py [flags]` does. `loss` replaces the objective's library loss
+    (called as `pfgmpp_loss` or `poisson_field_loss` is): the seam through which tests record or stop training."""
+    args = parse_args(argv)  # bad input fails here, the scheduler's own settings included
+    objective = build_objective(args, loss)  # the one choice of objective: its batch, loss and recorded settings
 
     # Accelerator, output folder, seed
     accelerator = create_accelerator(args)
     checkpoint, checkpoint_state = checkpoints.find_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if accelerator.is_main_process:  # one run per folder; another run's outputs only with --overwrite_output_dir
-        resuming = args.resume_from_checkpoint is not None
-        lock = checkpoints.claim_output_dir(args.output_dir, args.logging_dir, resuming, args.overwrite_output_dir)
-        atexit.register(lock.release)
-    accelerator.wait_for_everyone()
+    lock = claim_output_dir(args, accelerator)
     # A different noise stream per process; the data order below has its own generator shared by all processes
     set_seed(args.seed, device_specific=True)
 
@@ -244,68 +242,42 @@ def main(argv=None):
         images = load_images(args)
     transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
     dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
-    field = scheduler.config.prediction_type == "poisson_field"  # the trainer's one question about the objective
-    # The field objective loads the large batch; its first train_batch_size rows are the small batch
-    loader_batch_size = args.large_batch_size if field else args.train_batch_size
     sampler = EpochSampler(len(dataset), seed=args.seed)
-    train_dataloader, steps_per_epoch = create_dataloader(args, dataset, sampler, loader_batch_size, accelerator)
+    batch_size = objective.loader_batch_size  # the field objective loads the large batch
+    train_dataloader, steps_per_epoch = create_dataloader(args, dataset, sampler, batch_size, accelerator)
 
     # Model, scheduler, optimizer, EMA
+    scheduler = build_scheduler(args, images.num_channels)  # the one scheduler: grids, checkpoints, the pipeline
     if args.upper_norm == "auto":
-        scheduler = build_scheduler(args, images.num_channels)
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
-    out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 in field mode
+    out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 for the field objective
     unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
-    # What a checkpoint records and a resume must match (checkpoints.COMPATIBILITY_KEYS)
-    run_settings = dict(
-        objective=args.objective,
-        aug_dim=scheduler.config.aug_dim,
-        resolution=args.resolution,
-        class_names=images.class_names,
-        unet_config=unet_config,
-        scheduler_config=json.loads(scheduler.to_json_string()),
-        loss_config=loss_config(args),
-    )
+    run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
     unet = create_unet(args, unet_config)
-    optimizer = torch.optim.AdamW(
-        unet.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = create_optimizer(args, unet)
     ema_model = create_ema(args, accelerator, unet)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * steps_per_epoch
+    # A function of the optimizer step whatever the process count: not prepared (accelerate would step it once per
+    # process), stepped once per optimizer step, and on a resume brought to the checkpoint's step
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=args.lr_warmup_steps,
+        num_training_steps=args.max_train_steps,
     )
     # After every input check, so that bad input creates no repository; before training, so that it fails fast
     repo_id = create_hub_repo(args) if accelerator.is_main_process and args.push_to_hub else None
 
-    # Prepare
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
-        unet, optimizer, train_dataloader, lr_scheduler
-    )
+    # Prepare, resume
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     if ema_model is not None:
         ema_model.to(accelerator.device)
-    global_step = 0
-    if checkpoint is not None:
-        checkpoints.load_checkpoint(accelerator, checkpoint)
-        global_step = checkpoint_state["global_step"]
-        logger.info(f"Resumed from {checkpoint} at step {global_step}")
-    elif args.resume_from_checkpoint is not None:
-        logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
-    if accelerator.is_main_process:  # the arguments, without secrets, to a file and the tracker
-        arguments_file = os.path.join(args.output_dir, checkpoints.ARGS_NAME)
-        atomic_write_json(arguments_file, public_arguments(args), folder=args.output_dir)
-        if args.report_to != "none":
-            accelerator.init_trackers("train_pfgm", {k: v for k, v in public_arguments(args).items() if v is not None})
+    global_step = resume(args, accelerator, checkpoint, checkpoint_state, run_settings, lr_scheduler)
+    if accelerator.is_main_process:
+        record_arguments(args, accelerator)
 
     # Loop
     logger.info(
@@ -313,13 +285,14 @@ def main(argv=None):
         f"{accelerator.num_processes} process(es) x {args.train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation, {args.max_train_steps} steps, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
         f"parameters"
-        + (f", {loader_batch_size * accelerator.num_processes} charges per field target" if field else "")
+        + (f", {batch_size * accelerator.num_processes} charges per field target" if objective.gathers else "")
     )
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
-    first_epoch, start_step = global_step // steps_per_epoch, global_step
+    first_epoch = global_step // steps_per_epoch
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # summed on the device: no per-step sync
-    train_time, step_start = np.zeros(2), clock()  # of the optimizer steps only (the benchmark reads it)
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
+        if global_step >= args.max_train_steps:  # a finished run resumed: `resume` said so
+            break
         sampler.set_epoch(epoch)  # the same order and augmentations on every process and after a resume
         dataset.set_epoch(epoch)
         batches = train_dataloader
@@ -328,20 +301,15 @@ def main(argv=None):
             batches = accelerator.skip_first_batches(train_dataloader, done)
         unet.train()
         for batch in batches:
-            x_large = batch["pixel_values"]  # (L, C, H, W) for the field objective, else (B, C, H, W)
-            x = x_large[: args.train_batch_size]
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
             with accelerator.accumulate(unet):
-                if field:  # the target is the field of every process's large batch: num_processes x L charges
-                    charges = accelerator.gather(x_large.contiguous())
-                    loss = poisson_field_loss(unet, x, charges, class_labels, args.sigma, args.tau, args.M, args.gamma)
-                else:
-                    loss = pfgmpp_loss(unet, scheduler, x, class_labels, args.P_mean, args.P_std)
+                loss = objective(unet, scheduler, batch["pixel_values"], class_labels, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                 optimizer.step()
-                lr_scheduler.step()
+                if accelerator.sync_gradients:
+                    lr_scheduler.step()
                 optimizer.zero_grad()
             loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
             if not accelerator.sync_gradients:
@@ -352,65 +320,136 @@ def main(argv=None):
                 ema_model.step(unet.parameters())
             global_step += 1
             progress_bar.update(1)
-            if global_step > start_step + 5:  # the first steps warm up allocators and caches
-                train_time += clock() - step_start
             last_step = global_step == args.max_train_steps
             if global_step % args.logging_steps == 0 or last_step:
                 logs = {"loss": (loss_sum / loss_count).item(), "lr": lr_scheduler.get_last_lr()[0]}
-                if not math.isfinite(logs["loss"]):  # read every --logging_steps only: no per-step host sync
-                    raise RuntimeError(
-                        f"the training loss became {logs['loss']} within the {args.logging_steps} steps before step "
-                        f"{global_step}: lower --learning_rate or check the data; checkpoints before it are intact"
-                    )
-                if ema_model is not None:
-                    logs["ema_decay"] = ema_model.cur_decay_value
+                log_progress(args, accelerator, progress_bar, global_step, logs, ema_model)
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or last_step:
-                checkpoints.save_checkpoint(
-                    accelerator, args.output_dir, global_step, run_settings, args.checkpoints_total_limit
-                )
-            if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
-                with ema_weights(ema_model, unet):
-                    save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
-            pipeline_steps = args.save_pipeline_steps
-            if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
-                with ema_weights(ema_model, unet):
-                    save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
+            save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings)
             unet.train()
-            step_start = clock()  # sampling and checkpoints are not training throughput
             if last_step:
                 break
     progress_bar.close()
-    if global_step > start_step + 5:
-        wall, cpu = train_time / (global_step - start_step - 5)
-        logger.info(
-            f"Training throughput: {1 / wall:.3f} steps/s, {1000 * cpu:.1f} CPU ms per step (after the first 5 steps, "
-            "without samples and checkpoints)"
-        )
 
     # Save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with ema_weights(ema_model, unet):
-            save_pipeline(accelerator.unwrap_model(unet), scheduler, images.class_names, args.output_dir)
-        last_grid = inside(args.output_dir, "samples", f"step_{global_step:07d}.png")
-        if os.path.exists(last_grid):
-            with open(last_grid, "rb") as f:
-                atomic_write(os.path.join(args.output_dir, "samples.png"), f.read(), folder=args.output_dir)
-        logger.info(f"Saved the pipeline (EMA weights: {ema_model is not None}) to {args.output_dir}")
+        save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, images.class_names, global_step)
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
     accelerator.end_training()
 
 
-def loss_config(args):
-    """The loss's own settings, recorded in each checkpoint: a resume that changes them trains another objective."""
-    if args.objective == "poisson_field":
-        return dict(sigma=args.sigma, tau=args.tau, M=args.M, gamma=args.gamma)
-    return dict(P_mean=args.P_mean, P_std=args.P_std)
+def claim_output_dir(args, accelerator):
+    """One run per folder (checkpoints.claim_output_dir), on the main process; returns its lock (None elsewhere)."""
+    lock = None
+    if accelerator.is_main_process:
+        resuming = args.resume_from_checkpoint is not None
+        lock = checkpoints.claim_output_dir(args.output_dir, args.logging_dir, resuming, args.overwrite_output_dir)
+        atexit.register(lock.release)
+    accelerator.wait_for_everyone()
+    return lock
+
+
+def create_optimizer(args, unet):
+    return torch.optim.AdamW(
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def recorded_settings(args, accelerator, objective, scheduler, unet_config, class_names):
+    """What every checkpoint records: the settings a resume must match (checkpoints.COMPATIBILITY_KEYS), and the
+    process count and global batch, which a resume may change (and says so)."""
+    processes = accelerator.num_processes
+    return dict(
+        objective=args.objective,
+        aug_dim=scheduler.config.aug_dim,
+        resolution=args.resolution,
+        class_names=class_names,
+        unet_config=unet_config,
+        scheduler_config=json.loads(scheduler.to_json_string()),
+        loss_config=objective.settings(),
+        num_processes=processes,
+        global_batch_size=args.train_batch_size * processes * args.gradient_accumulation_steps,
+    )
+
+
+def resume(args, accelerator, checkpoint, checkpoint_state, run_settings, lr_scheduler):
+    """Load `checkpoint` (model, optimizer, EMA, random states) and bring the lr schedule to its step: the step."""
+    if checkpoint is None:
+        if args.resume_from_checkpoint is not None:
+            logger.info(f"No checkpoint in {args.output_dir} yet: starting a new run")
+        return 0
+    checkpoints.load_checkpoint(accelerator, checkpoint)
+    global_step = checkpoint_state["global_step"]
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer: here on purpose
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+        for _ in range(global_step):  # the schedule is a function of the optimizer step only
+            lr_scheduler.step()
+    logger.info(f"Resumed from {checkpoint} at step {global_step}")
+    then, now = checkpoint_state["global_batch_size"], run_settings["global_batch_size"]
+    if then != now or checkpoint_state["num_processes"] != run_settings["num_processes"]:
+        logger.warning(
+            f"The global batch changed: {then} images per optimizer step ({checkpoint_state['num_processes']} "
+            f"process(es)) in the checkpoint, {now} ({run_settings['num_processes']} process(es)) now; the lr "
+            f"schedule continues at optimizer step {global_step}"
+        )
+    if global_step >= args.max_train_steps:
+        logger.warning(f"Already at {global_step} steps: pass a larger --max_train_steps to train on")
+    return global_step
+
+
+def record_arguments(args, accelerator):
+    """The arguments, without secrets, to `training_args.json` and the tracker."""
+    arguments_file = os.path.join(args.output_dir, checkpoints.ARGS_NAME)
+    atomic_write_json(arguments_file, public_arguments(args), folder=args.output_dir)
+    if args.report_to != "none":
+        accelerator.init_trackers("train_pfgm", {k: v for k, v in public_arguments(args).items() if v is not None})
+
+
+def log_progress(args, accelerator, progress_bar, global_step, logs, ema_model):
+    """The mean loss since the last log, the lr and the EMA decay, to the progress bar and the trackers."""
+    if not math.isfinite(logs["loss"]):  # read every --logging_steps only: no per-step host sync
+        raise RuntimeError(
+            f"the training loss became {logs['loss']} within the {args.logging_steps} steps before step "
+            f"{global_step}: lower --learning_rate or check the data; checkpoints before it are intact"
+        )
+    if ema_model is not None:
+        logs["ema_decay"] = ema_model.cur_decay_value
+    progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+    accelerator.log(logs, step=global_step)
+
+
+def save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings):
+    """What is due at `global_step`: a checkpoint, a sample grid, a pipeline (the first two at the last step too)."""
+    last_step = global_step == args.max_train_steps
+    if global_step % args.checkpointing_steps == 0 or last_step:
+        checkpoints.save_checkpoint(
+            accelerator, args.output_dir, global_step, run_settings, args.checkpoints_total_limit
+        )
+    if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
+        with ema_weights(ema_model, unet):
+            save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
+    pipeline_steps = args.save_pipeline_steps
+    if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
+        with ema_weights(ema_model, unet):
+            save_pipeline(accelerator.unwrap_model(unet), scheduler, run_settings["class_names"], args.output_dir)
+
+
+def save_outputs(args, unet, ema_model, scheduler, class_names, global_step):
+    """The EMA pipeline, and the last sample grid as `samples.png`."""
+    with ema_weights(ema_model, unet):
+        save_pipeline(unet, scheduler, class_names, args.output_dir)
+    last_grid = inside(args.output_dir, "samples", f"step_{global_step:07d}.png")
+    if os.path.exists(last_grid):
+        with open(last_grid, "rb") as f:
+            atomic_write(os.path.join(args.output_dir, "samples.png"), f.read(), folder=args.output_dir)
+    logger.info(f"Saved the pipeline (EMA weights: {ema_model is not None}) to {args.output_dir}")
 
 
 def save_samples(args, accelerator, unet, scheduler, global_step):
@@ -461,5 +500,21 @@ def push_to_hub(repo_id, output_dir, token):
     logger.info(f"Pushed {output_dir} to https://huggingface.co/{repo_id}")
 
 
+def cli(argv=None):
+    """The command line: bad input (a ValueError) is one `error: ...` line (from the first process) and exit status 2,
+    not a traceback per process; an output folder this failed run created and left empty of results is removed."""
+    new_folder = None
+    try:
+        output_dir = parse_args(argv).output_dir
+        new_folder = None if os.path.lexists(output_dir) else output_dir
+        main(argv)
+    except ValueError as error:
+        if int(os.environ.get("RANK", "0")) == 0:
+            if new_folder is not None:
+                checkpoints.remove_unused_output_dir(new_folder)
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

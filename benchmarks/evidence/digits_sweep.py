@@ -31,7 +31,8 @@ from pfgm_diffusers.evaluation import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAINER = os.path.join(REPO, "training", "train_pfgm.py")
-UNET_CONFIG = os.path.join(REPO, "training", "configs", "unet_digits_8px.json")  # the no-argument run's UNet
+# The no-argument run's UNet
+UNET_CONFIG = os.path.join(REPO, "pfgm_diffusers", "training", "configs", "unet_digits_8px.json")
 
 
 @dataclass(frozen=True)

@@ -397,7 +397,7 @@ def markdown(results, toy, settings, environment, command, plots) -> str:
         + f"; the jobs took {environment['job_seconds'] / 60:.1f} min in all.",
         "",
         "**Setup.** The embedded digits at their native 8×8 (N = 64), the same UNet for every model "
-        "(`training/configs/unet_digits_8px.json`, the no-argument run's UNet, "
+        "(`pfgm_diffusers/training/configs/unet_digits_8px.json`, the no-argument run's UNet, "
         f"{any_result['parameters'] / 1e6:.2f}M parameters, the field "
         f"model with one more output channel), trained by `training/train_pfgm.py` with batch "
         f"{training['batch_size']}, learning rate {training['learning_rate']:g} (constant after "

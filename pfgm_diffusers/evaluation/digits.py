@@ -18,6 +18,7 @@ figures: they show quality, not novelty.)
 import functools
 import math
 import os
+import textwrap
 
 import numpy as np
 import torch
@@ -244,15 +245,16 @@ class DigitsMetrics:
         ):
             lines.append(f"{label:24s}{results[key]:12.4f}{results['heldout_' + key]:15.4f}")
         heldout, generated, train = results["heldout_num_images"], results["num_images"], results["train_num_images"]
-        lines += [
+        fewer = f" ({heldout} against {generated})" if heldout < generated else ""
+        notes = [
             f"held-out real: {heldout} real digits kept out of the classifier's training (its accuracy on them "
             f"{results['heldout_accuracy']:.4f}), as many as the {generated} generated images where there are enough.",
             f"Both Fréchet distances are to the classifier's {train} real training digits. The held-out one can be "
-            "the larger: the distance of a finite sample is biased upward, more so the fewer its images"
-            + (f" ({heldout} against {generated})" if heldout < generated else "")
-            + ", and the model learnt from all 1797 digits, that training split included. Compare generated "
+            f"the larger: the distance of a finite sample is biased upward, more so the fewer its images{fewer}, and "
+            "a model of the embedded digits learns from all 1797, that training split included. Compare generated "
             "figures with each other; the held-out column shows what real digits score, not a bound.",
         ]
+        lines += [textwrap.fill(note, width=100) for note in notes]
         return "\n".join(lines)
 
 

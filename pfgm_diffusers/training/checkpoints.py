@@ -39,7 +39,9 @@ RUN_OUTPUTS = ("model_index.json", "unet", "scheduler", "samples", "samples.png"
 COMPATIBILITY_KEYS = ("objective", "aug_dim", "resolution", "class_names", "unet_config", "scheduler_config")
 COMPATIBILITY_KEYS += ("loss_config",)
 STATE_KEYS = ("global_step", "scheduler_config", "files")
-STATE_KEYS += tuple(key for key in COMPATIBILITY_KEYS if key not in STATE_KEYS) + ("state_sha256",)
+STATE_KEYS += tuple(key for key in COMPATIBILITY_KEYS if key not in STATE_KEYS)
+# The batch the checkpoint was trained with: a resume may change it (the lr schedule follows the optimizer step)
+STATE_KEYS += ("num_processes", "global_batch_size", "state_sha256")
 
 
 # ----- one run per output folder -----
@@ -155,6 +157,13 @@ def claim_output_dir(output_dir, logging_dir, resuming, overwrite):
         lock.release()
         raise
     return lock
+
+
+def remove_unused_output_dir(output_dir):
+    """Remove `output_dir`, which a run that failed created, if it holds only what claiming it wrote (the mark, the
+    lock, the arguments): a failed start leaves no folder that would refuse the next run."""
+    if os.path.isdir(output_dir) and set(os.listdir(output_dir)) <= {RUN_MARKER, LOCK_NAME, ARGS_NAME}:
+        shutil.rmtree(output_dir)
 
 
 def previous_run_outputs(output_dir, logging_dir):

@@ -15,11 +15,16 @@ import os
 from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
-
-# isort: split
-# Siblings in training/ (on sys.path when a script there runs)
-import checkpoints
-from presets import CONFIG_DIR, FROM_THE_DATA, NO_PRESET, OBJECTIVE_DEFAULTS, PRESETS, UNET_BY_RESOLUTION
+from pfgm_diffusers.training import checkpoints
+from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective
+from pfgm_diffusers.training.presets import (
+    CONFIG_DIR,
+    FROM_THE_DATA,
+    NO_PRESET,
+    OBJECTIVE_DEFAULTS,
+    PRESETS,
+    UNET_BY_RESOLUTION,
+)
 
 # Arguments whose names contain these words are secrets: never written to disk, logged or sent to a tracker.
 SECRET_WORDS = ("token", "key", "password", "secret")
@@ -63,7 +68,7 @@ DESCRIPTION = """Train PFGM++ (--objective pfgmpp) or the original PFGM (--objec
     accelerate launch training/train_pfgm.py                  # no arguments: the embedded digits, on CPU
     accelerate launch --multi_gpu --num_processes 8 training/train_pfgm.py --preset cifar10 --output_dir out
 
-Defaults: the no-argument run, then the objective's, then --preset's (training/presets.py); flags win. See
+Defaults: the no-argument run, then the objective's, then --preset's (pfgm_diffusers.training.presets); flags win. See
 docs/training.md."""
 
 
@@ -188,6 +193,7 @@ def parse_args(argv=None):
     if args.objective == "poisson_field" and args.large_batch_size is None:
         args.large_batch_size = 4 * args.train_batch_size
     check_args(args)
+    build_scheduler(args)  # the scheduler checks its own settings (D, the sigma range...) before anything loads
     return args
 
 
@@ -250,8 +256,23 @@ def check_args(args):
 
 
 def public_arguments(args):
-    """The arguments without secrets (any name with token, key, password or secret), for files and trackers."""
-    return {name: value for name, value in vars(args).items() if not any(word in name for word in SECRET_WORDS)}
+    """The arguments without secrets (any name with token, key, password or secret), for files and trackers, with
+    absolute local paths shortened to their last component ("/home/me/data/cats" -> "cats"): `training_args.json` is
+    uploaded with the model and must not show the machine's folders."""
+    return {
+        name: os.path.basename(os.path.normpath(value)) if isinstance(value, str) and os.path.isabs(value) else value
+        for name, value in vars(args).items()
+        if not any(word in name for word in SECRET_WORDS)
+    }
+
+
+def build_objective(args, loss=None):
+    """The objective `--objective` names, with its settings; `loss` replaces its library loss (same signature)."""
+    if args.objective == "poisson_field":
+        return PoissonFieldObjective(
+            args.train_batch_size, args.large_batch_size, args.sigma, args.tau, args.M, args.gamma, loss=loss
+        )
+    return PFGMPPObjective(args.train_batch_size, args.P_mean, args.P_std, loss=loss)
 
 
 def build_scheduler(args, num_channels=None):
@@ -293,7 +314,8 @@ def fill_from_the_data(args, width, height):
         if row is None:
             raise ValueError(
                 f"--resolution {resolution}: {UNET_BY_RESOLUTION} has UNets up to {rows[-1]['max_resolution']} px "
-                "only; give --model_config_name_or_path (e.g. training/configs/unet_ddpmpp_64.json, for a GPU)"
+                "only; give --model_config_name_or_path (e.g. "
+                f"{os.path.join(CONFIG_DIR, 'unet_ddpmpp_64.json')}, for a GPU)"
             )
         args.model_config_name_or_path = os.path.join(CONFIG_DIR, row["config"])
         filled.append(f"--model_config_name_or_path {args.model_config_name_or_path} (<= {row['max_resolution']} px)")
