@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["concat_condition", "with_condition"]
+__all__ = ["ConditionedUNet", "concat_condition", "with_condition"]
 
 
 def concat_condition(model_input: torch.Tensor, conditioning_image: torch.Tensor | None) -> torch.Tensor:
@@ -35,3 +35,23 @@ def with_condition(network: Callable, conditioning_image: torch.Tensor | None) -
         return network(concat_condition(model_input, conditioning_image), timestep, *args, **kwargs)
 
     return conditioned
+
+
+class ConditionedUNet:
+    """A UNet that takes its image condition as a keyword, `unet(sample, timestep, conditioning_image=y, **kwargs)`,
+    concatenated to the input: so the condition travels with the other conditions (class labels) through a denoiser
+    and a batched guidance call. `dtype` and `config` are the UNet's."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def __call__(self, sample, timestep, *args, conditioning_image=None, **kwargs):
+        return self.unet(concat_condition(sample, conditioning_image), timestep, *args, **kwargs)

@@ -9,10 +9,31 @@ conditions of both branches in one batched call.
 import torch
 
 
+def denoise_with(network, scheduler, x: torch.Tensor, sigma) -> torch.Tensor:
+    """
+    D(x, sigma) from `network(model_input, timestep) -> model output` under `scheduler`'s preconditioning, float32 out:
+    the composition itself, for callers that wrap the network (conditions, guidance on the outputs).
+
+    Args:
+        network (`Callable`): the raw network, `(model_input, timestep (B,)) -> (B, C, H, W)` (C + 1 for the field).
+        scheduler (`PFGMScheduler`, `PFGMFieldScheduler` or `EDMEulerScheduler`): the preconditioning.
+        x (`torch.Tensor` of shape `(B, C, H, W)`): the noisy sample.
+        sigma (`float` or `torch.Tensor` of shape `(B,)`): the noise level (z for the field model).
+
+    Returns:
+        `torch.Tensor`: D(x, sigma), float32, shaped like `x`.
+    """
+    model_input = scheduler.precondition_inputs(x, sigma)
+    timestep = torch.as_tensor(scheduler.precondition_noise(sigma), dtype=torch.float32)
+    timestep = timestep.to(x.device).reshape(-1).expand(x.shape[0])
+    model_output = network(model_input, timestep)
+    return scheduler.precondition_outputs(x, model_output.float(), sigma).float()
+
+
 def denoise(unet, scheduler, x: torch.Tensor, sigma, **conditions) -> torch.Tensor:
     """
-    D(x, sigma) of `unet` under `scheduler`'s preconditioning, float32 out; only the network's input is cast to
-    `unet.dtype` (a bf16 UNet keeps a float32 state).
+    D(x, sigma) of `unet` under `scheduler`'s preconditioning (`denoise_with`), float32 out; only the network's input
+    is cast to `unet.dtype` (a bf16 UNet keeps a float32 state).
 
     Args:
         unet: called as `unet(model_input, timestep, **conditions)` returning `.sample` (a `UNet2DModel`).
@@ -24,12 +45,12 @@ def denoise(unet, scheduler, x: torch.Tensor, sigma, **conditions) -> torch.Tens
     Returns:
         `torch.Tensor`: D(x, sigma), float32, shaped like `x`.
     """
-    model_input = scheduler.precondition_inputs(x, sigma)
-    timestep = torch.as_tensor(scheduler.precondition_noise(sigma), dtype=torch.float32)
-    timestep = timestep.to(x.device).reshape(-1).expand(x.shape[0])
     dtype = getattr(unet, "dtype", None)  # a model wrapped for distributed training has none: autocast casts
-    model_output = unet(model_input if dtype is None else model_input.to(dtype), timestep, **conditions).sample
-    return scheduler.precondition_outputs(x, model_output.float(), sigma).float()
+
+    def network(model_input, timestep):
+        return unet(model_input if dtype is None else model_input.to(dtype), timestep, **conditions).sample
+
+    return denoise_with(network, scheduler, x, sigma)
 
 
 def make_denoiser(unet, scheduler, **conditions):

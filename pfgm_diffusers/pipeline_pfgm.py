@@ -8,14 +8,16 @@ builds from the network; the solvers are in `ode.py`, the Hub plumbing in `hub.p
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import flow, ode
-from .class_labels import check_class_names, prepare_class_labels
-from .denoiser import denoise
+from .conditioning import concat_condition
+from .denoiser import denoise_with
+from .guidance import guided_denoiser
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
 from .latents import check_standard_gaussian, slerp_gaussian
@@ -120,6 +122,17 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         class_names (`list[str]`, *optional*):
             The names of the classes of a class-conditional UNet, in label order (saved with the pipeline), so that
             `class_labels` can name them.
+        null_class_label (`int`, *optional*):
+            The label of the null class of a UNet trained with class dropout (`--class_dropout_prob`), which makes
+            classifier-free guidance (`guidance_scale`) possible: the last class embedding,
+            `unet.config.num_class_embeds - 1`. `None` (folders saved without it) means no null class.
+        conditioning_channels (`int`, *optional*):
+            C_cond for an image-conditional model (image-to-image, e.g. super-resolution): the UNet takes the scaled
+            sample and the condition concatenated, `in_channels = C + C_cond`, and every call needs a
+            `conditioning_image` of C_cond channels. Saved with the pipeline (`model_index.json`); None: no condition.
+        conditioning_dropout_prob (`float`, *optional*):
+            The share of training examples whose condition was replaced by zeros (conditioning dropout), recorded by
+            the trainer: a model trained with it > 0 knows the zero-condition branch that `guidance_scale` uses.
     """
 
     model_cpu_offload_seq = "unet"
@@ -129,13 +142,28 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         unet: UNet2DModel,
         scheduler: PFGMScheduler | PFGMFieldScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
+        null_class_label: int | None = None,
+        conditioning_channels: int | None = None,
+        conditioning_dropout_prob: float | None = None,
     ):
         super().__init__()
         flow.check_scheduler(scheduler)
-        check_class_names(class_names, unet.config.num_class_embeds)
+        _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob)
+        _check_null_class_label(null_class_label, unet)
+        _check_class_names(class_names, unet, null_class_label)
         self.register_modules(unet=unet, scheduler=scheduler)
-        # Saved in model_index.json, so that a class-conditional model can be sampled by class name
+        # Saved in model_index.json, so that a class-conditional model can be sampled by class name, and guided
         self.register_to_config(class_names=None if class_names is None else list(class_names))
+        self.register_to_config(null_class_label=null_class_label)
+        # An image-conditional model's condition channels: not derivable from the UNet (field models: C + 1 outputs)
+        self.register_to_config(
+            conditioning_channels=conditioning_channels, conditioning_dropout_prob=conditioning_dropout_prob
+        )
+
+    @property
+    def num_channels(self) -> int:
+        """C, the channels of the images (the UNet's inputs less the condition's)."""
+        return self.unet.config.in_channels - (self.config.get("conditioning_channels") or 0)
 
     # ------------------------------------------------------------------ inputs
 
@@ -156,7 +184,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             raise ValueError(f"Unexpected latents shape {tuple(latents.shape)}: expected {shape} (batch, C, H, W).")
         if latents is not None:
             check_standard_gaussian(latents, flow.old_latents_fix(self.scheduler))
-        in_channels, out_channels = self.unet.config.in_channels, self.unet.config.out_channels
+        in_channels, out_channels = self.num_channels, self.unet.config.out_channels
         expected = in_channels
         if isinstance(self.scheduler, PoissonFlowScheduler):
             expected = self.scheduler.num_output_channels(in_channels)
@@ -170,7 +198,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     def _latent_shape(self, batch_size: int) -> tuple:
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return (batch_size, self.unet.config.in_channels, *size)
+        return (batch_size, self.num_channels, *size)
 
     def prepare_latents(self, batch_size, latents=None, generator=None, device=None) -> torch.Tensor:
         """Standard Gaussian latents (B, C, H, W), float32: drawn from `generator`, or the given ones moved."""
@@ -181,27 +209,166 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         return latents.to(device=device, dtype=torch.float32)
 
     def prepare_class_labels(self, class_labels, batch_size, generator=None, device=None, required=False):
-        """`class_labels` as a (B,) long tensor, None for an unconditional UNet (`class_labels.prepare_class_labels`);
-        missing labels are drawn uniformly from `generator` unless `required`."""
-        num_classes, names = self.unet.config.num_class_embeds, self.config.class_names
-        return prepare_class_labels(class_labels, num_classes, names, batch_size, generator, device, required)
+        """`class_labels` (None, an int or name, a list of them, or an integer tensor) as a (B,) long tensor; None
+        for an unconditional UNet. Missing labels are drawn uniformly from `generator` unless `required`."""
+        num_classes = self.num_classes
+        if num_classes is None and class_labels is not None:
+            raise ValueError(
+                f"class_labels={_short_repr(class_labels)} were given but the UNet has no class embedding "
+                "(unet.config.num_class_embeds is None): it is unconditional."
+            )
+        if num_classes is None:
+            return None
+        if class_labels is None and required:
+            raise ValueError(f"The UNet is class-conditional (num_class_embeds={num_classes}): pass `class_labels`.")
+        if class_labels is None:
+            return _random_labels(num_classes, batch_size, generator).to(device)
+        if isinstance(class_labels, torch.Tensor):
+            if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.ndim > 1:
+                raise ValueError(
+                    f"class_labels must be an integer tensor of shape ({batch_size},), got {class_labels}."
+                )
+            labels = class_labels.reshape(-1).cpu().long().expand(batch_size if class_labels.ndim == 0 else -1)
+        else:
+            single = not isinstance(class_labels, (list, tuple))
+            values = [class_labels] * batch_size if single else list(class_labels)
+            labels = torch.tensor([_label_index(value, self.config.class_names) for value in values], dtype=torch.long)
+        if labels.shape[0] != batch_size:
+            raise ValueError(f"Got {labels.shape[0]} class_labels for a batch of {batch_size}.")
+        if labels.min() < 0 or labels.max() >= num_classes:
+            null = "" if self._null_class is None else f"; the null class {self._null_class} is guidance_scale=0's"
+            raise ValueError(
+                f"class_labels must lie in [0, {num_classes - 1}] ({num_classes} classes{null}), got "
+                f"{labels.tolist()}."
+            )
+        return labels.to(device)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes a class-conditional UNet was trained on (without the null class); None for an
+        unconditional one."""
+        num_class_embeds = self.unet.config.num_class_embeds
+        if num_class_embeds is None or self._null_class is None:
+            return num_class_embeds
+        return num_class_embeds - 1
+
+    @property
+    def _null_class(self) -> int | None:
+        return getattr(self.config, "null_class_label", None)  # None in pipelines saved before it existed
+
+    def _network(self, class_labels, guidance_scale=1.0, conditioning_image=None):
+        """`network(model_input, timestep) -> model output` with the conditions bound and classifier-free guidance
+        applied (`guidance.guided_denoiser`: one batched call for both branches, only one branch at w = 0 or 1).
+
+        Guidance combines the network outputs. For the PFGM++ prediction types `precondition_outputs` is affine in
+        the output with weights that do not depend on it, so this is D = D_null + w (D_cond - D_null) exactly; for the
+        field objective it guides the predicted field, E_null + w (E_cond - E_null), before dx/dz = E_x / E_z.
+        """
+        self.check_guidance(guidance_scale, conditioning_image)
+        conditions = {"class_labels": class_labels, "conditioning_image": conditioning_image}
+        conditions = {key: value for key, value in conditions.items() if value is not None}
+        null_conditions = conditions  # w = 1: no null branch is built or run
+        if guidance_scale != 1:
+            null_conditions = dict(conditions)
+            # the null branch drops every condition the model learnt to do without; the others stay
+            if class_labels is not None and self._null_class is not None:
+                null_conditions["class_labels"] = torch.full_like(class_labels, self._null_class)
+            if conditioning_image is not None and self.config.get("conditioning_dropout_prob"):
+                null_conditions["conditioning_image"] = torch.zeros_like(conditioning_image)  # conditioning dropout
+
+        def network(model_input, timestep, class_labels=None, conditioning_image=None):
+            model_input = concat_condition(model_input, conditioning_image)
+            return self.unet(model_input.to(self.unet.dtype), timestep, class_labels=class_labels).sample
+
+        return guided_denoiser(network, conditions, null_conditions, float(guidance_scale))
+
+    def check_guidance(self, guidance_scale: float, conditioning_image: torch.Tensor | None = None) -> None:
+        """Raise a `ValueError` for a `guidance_scale` this model cannot apply: not a finite number, or other than 1
+        for a model with no condition it learnt to do without (a null class from `--class_dropout_prob`, a zero
+        image from `--conditioning_dropout_prob`). The null branch drops every such condition; the others stay."""
+        class_conditional = self.num_classes is not None
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating, np.integer)):
+            raise ValueError(f"`guidance_scale` must be a real number, got {_short_repr(guidance_scale)}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}.")
+        if guidance_scale == 1:
+            return
+        image_conditional = self.config.get("conditioning_channels") is not None or conditioning_image is not None
+        if (class_conditional and self._null_class is not None) or (
+            image_conditional and self.config.get("conditioning_dropout_prob")
+        ):
+            return
+        if not class_conditional and not image_conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs a conditional model, but the UNet has no class embedding "
+                "(unet.config.num_class_embeds is None) and no condition was given: pass guidance_scale=1."
+            )
+        if not class_conditional:
+            raise ValueError(
+                f"guidance_scale={guidance_scale}: this model was trained without conditioning dropout "
+                "(conditioning_dropout_prob is not > 0; train_pfgm.py --conditioning_dropout_prob, e.g. 0.1), so it "
+                "has no zero-condition branch: pass guidance_scale=1."
+            )
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a model trained with a null class (train_pfgm.py "
+            "--class_dropout_prob, e.g. 0.1), but this pipeline has none (null_class_label is None): pass "
+            "guidance_scale=1."
+        )
+
+    def prepare_conditioning_image(self, conditioning_image, batch_size, device=None, do_normalize=True):
+        """The condition of an image-conditional model as a float32 (B, C_cond, H, W) tensor in model space; None for
+        a model without one. Missing, unexpected or mis-shaped conditions are a ValueError."""
+        channels = self.config.get("conditioning_channels")
+        if channels is None:
+            if conditioning_image is not None:
+                raise ValueError(
+                    "A conditioning_image was given but this model takes no condition (conditioning_channels=None): "
+                    "it was trained without one. For image-to-image with any model, pass `image=` and `strength=`."
+                )
+            return None
+        if conditioning_image is None:
+            raise ValueError(
+                f"This model is image-conditional (conditioning_channels={channels}): pass `conditioning_image`, "
+                f"{channels}-channel images of {self._latent_shape(1)[2:]} pixels."
+            )
+        condition = preprocess(conditioning_image, channels, do_normalize)
+        shape = self._latent_shape(condition.shape[0])[2:]
+        if tuple(condition.shape[2:]) != shape:
+            raise ValueError(
+                f"conditioning_image must be {shape[0]}x{shape[1]} pixels (the UNet's sample_size), got "
+                f"{tuple(condition.shape[2:])}."
+            )
+        if batch_size is not None and condition.shape[0] != batch_size:
+            raise ValueError(f"Got {condition.shape[0]} conditioning images for a batch of {batch_size}.")
+        return condition.to(device)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save as `DiffusionPipeline.save_pretrained` does, after checking that `class_names` fit the UNet."""
-        check_class_names(self.config.class_names, self.unet.config.num_class_embeds)
+        _check_class_names(self.config.class_names, self.unet, self._null_class)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     # ------------------------------------------------------------------ the ODE's pieces
 
-    def denoise(self, sample: torch.Tensor, sigma: float, class_labels=None) -> torch.Tensor:
-        """D(x, sigma) of the network at noise level `sigma` (z for the field model), float32 (`denoiser.denoise`)."""
-        conditions = {} if class_labels is None else {"class_labels": class_labels}
-        return denoise(self.unet, self.scheduler, sample, sigma, **conditions)
+    def denoise(
+        self,
+        sample: torch.Tensor,
+        sigma: float,
+        class_labels=None,
+        guidance_scale: float = 1.0,
+        conditioning_image=None,
+    ):
+        """D(x, sigma) of the network at noise level `sigma` (z in field mode), float32 in and out (math.md §1),
+        with classifier-free guidance for `guidance_scale` other than 1. Only the network's input is cast to
+        `unet.dtype`; `conditioning_image` is a model-space (B, C_cond, H, W) tensor."""
+        return self._denoise(self._network(class_labels, guidance_scale, conditioning_image), sample, sigma)
 
-    def _denoiser(self, class_labels):
-        """`denoise` with the labels bound, as `ode.SAMPLERS` call it, counted, with its progress bar."""
+    def _denoise(self, network, sample, sigma):
+        return denoise_with(network, self.scheduler, sample, sigma)  # the one composition (denoiser.py)
+
+    def _denoiser(self, network):
+        """`denoise` with the conditions bound, as `ode.SAMPLERS` call it, counted, with its progress bar."""
         progress_config = getattr(self, "_progress_bar_config", {})
-        return flow.counted_denoiser(lambda x, sigma: self.denoise(x, sigma, class_labels), progress_config)
+        return flow.counted_denoiser(lambda sample, sigma: self._denoise(network, sample, sigma), progress_config)
 
     # ------------------------------------------------------------------ generation
 
@@ -219,10 +386,17 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         solver: str | None = None,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        guidance_scale: float = 1.0,
+        image=None,
+        strength: float | None = None,
+        conditioning_image=None,
+        do_normalize: bool = True,
         max_evaluations: int | None = None,
     ) -> PFGMPipelineOutput | tuple:
         r"""
-        Generate images by carrying prior samples to the data along the PFGM ODE.
+        Generate images by carrying prior samples to the data along the PFGM ODE; or, with `image`, from a noised
+        image part of the way down (image-to-image: SDEdit, PPFM's "hijack" start from a measurement); with
+        `conditioning_image`, for a model trained on paired data.
 
         Args:
             batch_size (`int`, defaults to 1):
@@ -254,6 +428,29 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             max_evaluations (`int`, *optional*):
                 A budget of network calls for `solver="rk45"`: a run that needs more raises
                 `ode.EvaluationBudgetExceeded` (with the noise level it reached) instead of going on.
+            guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance (Ho & Salimans 2022) for a model trained with a null class
+                (`null_class_label`) and/or conditioning dropout (`conditioning_dropout_prob`): D = D_null +
+                w (D_cond - D_null), the null branch with the null class and/or a zero `conditioning_image` (the
+                conditions the model learnt to do without), both branches in one network call on a doubled batch.
+                1 is the conditional model exactly (one branch, no extra cost), 0 the null branch exactly, > 1
+                stronger conditioning. For the field objective the predicted fields are combined.
+            image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or `list[PIL.Image.Image]`, *optional*):
+                Images to start from (as [`~PFGMPipeline.invert`] takes them), for any model, as diffusers' img2img
+                pipelines: of the grid of `num_inference_steps` steps the last `int(num_inference_steps * strength)`
+                run, from `scheduler.add_noise(image, latents)` at the first of them (an exact PFGM++ kernel draw
+                around the image; `latents` or `generator` give its Gaussian noise) with `set_begin_index`. The batch
+                is the images'. Not with `solver="rk45"`.
+            strength (`float`, *optional*, defaults to 0.8 with `image`):
+                In (0, 1]: the share of the grid's steps that run. 1 runs every step from sigma_max (the image then
+                barely matters); a small strength runs few steps from a low noise level. Only with `image`.
+            conditioning_image (`torch.Tensor`, `np.ndarray`, `PIL.Image.Image` or a list of them, *optional*):
+                The condition of an image-conditional model (`config.conditioning_channels` channels, the UNet's
+                size, one per image; in [0, 1] unless `do_normalize=False`), e.g. the low-resolution or noisy
+                measurement; required for such a model and refused for others.
+            do_normalize (`bool`, defaults to `True`):
+                `image` and `conditioning_image` are in [0, 1]; with `False`, tensors in model space ([-1, 1] for
+                clean images; a noisy measurement may lie beyond).
 
         Examples:
 
@@ -261,20 +458,36 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             [`PFGMPipelineOutput`] or `tuple`: the images and the number of network evaluations `nfe`; as a tuple
             `(images, nfe)`.
         """
-        if latents is not None and latents.ndim > 0:
-            if batch_size not in (1, latents.shape[0]):
-                raise ValueError(f"batch_size={batch_size} does not match latents of batch {latents.shape[0]}.")
-            batch_size = latents.shape[0]
+        if image is not None:
+            image = preprocess(image, self.num_channels, do_normalize)
+            strength = 0.8 if strength is None else strength
+            _check_strength(strength)
+            if solver == "rk45":
+                raise ValueError(
+                    "`image` with solver='rk45': strength selects a step of the scheduler's grid, and "
+                    "RK45 has none; pass a grid solver (None, 'heun', 'euler', ...)."
+                )
+        elif strength is not None:
+            raise ValueError(
+                f"strength={strength!r} was given without `image`: it sets how far down to start from it."
+            )
+        device = self._execution_device
+        condition = self.prepare_conditioning_image(conditioning_image, None, device, do_normalize)
+        sources = {"latents": latents, "image": image, "conditioning_image": condition}
+        batch_size = _batch_size(batch_size, {name: value for name, value in sources.items() if value is not None})
         self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
+        if image is not None and tuple(image.shape) != self._latent_shape(batch_size):
+            raise ValueError(f"image must have shape {self._latent_shape(batch_size)}, got {tuple(image.shape)}.")
         name = flow.solver_name(self.scheduler, solver)  # "rk45", or a step of `ode.STEPPERS` for the loop below
         if max_evaluations is not None and name not in flow.ADAPTIVE:
             raise ValueError(f"`max_evaluations` bounds the adaptive solvers {flow.ADAPTIVE}, got solver={name!r}.")
-        device = self._execution_device
+        scheduler = None if name in flow.ADAPTIVE else flow.loop_scheduler(self.scheduler, solver)
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
+        network = self._network(labels, guidance_scale, condition)
         latents = self.prepare_latents(batch_size, latents, generator, device)
         if name in flow.ADAPTIVE:
-            denoise, progress = self._denoiser(labels)
+            denoise, progress = self._denoiser(network)
             sigma_min, sigma_max = flow.sigma_range(self.scheduler)
             x = flow.prior_from_noise(self.scheduler, latents)
             options = dict(rtol=rtol, atol=atol, carry_sigma=flow.is_field_model(self.scheduler))
@@ -284,15 +497,20 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             nfe = denoise.calls
             progress.close()
         else:
-            scheduler = flow.loop_scheduler(self.scheduler, solver)
             scheduler.set_timesteps(num_inference_steps, device=device)
             # The generic diffusers start: the scheduler maps it onto its prior at the first call (docs/scheduler.md).
             sample = latents * scheduler.init_noise_sigma
-            for t in self.progress_bar(scheduler.timesteps):
+            if image is not None:  # diffusers' img2img start: a begin index, and the image noised to its level
+                t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+                scheduler.set_begin_index(t_start * scheduler.order)
+                start = scheduler.timesteps[t_start * scheduler.order :][:1].repeat(batch_size)
+                sample = scheduler.add_noise(image.to(device), latents, start)
+            timesteps = scheduler.timesteps[scheduler.begin_index or 0 :]
+            for t in self.progress_bar(timesteps):
                 model_input = scheduler.scale_model_input(sample, t)
-                model_output = self.unet(model_input.to(self.unet.dtype), t, class_labels=labels).sample
+                model_output = network(model_input, t)
                 sample = scheduler.step(model_output.float(), t, sample).prev_sample
-            nfe = len(scheduler.timesteps)
+            nfe = len(timesteps)
 
         image = postprocess(sample, output_type)
         self.maybe_free_model_hooks()
@@ -312,6 +530,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         do_normalize: bool = True,
         rtol: float = 1e-4,
         atol: float = 1e-4,
+        guidance_scale: float = 1.0,
+        conditioning_image=None,
     ) -> torch.Tensor:
         r"""
         Map images to standard Gaussian latents: integrate the ODE from sigma_min (the images' state) to sigma_max, and
@@ -334,6 +554,12 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 Map images from [0, 1] to the model's [-1, 1]. With `False`, `images` is a tensor in model space.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"`.
+            guidance_scale (`float`, defaults to 1.0):
+                As in [`~PFGMPipeline.__call__`]: the guided ODE walked backwards, so that sampling with the same
+                scale reconstructs the images.
+            conditioning_image (*optional*):
+                The images' conditions, required for an image-conditional model (as in `__call__`; normalised with
+                `do_normalize`).
 
         Returns:
             `torch.Tensor` of shape `(B, C, H, W)`: standard Gaussian latents, float32.
@@ -343,18 +569,16 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if name not in flow.ADAPTIVE:
             flow.loop_scheduler(self.scheduler, solver)  # refuses a swap an EDM scheduler cannot make
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = preprocess(images, self.num_channels, do_normalize).to(device)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
-        denoise, progress = self._denoiser(labels)
+        condition = self.prepare_conditioning_image(conditioning_image, x.shape[0], device, do_normalize)
+        denoise, progress = self._denoiser(self._network(labels, guidance_scale, condition))
         if name in flow.ADAPTIVE:
             sigmas, options = flow.sigma_range(self.scheduler), dict(rtol=rtol, atol=atol)
             options.update(carry_sigma=flow.is_field_model(self.scheduler))
         else:  # the grid walked backwards, ascending, its final sigma = 0 skipped
-            sigmas, options = (
-                [sigma for sigma in flow.noise_levels(self.scheduler, num_inference_steps) if sigma > 0],
-                {},
-            )
-            sigmas = sigmas[::-1]
+            sigmas = [sigma for sigma in flow.noise_levels(self.scheduler, num_inference_steps) if sigma > 0][::-1]
+            options = {}
         x = ode.SAMPLERS[name](denoise, x, sigmas, **options)
         progress.close()
         latents = flow.noise_from_prior(self.scheduler, x)
@@ -393,6 +617,8 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         rtol: float = 1e-5,
         atol: float = 1e-5,
         return_dict: bool = True,
+        guidance_scale: float = 1.0,
+        conditioning_image=None,
     ) -> PFGMLikelihoodOutput | tuple:
         r"""
         Log-likelihood of images under the model, through the probability-flow ODE (PFGM `likelihood.py`).
@@ -421,6 +647,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 RK45 tolerances.
             return_dict (`bool`, defaults to `True`):
                 Return a [`PFGMLikelihoodOutput`] instead of a tuple `(bits_per_dim, log_prob, latents, nfe)`.
+            guidance_scale (`float`, defaults to 1.0):
+                Only 1: a guided ODE's velocity is no trained model's probability flow, so its change of volume is no
+                likelihood of the model (other values raise).
 
         Returns:
             [`PFGMLikelihoodOutput`] or `tuple`.
@@ -431,6 +660,12 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         """
         if hutchinson_type not in HUTCHINSON_TYPES:
             raise ValueError(f"`hutchinson_type` must be one of {HUTCHINSON_TYPES}, got {hutchinson_type!r}.")
+        if guidance_scale != 1:
+            raise ValueError(
+                f"log_likelihood has no guidance_scale={guidance_scale!r}: a guided ODE (D_null + w (D_cond - "
+                "D_null)) is no probability flow of the trained model, so it gives no likelihood of it. Pass "
+                "guidance_scale=1 (the conditional model)."
+            )
         if self.unet.dtype not in (torch.float32, torch.float64):
             raise ValueError(
                 f"log_likelihood needs a float32 UNet, got unet.dtype={self.unet.dtype}: the network's rounding "
@@ -438,10 +673,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 "`pipe.to(torch.float32)` first (the weights are the same model)."
             )
         device = self._execution_device
-        x = preprocess(images, self.unet.config.in_channels, do_normalize).to(device)
+        x = preprocess(images, self.num_channels, do_normalize).to(device)
         batch_size, N = x.shape[0], x[0].numel()
         self.check_inputs(1, batch_size=batch_size, generator=generator)
         labels = self.prepare_class_labels(class_labels, batch_size, device=device, required=True)
+        condition = self.prepare_conditioning_image(conditioning_image, batch_size, device, do_normalize)
         if dequantize:
             levels = torch.round((x + 1) * 127.5)  # 0..255
             uniform = torch.special.ndtr(randn_tensor(x.shape, generator=generator, device=device))  # U(0, 1)
@@ -450,7 +686,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
         sigma_min, sigma_max = flow.sigma_range(self.scheduler)
-        denoise, progress = self._denoiser(labels)
+        denoise, progress = self._denoiser(self._network(labels, conditioning_image=condition))
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
@@ -460,3 +696,106 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if not return_dict:
             return (bits_per_dim, log_prob, latents, nfe)
         return PFGMLikelihoodOutput(bits_per_dim=bits_per_dim, log_prob=log_prob, latents=latents, nfe=nfe)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _check_null_class_label(null_class_label, unet):
+    """The null class is the last class embedding, or there is none."""
+    if null_class_label is None:
+        return
+    num_class_embeds = unet.config.num_class_embeds
+    if num_class_embeds is None or num_class_embeds < 2:
+        raise ValueError(
+            f"null_class_label={null_class_label!r} needs a class-conditional UNet with at least 2 class embeddings, "
+            f"got num_class_embeds={num_class_embeds}."
+        )
+    if isinstance(null_class_label, bool) or null_class_label != num_class_embeds - 1:
+        raise ValueError(
+            f"null_class_label must be the last class embedding, {num_class_embeds - 1} (num_class_embeds="
+            f"{num_class_embeds}), or None, got {null_class_label!r}."
+        )
+
+
+def _check_class_names(class_names, unet, null_class_label=None):
+    """One name per class embedding of the UNet (the null class has none), or none."""
+    if class_names is None:
+        return
+    num_classes = unet.config.num_class_embeds
+    if num_classes is not None and null_class_label is not None:
+        num_classes -= 1
+    if isinstance(class_names, str) or not all(isinstance(name, str) for name in class_names):
+        raise ValueError(f"`class_names` must be a list of strings, got {_short_repr(class_names)}.")
+    if num_classes is None or len(class_names) != num_classes:
+        raise ValueError(
+            f"Got {len(class_names)} class_names for a UNet with num_class_embeds={num_classes}: give one name per"
+            " class, in label order (or none)."
+        )
+
+
+def _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob):
+    if conditioning_channels is not None:
+        in_channels = unet.config.in_channels
+        if (
+            isinstance(conditioning_channels, bool)
+            or not isinstance(conditioning_channels, (int, np.integer))
+            or not 1 <= conditioning_channels < in_channels
+        ):
+            raise ValueError(
+                f"conditioning_channels must be None or an integer in [1, {in_channels - 1}] (the UNet's in_channels "
+                f"{in_channels} = C + C_cond with C >= 1), got {conditioning_channels!r}."
+            )
+    if conditioning_dropout_prob is not None:
+        if conditioning_channels is None:
+            raise ValueError(
+                "conditioning_dropout_prob is set but the model has no condition (conditioning_channels)."
+            )
+        if not isinstance(conditioning_dropout_prob, (int, float)) or not 0 <= conditioning_dropout_prob <= 1:
+            raise ValueError(f"conditioning_dropout_prob must be in [0, 1], got {conditioning_dropout_prob!r}.")
+
+
+def _check_strength(strength):
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
+
+
+def _batch_size(batch_size, sources):
+    """The batch: that of every given tensor (which must agree), with `batch_size` 1 or equal to it."""
+    sizes = {name: value.shape[0] for name, value in sources.items() if value.ndim > 0}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"The batch sizes of {', '.join(f'{k} ({v})' for k, v in sizes.items())} must be equal.")
+    if not sizes:
+        return batch_size
+    (name, size), *_ = sizes.items()
+    if batch_size not in (1, size):
+        raise ValueError(f"batch_size={batch_size} does not match {name} of batch {size}.")
+    return size
+
+
+def _label_index(label, class_names):
+    """An int label, or the index of a class name in the pipeline's `class_names`."""
+    if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+        return int(label)
+    if isinstance(label, str):
+        if class_names is None:
+            raise ValueError(f"class label {label!r} is a name, but the pipeline has no `class_names`: pass ints.")
+        if label not in class_names:
+            raise ValueError(f"Unknown class name {label!r}: the pipeline's class_names are {class_names}.")
+        return class_names.index(label)
+    raise ValueError(
+        f"class_labels must be ints, class names, a list of them or an integer tensor, got {_short_repr(label)}."
+    )
+
+
+def _short_repr(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _random_labels(num_classes, batch_size, generator):
+    """Uniform labels (B,); with a generator list, label i comes from generator i (as in a single-image run)."""
+    if isinstance(generator, list):
+        return torch.cat([torch.randint(num_classes, (1,), generator=g, device=g.device).cpu() for g in generator])
+    device = generator.device if generator is not None else "cpu"
+    return torch.randint(num_classes, (batch_size,), generator=generator, device=device).cpu()

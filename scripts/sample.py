@@ -4,6 +4,10 @@
     python scripts/sample.py --model path/or/hub-id --num_images 64 --output grid.png
     python scripts/sample.py --model outputs/pfgm --solver rk45 --output_dir samples/ --device cuda --dtype bf16
     python scripts/sample.py --model outputs/digits-cond --class_labels 7 --num_images 8 --output sevens.png
+    # image-to-image: a model trained on pairs restores its conditions (one image per file, in order); any model
+    # starts from given images with --strength (diffusers' img2img: SDEdit, PPFM's start from the measurement)
+    python scripts/sample.py --model pfgm-superres --conditioning_image low_res/ --output restored.png
+    python scripts/sample.py --model pfgm-digits --image noisy/ --strength 0.3 --output_dir restored/
 
 Image i is drawn with its own generator seeded `seed + i`, so a given image does not depend on `--batch_size`
 (for the scheduler's solvers; RK45 adapts its steps to each batch). The grid is drawn as the trainer's sample grids
@@ -51,6 +55,13 @@ def parse_args(argv=None):
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=1.0,
+        help="Classifier-free guidance for a class-conditional model trained with --class_dropout_prob: 1 is the "
+        "conditional model, 0 the unconditional one, > 1 stronger conditioning.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +81,26 @@ def parse_args(argv=None):
         help="Draw the grid this many times larger (nearest neighbour). Default: as the trainer's grids, small "
         f"images enlarged to at least {GRID_TILE_PIXELS} pixels (8x8 digits 4x), others as they are.",
     )
+    parser.add_argument(
+        "--conditioning_image",
+        nargs="+",
+        default=None,
+        help="Image-conditional models: the condition image files, or one folder of them (sorted), one per image; "
+        "--num_images becomes their count.",
+    )
+    parser.add_argument(
+        "--image", nargs="+", default=None, help="Start from these image files or this folder (with --strength)."
+    )
+    parser.add_argument("--strength", type=float, default=None, help="With --image: the share of steps run, (0, 1].")
     args = parser.parse_args(argv)
+    for name in ("conditioning_image", "image"):
+        if getattr(args, name) is not None:
+            setattr(args, name, image_files(getattr(args, name), parser, name))
+    counts = {len(paths) for paths in (args.conditioning_image, args.image) if paths is not None}
+    if len(counts) > 1:
+        parser.error(f"--image and --conditioning_image give {' and '.join(map(str, sorted(counts)))} images")
+    if counts:
+        args.num_images = counts.pop()
     if args.output is None and args.output_dir is None:
         parser.error("give --output (a grid PNG) and/or --output_dir (one PNG per image)")
     for flag, check in (("output", check_output_file), ("output_dir", check_output_folder)):
@@ -90,8 +120,40 @@ def parse_args(argv=None):
     return args
 
 
+def image_files(values, parser, name):
+    """The files of --image / --conditioning_image: the given files, or the sorted image files of one folder."""
+    if len(values) == 1 and os.path.isdir(values[0]):
+        folder = values[0]
+        values = sorted(
+            os.path.join(folder, entry)
+            for entry in os.listdir(folder)
+            if os.path.splitext(entry)[1].lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+        )
+        if not values:
+            parser.error(f"--{name} {folder}: the folder holds no image files")
+    missing = [value for value in values if not os.path.isfile(value)]
+    if missing:
+        parser.error(f"--{name}: no such file(s): {missing[:5]}")
+    return values
+
+
+def read_images(paths, num_channels):
+    """PIL images in the pipeline's mode (grayscale or RGB), as the pipeline takes them."""
+    mode = "L" if num_channels == 1 else "RGB"
+    images = []
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            images.append(image.convert(mode))
+    return images
+
+
 def load_pipeline(args):
-    return PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    pipe = PFGMPipeline.from_pretrained(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    try:
+        pipe.check_guidance(args.guidance_scale)  # before sampling: a model without a null class cannot guide
+    except ValueError as error:
+        raise SystemExit(f"--guidance_scale: {error}") from None
+    return pipe
 
 
 def class_labels(values: list[str], class_names: list[str] | None) -> list[int | str]:
@@ -126,6 +188,14 @@ def sample(pipe, args):
         labels = None
         if args.class_labels is not None:
             labels = [args.class_labels[0 if len(args.class_labels) == 1 else i] for i in indices]
+        inputs = {}
+        if args.conditioning_image is not None:
+            paths = args.conditioning_image[indices.start : indices.stop]
+            inputs["conditioning_image"] = read_images(paths, pipe.config.conditioning_channels)
+        if args.image is not None:
+            inputs["image"] = read_images(args.image[indices.start : indices.stop], pipe.num_channels)
+        if args.strength is not None:
+            inputs["strength"] = args.strength
         output = pipe(
             batch_size=len(indices),
             class_labels=labels,
@@ -134,6 +204,8 @@ def sample(pipe, args):
             solver=args.solver,
             rtol=args.rtol,
             atol=args.atol,
+            guidance_scale=args.guidance_scale,
+            **inputs,
         )
         images += output.images
         nfe += output.nfe

@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_unet
 
 from pfgm_diffusers import PFGMScheduler
-from pfgm_diffusers.conditioning import concat_condition, with_condition
+from pfgm_diffusers.conditioning import ConditionedUNet, concat_condition, with_condition
 from pfgm_diffusers.losses import pfgmpp_loss
 
 
@@ -31,3 +31,12 @@ def test_a_loss_trains_a_conditioned_network_without_knowing_it():
     assert torch.isfinite(loss) and unet.conv_in.weight.grad[:, 3].abs().sum() > 0  # the condition's weights learn
     assert torch.equal(seen[0][:, 3:], y)  # the condition is never noised or scaled
     assert with_condition(unet, None) is unet
+
+
+def test_a_conditioned_unet_takes_the_condition_as_a_keyword():
+    unet = tiny_unet(in_channels=4, out_channels=3)
+    x, y, t = torch.randn(2, 3, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([0.1, 0.2])
+    conditioned = ConditionedUNet(unet)
+    assert conditioned.dtype == unet.dtype and conditioned.config.in_channels == 4
+    expected = unet(torch.cat([x, y], dim=1), t).sample
+    assert torch.equal(conditioned(x, t, conditioning_image=y).sample, expected)

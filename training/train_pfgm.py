@@ -39,6 +39,7 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+from pfgm_diffusers.conditioning import with_condition
 from pfgm_diffusers.data import (
     EpochSampler,
     ImageTransform,
@@ -49,12 +50,15 @@ from pfgm_diffusers.data import (
     load_image_folder,
 )
 from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
+from pfgm_diffusers.guidance import drop_conditions
 from pfgm_diffusers.hub import save_model_card, upload_pipeline
+from pfgm_diffusers.paired import PairedImages, PairedTrainingDataset, load_paired_folders, paired_collate
 from pfgm_diffusers.pipeline_pfgm import image_grid
 from pfgm_diffusers.training import checkpoints
 from pfgm_diffusers.training.arguments import (
     build_objective,
     build_scheduler,
+    degradation,
     fill_from_the_data,
     load_unet_config,
     parse_args,
@@ -100,8 +104,18 @@ def create_accelerator(args):
 
 
 def load_images(args):
-    """The training images; labels only for --class_conditional (unconditional training never reads them)."""
-    if args.train_data_dir is not None:
+    """The training images, and for an image-to-image run their conditions (`PairedImages`, else None); labels only
+    for --class_conditional (unconditional training never reads them)."""
+    images, paired = None, None
+    if args.conditioning_data_dir is not None:  # paired by file name: the pairs decide the images and their order
+        if args.class_conditional:
+            raise ValueError(
+                "--class_conditional with --conditioning_data_dir: paired folders carry no labels; use a dataset "
+                "with a label column and --conditioning_image_column"
+            )
+        paired = load_paired_folders(args.train_data_dir, args.conditioning_data_dir)
+        images = paired.target
+    elif args.train_data_dir is not None:
         images = load_image_folder(args.train_data_dir, args.cache_dir, with_labels=args.class_conditional)
     elif args.dataset_name is not None:
         label_column = args.label_column if args.class_conditional else None
@@ -110,6 +124,13 @@ def load_images(args):
         )
     else:
         images = load_digits_dataset(with_labels=args.class_conditional)
+    if args.conditioning_image_column is not None:
+        condition = load_hub_dataset(  # the same rows from the `datasets` cache, the condition column as "image"
+            args.dataset_name, args.dataset_config_name, args.cache_dir, args.conditioning_image_column, None
+        )
+        paired = PairedImages(images, condition=condition)
+    elif args.paired_task is not None:
+        paired = PairedImages(images, degradation=degradation(args))
     if args.class_conditional and images.class_names is None:
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
@@ -120,7 +141,7 @@ def load_images(args):
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
             f"{args.resolution}x{args.resolution}"
         )
-    return images
+    return images, paired
 
 
 def create_dataloader(args, dataset, sampler, batch_size, accelerator):
@@ -129,7 +150,7 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=paired_collate if isinstance(dataset, PairedTrainingDataset) else collate,
         drop_last=True,  # equal batches on every process, as the gathered charges need
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG (restored on resume) untouched
@@ -239,9 +260,19 @@ def main(argv=None, loss=None):
 
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
-        images = load_images(args)
+        images, paired = load_images(args)
     transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
     dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
+    # What the saved pipeline records besides its modules, and the conditions of the sample grids (fixed examples)
+    pipeline_config, sample_conditions = dict(class_names=images.class_names), None
+    if paired is not None:  # the UNet takes C + C_cond channels: the condition is concatenated to its input
+        dataset = PairedTrainingDataset(paired, args.resolution, args.center_crop, args.random_flip, seed=args.seed)
+        pipeline_config.update(
+            conditioning_channels=paired.conditioning_channels,
+            conditioning_dropout_prob=args.conditioning_dropout_prob,
+        )
+        first = list(range(min(args.eval_batch_size, len(dataset))))
+        sample_conditions = paired_collate(dataset.__getitems__(first))["conditioning_pixel_values"]
     sampler = EpochSampler(len(dataset), seed=args.seed)
     batch_size = objective.loader_batch_size  # the field objective loads the large batch
     train_dataloader, steps_per_epoch = create_dataloader(args, dataset, sampler, batch_size, accelerator)
@@ -251,7 +282,11 @@ def main(argv=None, loss=None):
     if args.upper_norm == "auto":
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(images.num_channels)  # C + 1 for the field objective
-    unet_config = load_unet_config(args, images.num_channels, out_channels, images.num_classes)
+    null_class = null_class_label(args, images.class_names)  # --class_dropout_prob: one more class embedding
+    num_class_embeds = images.num_classes if null_class is None else images.num_classes + 1
+    in_channels = images.num_channels + (0 if paired is None else paired.conditioning_channels)
+    unet_config = load_unet_config(args, in_channels, out_channels, num_class_embeds)
+    pipeline_config["null_class_label"] = null_class
     run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     if checkpoint is not None:
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
@@ -302,8 +337,20 @@ def main(argv=None, loss=None):
         unet.train()
         for batch in batches:
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
+            if null_class is not None:  # from the global generator: seeded per process, restored on resume
+                dropped = drop_conditions(
+                    {"labels": class_labels}, {"labels": torch.tensor(null_class)}, args.class_dropout_prob
+                )
+                class_labels = dropped["labels"]
+            network = unet
+            if paired is not None:  # never perturbed: concatenated to the network input as it is
+                condition = batch["conditioning_pixel_values"][: args.train_batch_size]
+                if args.conditioning_dropout_prob:  # zeros instead, for guidance at sampling time
+                    nulls = {"image": torch.zeros_like(condition[:1])}
+                    condition = drop_conditions({"image": condition}, nulls, args.conditioning_dropout_prob)["image"]
+                network = with_condition(unet, condition)
             with accelerator.accumulate(unet):
-                loss = objective(unet, scheduler, batch["pixel_values"], class_labels, accelerator)
+                loss = objective(network, scheduler, batch["pixel_values"], class_labels, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -325,7 +372,17 @@ def main(argv=None, loss=None):
                 logs = {"loss": (loss_sum / loss_count).item(), "lr": lr_scheduler.get_last_lr()[0]}
                 log_progress(args, accelerator, progress_bar, global_step, logs, ema_model)
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-            save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings)
+            save_progress(
+                args,
+                accelerator,
+                global_step,
+                unet,
+                ema_model,
+                scheduler,
+                run_settings,
+                pipeline_config,
+                sample_conditions,
+            )
             unet.train()
             if last_step:
                 break
@@ -334,11 +391,16 @@ def main(argv=None, loss=None):
     # Save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, images.class_names, global_step)
+        save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, pipeline_config, global_step)
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
     accelerator.end_training()
+
+
+def null_class_label(args, class_names):
+    """The null class of --class_dropout_prob: the last class embedding, after the data's classes (or None)."""
+    return len(class_names) if args.class_dropout_prob > 0 else None
 
 
 def claim_output_dir(args, accelerator):
@@ -425,7 +487,9 @@ def log_progress(args, accelerator, progress_bar, global_step, logs, ema_model):
     accelerator.log(logs, step=global_step)
 
 
-def save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings):
+def save_progress(
+    args, accelerator, global_step, unet, ema_model, scheduler, run_settings, pipeline_config, sample_conditions=None
+):
     """What is due at `global_step`: a checkpoint, a sample grid, a pipeline (the first two at the last step too)."""
     last_step = global_step == args.max_train_steps
     if global_step % args.checkpointing_steps == 0 or last_step:
@@ -434,17 +498,18 @@ def save_progress(args, accelerator, global_step, unet, ema_model, scheduler, ru
         )
     if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
         with ema_weights(ema_model, unet):
-            save_samples(args, accelerator, accelerator.unwrap_model(unet), scheduler, global_step)
+            unwrapped = accelerator.unwrap_model(unet)
+            save_samples(args, accelerator, unwrapped, scheduler, global_step, pipeline_config, sample_conditions)
     pipeline_steps = args.save_pipeline_steps
     if accelerator.is_main_process and pipeline_steps is not None and global_step % pipeline_steps == 0:
         with ema_weights(ema_model, unet):
-            save_pipeline(accelerator.unwrap_model(unet), scheduler, run_settings["class_names"], args.output_dir)
+            save_pipeline(accelerator.unwrap_model(unet), scheduler, pipeline_config, args.output_dir)
 
 
-def save_outputs(args, unet, ema_model, scheduler, class_names, global_step):
+def save_outputs(args, unet, ema_model, scheduler, pipeline_config, global_step):
     """The EMA pipeline, and the last sample grid as `samples.png`."""
     with ema_weights(ema_model, unet):
-        save_pipeline(unet, scheduler, class_names, args.output_dir)
+        save_pipeline(unet, scheduler, pipeline_config, args.output_dir)
     last_grid = inside(args.output_dir, "samples", f"step_{global_step:07d}.png")
     if os.path.exists(last_grid):
         with open(last_grid, "rb") as f:
@@ -452,16 +517,21 @@ def save_outputs(args, unet, ema_model, scheduler, class_names, global_step):
     logger.info(f"Saved the pipeline (EMA weights: {ema_model is not None}) to {args.output_dir}")
 
 
-def save_samples(args, accelerator, unet, scheduler, global_step):
+def save_samples(args, accelerator, unet, scheduler, global_step, pipeline_config, conditions=None):
     """A grid `samples/step_<step>.png` of `unet`'s samples (a fixed seed, a fresh scheduler; classes in turn for a
-    class-conditional model), and the images to TensorBoard or W&B."""
-    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config))
+    class-conditional model; for an image-to-image model, one sample per fixed condition), and the images to
+    TensorBoard or W&B."""
+    config = {key: value for key, value in pipeline_config.items() if key != "class_names"}
+    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config), **config)
     pipeline.set_progress_bar_config(disable=True)
-    num_classes = unet.config.num_class_embeds
-    labels = {} if num_classes is None else {"class_labels": torch.arange(args.eval_batch_size) % num_classes}
+    batch_size = args.eval_batch_size if conditions is None else len(conditions)
+    num_classes = pipeline.num_classes
+    labels = {} if num_classes is None else {"class_labels": torch.arange(batch_size) % num_classes}
+    if conditions is not None:  # model space, as the trainer made them (a noisy measurement may pass [-1, 1])
+        labels.update(conditioning_image=conditions, do_normalize=False)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     samples = pipeline(
-        args.eval_batch_size,
+        batch_size,
         num_inference_steps=args.num_inference_steps,
         generator=generator,
         output_type="np",
@@ -481,9 +551,10 @@ def save_samples(args, accelerator, unet, scheduler, global_step):
             tracker.log_images({"samples": list(samples)}, step=global_step)
 
 
-def save_pipeline(unet, scheduler, class_names, output_dir):
-    """The pipeline with the class names of the data, written file by file atomically (checkpoints.save_pipeline)."""
-    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, class_names=class_names), output_dir)
+def save_pipeline(unet, scheduler, pipeline_config, output_dir):
+    """The pipeline with the class names of the data (and an image-to-image model's condition channels), written file
+    by file atomically (checkpoints.save_pipeline)."""
+    checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, **pipeline_config), output_dir)
 
 
 def push_to_hub(repo_id, output_dir, token):

@@ -15,6 +15,7 @@ import os
 from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
 from pfgm_diffusers.training import checkpoints
 from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective
 from pfgm_diffusers.training.presets import (
@@ -93,7 +94,18 @@ def build_parser():
     add("--center_crop", action="store_true", help="Center instead of random crop.")
     add("--random_flip", action="store_true", help="Random horizontal flips.")
     add("--class_conditional", action="store_true", help="Condition the UNet on the labels.")
+    add("--class_dropout_prob", type=float, default=0.0, help="With --class_conditional: each label is replaced by a "
+        "null class (one more class embedding) with this probability, so that the pipeline can guide "
+        "(guidance_scale). 0.1 is usual.")  # fmt: skip
     add("--dataloader_num_workers", type=int, default=0, help="Data loading processes.")
+
+    add = parser.add_argument_group("image-to-image: paired data (default: none, unpaired)").add_argument
+    add("--conditioning_image_column", help="--dataset_name's column of condition images. Default: none.")
+    add("--conditioning_data_dir", help="Condition images, paired by file name with --train_data_dir. Default: none.")
+    add("--paired_task", choices=PAIRED_TASKS, help="A built-in condition made from each image. Default: none.")
+    add("--paired_sigma_y", type=float, help="--paired_task's measurement noise (model units, [-1, 1] images).")
+    add("--paired_factor", type=int, help="--paired_task superres: the down-sampling factor. Default: 2.")
+    add("--conditioning_dropout_prob", type=float, help="Conditions replaced by zeros, for guidance. Default: 0.")
 
     add = parser.add_argument_group("model").add_argument
     add("--model_config_name_or_path", help="A UNet2DModel config: JSON file, or folder/Hub id with config.json. "
@@ -201,6 +213,7 @@ def check_args(args):
     """Every check that needs no data and no accelerator (the scheduler's settings are checked by the scheduler)."""
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("give at most one of --dataset_name and --train_data_dir")
+    check_paired_args(args)
     if args.preset is not None and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError(f"--preset {args.preset} needs a dataset: give --dataset_name or --train_data_dir")
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
@@ -219,6 +232,10 @@ def check_args(args):
             f"--large_batch_size ({args.large_batch_size}) must be >= --train_batch_size "
             f"({args.train_batch_size}): the small batch is the first rows of the large one"
         )
+    if not 0 <= args.class_dropout_prob < 1:  # NaN fails too
+        raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {args.class_dropout_prob}")
+    if args.class_dropout_prob > 0 and not args.class_conditional:
+        raise ValueError("--class_dropout_prob drops class labels: it needs --class_conditional")
     if args.P_std <= 0:  # --sigma_data is the scheduler's to check
         raise ValueError(f"--P_std must be > 0, got {args.P_std}")
     ranges = {  # name: the allowed interval as (lowest, highest, "[" or "(", "]" or ")"); NaN fails every comparison
@@ -253,6 +270,41 @@ def check_args(args):
             raise ValueError(f"--report_to {args.report_to} needs `pip install {args.report_to}`") from None
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoints.checkpoint_path(args.resume_from_checkpoint, args.output_dir)
+
+
+def check_paired_args(args):
+    """The image-to-image flags: one source of conditions, each with the data it pairs with."""
+    sources = [
+        name for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task") if getattr(args, name)
+    ]
+    if len(sources) > 1:
+        raise ValueError(f"give at most one source of conditions, got --{sources[0]} and --{sources[1]}")
+    if args.conditioning_image_column is not None and args.dataset_name is None:
+        raise ValueError("--conditioning_image_column names a column of --dataset_name: give --dataset_name")
+    if args.conditioning_data_dir is not None and args.train_data_dir is None:
+        raise ValueError("--conditioning_data_dir pairs with --train_data_dir: give --train_data_dir")
+    task_only = [name for name in ("paired_sigma_y", "paired_factor") if getattr(args, name) is not None]
+    if task_only and args.paired_task is None:
+        raise ValueError(f"--{task_only[0]} is an option of --paired_task")
+    if args.conditioning_dropout_prob is not None:
+        if not sources:
+            raise ValueError("--conditioning_dropout_prob needs paired data (a source of conditions)")
+        if not 0 <= args.conditioning_dropout_prob <= 1:
+            raise ValueError(f"--conditioning_dropout_prob must lie in [0, 1], got {args.conditioning_dropout_prob}")
+    if args.paired_task is not None:  # the Degradation checks its own settings, naming them
+        degradation(args)
+
+
+def degradation(args):
+    """The built-in task of --paired_task, or None."""
+    if args.paired_task is None:
+        return None
+    sigma_y = 0.0 if args.paired_sigma_y is None else args.paired_sigma_y
+    factor = 2 if args.paired_factor is None else args.paired_factor
+    try:
+        return Degradation(args.paired_task, sigma_y=sigma_y, factor=factor)
+    except ValueError as error:
+        raise ValueError(f"--paired_task {args.paired_task}: {error} (--paired_sigma_y, --paired_factor)") from None
 
 
 def public_arguments(args):

@@ -1,0 +1,110 @@
+"""The conditional evaluation on the digits: measurements of held-out digits, restorations, their scores."""
+
+import pytest
+import torch
+from tiny_models import tiny_unet
+
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler
+from pfgm_diffusers.image_metrics import psnr
+from pfgm_diffusers.paired import Degradation
+from pfgm_diffusers.restoration import degraded_digits, evaluate_restoration
+
+
+def test_measurements_of_held_out_digits_do_not_depend_on_the_count():
+    degradation = Degradation("denoise", sigma_y=0.2)
+    clean, degraded, labels = degraded_digits(degradation, 12, resolution=8, seed=5)
+    assert clean.shape == degraded.shape == (12, 1, 8, 8) and labels.shape == (12,)
+    assert clean.min() >= -1 and clean.max() <= 1
+    assert 0.15 < (degraded - clean).std() < 0.25
+    first = degraded_digits(degradation, 3, resolution=8, seed=5)
+    assert torch.equal(first[1], degraded[:3]) and torch.equal(first[2], labels[:3])
+    _, superres, _ = degraded_digits(Degradation("superres"), 12, resolution=8)
+    assert torch.allclose(superres, Degradation("superres")(clean))
+    with pytest.raises(ValueError, match="num_images must lie in"):
+        degraded_digits(degradation, 1000, resolution=8)
+
+
+def make_pipe(conditional):
+    unet = tiny_unet(in_channels=2 if conditional else 1, out_channels=1)
+    pipe = PFGMPipeline(unet, PFGMScheduler(aug_dim=128), conditioning_channels=1 if conditional else None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_start_near_zero_noise_returns_the_measurement_and_scores_like_it():
+    degradation = Degradation("superres")
+    result = evaluate_restoration(make_pipe(False), degradation, num_images=40, strength=0.1, batch_size=16)
+    assert result["nfe"] == 1 and result["num_images"] == 40 and not result["labels_given"]
+    # one step from sigma = 0.002 barely moves the image: the restoration scores as the measurement does
+    assert result["psnr"] == pytest.approx(result["degraded_psnr"], abs=0.3)
+    assert result["accuracy"] == pytest.approx(result["degraded_accuracy"], abs=0.05)
+    clean, degraded, _ = degraded_digits(degradation, 40, resolution=8)
+    assert result["degraded_psnr"] == pytest.approx(psnr((degraded + 1) / 2, (clean + 1) / 2).mean().item())
+    assert 0.5 < result["degraded_accuracy"] <= 1  # 4x4 digits are still mostly legible to the classifier
+
+
+def test_a_conditional_model_restores_from_its_condition():
+    result = evaluate_restoration(make_pipe(True), Degradation("denoise", 0.3), num_images=8, num_inference_steps=3)
+    assert result["nfe"] == 5 and {"psnr_sem", "ssim", "degraded_ssim", "accuracy_sem"} <= set(result)
+    with pytest.raises(ValueError, match="give a strength"):
+        evaluate_restoration(make_pipe(False), Degradation("superres"), num_images=4)
+
+
+def load_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, capsys):
+    import json
+
+    make_pipe(True).save_pretrained(tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--paired_task", "denoise", "--paired_sigma_y", "0.2"]
+    args += ["--num_images", "6", "--num_inference_steps", "2", "--output", str(tmp_path / "r.json")]
+    load_script("evaluate").main(args)
+    printed = capsys.readouterr().out
+    assert "6 held-out digits, denoise, 3.0 network evaluations per image" in printed
+    assert "(measurement: " in printed and "labelled as the clean digit" in printed
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["num_images"] == 6 and results["settings"]["paired_sigma_y"] == 0.2
+    assert {"psnr", "degraded_psnr", "ssim", "degraded_ssim", "accuracy", "degraded_accuracy"} <= set(results)
+    with pytest.raises(SystemExit):
+        load_script("evaluate").parse_args(["--model", "m", "--strength", "0.5"])  # no --paired_task
+
+
+def test_sample_script_restores_conditions_and_starts_from_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    make_pipe(True).save_pretrained(tmp_path / "model")
+    (tmp_path / "cond").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "cond" / f"{i}.png")
+    sample = load_script("sample")
+    common = ["--model", str(tmp_path / "model"), "--num_inference_steps", "2", "--batch_size", "2"]
+    images, nfe = sample.main(
+        common + ["--conditioning_image", str(tmp_path / "cond"), "--output", str(tmp_path / "g.png")]
+    )
+    assert len(images) == 3 and nfe == 2 * 3  # two batches of 3 calls
+    images, nfe = sample.main(
+        common
+        + [
+            "--conditioning_image",
+            str(tmp_path / "cond"),
+            "--image",
+            str(tmp_path / "cond"),
+            "--strength",
+            "0.5",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert len(images) == 3 and nfe == 2 * 1 and len(list((tmp_path / "out").iterdir())) == 3
+    with pytest.raises(SystemExit):
+        sample.parse_args(common + ["--conditioning_image", str(tmp_path / "nope.png"), "--output", "x.png"])

@@ -1,0 +1,145 @@
+"""Image-to-image training launched for real: the built-in digit tasks over two gloo processes with class labels and
+conditioning dropout, paired folders with the field objective, a `datasets` conditioning column, bad flags."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import TINY_UNET, fail_if_called, in_process, run_training, tiny_args
+
+from pfgm_diffusers import PFGMPipeline
+
+
+@pytest.fixture
+def unet_config(tmp_path):
+    path = tmp_path / "unet.json"
+    path.write_text(json.dumps(TINY_UNET))
+    return path
+
+
+def digits_args(unet_config, output_dir, **overrides):
+    """A tiny run on the embedded digits (no --train_data_dir)."""
+    return tiny_args(None, unet_config, output_dir, train_data_dir=None, **overrides)
+
+
+def test_two_processes_train_a_class_and_image_conditional_digit_model(tmp_path, unet_config):
+    out = tmp_path / "out"
+    args = digits_args(
+        unet_config,
+        out,
+        paired_task="denoise",
+        paired_sigma_y=0.3,
+        class_conditional=True,
+        conditioning_dropout_prob=0.5,
+        max_train_steps=2,
+        save_images_steps=2,
+    )
+    log = run_training(tmp_path, args, num_processes=2)
+    assert "2 process(es)" in log
+    pipe = PFGMPipeline.from_pretrained(out)
+    assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (2, 1)  # C + C_cond in, C out
+    assert pipe.unet.config.num_class_embeds == 10
+    assert (pipe.config.conditioning_channels, pipe.config.conditioning_dropout_prob) == (1, 0.5)
+    pipe.set_progress_bar_config(disable=True)
+    condition = torch.rand(3, 1, 8, 8)
+    images = pipe(
+        conditioning_image=condition,
+        class_labels=[1, 2, 3],
+        guidance_scale=2.0,
+        num_inference_steps=2,
+        output_type="pt",
+    ).images
+    assert images.shape == (3, 1, 8, 8)
+    assert (out / "samples.png").is_file()
+
+
+def make_pairs(root, count=8):
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        image = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+        os.makedirs(root / "images", exist_ok=True)
+        os.makedirs(root / "edges", exist_ok=True)
+        Image.fromarray(image).save(root / "images" / f"{index}.png")
+        Image.fromarray(image.mean(2).astype(np.uint8)).save(root / "edges" / f"{index}.jpg")
+
+
+def test_paired_folders_train_the_field_objective(tmp_path, unet_config):
+    make_pairs(tmp_path)
+    out = tmp_path / "out"
+    args = tiny_args(
+        tmp_path / "images",
+        unet_config,
+        out,
+        conditioning_data_dir=tmp_path / "edges",
+        objective="poisson_field",
+        large_batch_size=8,
+        random_flip=True,
+        max_train_steps=2,
+    )
+    run_training(tmp_path, args)
+    pipe = PFGMPipeline.from_pretrained(out)
+    # RGB images, a grayscale condition: 3 + 1 channels in, C + 1 = 4 out (the field)
+    assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels, pipe.config.conditioning_channels) == (
+        4,
+        4,
+        1,
+    )
+
+
+def test_a_conditioning_image_column(tmp_path, unet_config):
+    import datasets
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(8)]
+    data = {"image": images, "hint": [image.convert("L") for image in images]}
+    features = datasets.Features({"image": datasets.Image(), "hint": datasets.Image()})
+    datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "pairs"))
+    out = tmp_path / "out"
+    args = tiny_args(
+        None,
+        unet_config,
+        out,
+        train_data_dir=None,
+        dataset_name=tmp_path / "pairs",
+        image_column="image",
+        conditioning_image_column="hint",
+        max_train_steps=2,
+    )
+    run_training(tmp_path, args)
+    pipe = PFGMPipeline.from_pretrained(out)
+    assert (pipe.unet.config.in_channels, pipe.config.conditioning_channels) == (4, 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(paired_task="denoise"), "the denoise task needs a noise level sigma_y > 0"),
+        (dict(paired_task="superres", paired_factor=1), "factor must be an integer >= 2"),
+        (dict(paired_sigma_y=0.1), "--paired_sigma_y is an option of --paired_task"),
+        (dict(conditioning_dropout_prob=0.1), "--conditioning_dropout_prob needs paired data"),
+        (dict(paired_task="superres", conditioning_dropout_prob=1.5), "must lie in [0, 1], got 1.5"),
+        (dict(conditioning_image_column="hint"), "--conditioning_image_column names a column of --dataset_name"),
+        (dict(train_data_dir=None, conditioning_data_dir="x"), "--conditioning_data_dir pairs with --train_data_dir"),
+        (dict(paired_task="superres", conditioning_data_dir="x"), "at most one source of conditions"),
+    ],
+)
+def test_bad_paired_flags_fail_before_loading_anything(tmp_path, unet_config, overrides, message):
+    args = [str(a) for a in tiny_args("folder", unet_config, tmp_path / "out", **overrides)]
+    with in_process(tmp_path) as train_pfgm:
+        train_pfgm.load_images = fail_if_called
+        with pytest.raises(ValueError) as error:
+            train_pfgm.main(args, loss=fail_if_called)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unmatched_paired_folders_are_refused_naming_the_files(tmp_path, unet_config):
+    make_pairs(tmp_path)
+    os.remove(tmp_path / "edges" / "3.jpg")
+    args = tiny_args(tmp_path / "images", unet_config, tmp_path / "out", conditioning_data_dir=tmp_path / "edges")
+    with in_process(tmp_path) as train_pfgm:
+        with pytest.raises(ValueError, match=r"1 image\(s\) without a condition \['3'\]"):
+            train_pfgm.main([str(a) for a in args], loss=fail_if_called)
