@@ -124,6 +124,15 @@ def sample_rk45(
     return final[:, :channels]
 
 
+def solve_rk45(denoise, x, sigma_from, sigma_to, rtol, atol, carry_sigma=False) -> tuple[torch.Tensor, int]:
+    """The previous interface of `sample_rk45`, kept for callers not yet moved: x at `sigma_to` and the number of
+    denoiser calls. New code calls `SAMPLERS["rk45"](denoise, x, [sigma_from, sigma_to], ...)` (a budget:
+    `max_evaluations`; each call: `callback`)."""
+    calls = []
+    x = sample_rk45(denoise, x, [sigma_from, sigma_to], rtol, atol, carry_sigma, callback=calls.append)
+    return x, len(calls)
+
+
 def solve_log_likelihood(
     denoise, x: torch.Tensor, probe: torch.Tensor, sigma_from: float, sigma_to: float, rtol: float, atol: float
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
