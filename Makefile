@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 lies on this project's machines; elsewhere pick the build you need.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test train lint format bench evidence evidence-quick
+.PHONY: install test train lint format bench evidence evidence-quick sweep
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -46,13 +46,22 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_pipeline_ode.py
 	$(PY) benchmarks/bench_latent.py --json latent.json
 
-# The papers' claims at CPU scale: rewrites the evidence section of docs/benchmarks.md and docs/evidence_*.png
-# (~45-50 min on 2 idle cores; results kept in outputs/evidence/full are reused by a rerun with the same settings).
+# Choose D for your data: PFGM++ at several D trained and compared with error bars (scripts/sweep_aug_dim.py --help);
+# without SWEEP_ARGS, the embedded digits at D = 8, 128, 2048, inf with two seeds (~40 min on 2 idle cores). Report
+# and plots in outputs/sweep_aug_dim/, e.g. `make sweep SWEEP_ARGS="--train_data_dir my_images --resolution 32"`.
+sweep: $(VENV)/.installed
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	$(PY) scripts/sweep_aug_dim.py $(SWEEP_ARGS)
+
+# The papers' claims at CPU scale: the sweep's `--preset evidence` plus the 2-D toys and the claims' verdicts; rewrites
+# the evidence section of docs/benchmarks.md and docs/evidence_*.png (~45-50 min on 2 idle cores; results kept in
+# outputs/evidence/full are reused by a rerun with the same settings).
 evidence: $(VENV)/.installed
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/evidence/run.py
 
-# The same machinery at toy sizes, a few minutes; report and plots in outputs/evidence/quick, the docs untouched.
+# The same machinery at toy sizes, a few minutes: a machinery check, not evidence. Prints one line per claim and the
+# path of the report and plots (outputs/evidence/quick); the docs untouched.
 evidence-quick: $(VENV)/.installed
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/evidence/run.py --quick

@@ -1,9 +1,9 @@
 """2-D toy data with a known density, a small MLP denoiser trained with the PFGM++ objective, its samples and its
 exact log-likelihood.
 
-The denoiser is the PFGM++ one of every other model here (math.md §2): EDM's preconditioning through
-`PFGMScheduler.precondition_*`, the exact kernel through `PFGMScheduler.add_noise`, ln sigma ~ N(P_mean, P_std^2) and
-EDM's loss weight; only the network is an MLP instead of a UNet. Sampling is the scheduler's own diffusers loop. The
+The denoiser is the PFGM++ one of every other model here (math.md §2), trained with the library's `pfgmpp_loss`
+(EDM's preconditioning through `PFGMScheduler.precondition_*`, the exact kernel, ln sigma ~ N(P_mean, P_std^2) and
+EDM's loss weight); only the network is an MLP instead of a UNet. Sampling is the library's Heun solver. The
 likelihood is the pipeline's probability-flow ODE in ln sigma with an exact divergence (N = 2: two probes), so the
 only approximations are the network and the ODE tolerance.
 """
@@ -13,6 +13,7 @@ import math
 import torch
 
 from pfgm_diffusers import PFGMScheduler, ode
+from pfgm_diffusers.losses import pfgmpp_loss
 from pfgm_diffusers.perturbation import prior_log_prob
 
 DATASETS = ("gaussian_mixture", "ring")
@@ -57,7 +58,8 @@ def log_density(name: str, x: torch.Tensor) -> torch.Tensor:
 
 class MLPDenoiser(torch.nn.Module):
     """F_theta(c_in x, c_noise): an MLP on the 2-D input and Fourier features of the noise conditioning, called like
-    a diffusers UNet (`model(sample, timestep).sample`) so that the scheduler loop and the losses treat it alike."""
+    a diffusers UNet (`model(sample, timestep, class_labels=None).sample`) so that the library's loss and denoiser
+    take it as they take a UNet."""
 
     def __init__(self, hidden: int = 128, num_layers: int = 3, num_frequencies: int = 8):
         super().__init__()
@@ -69,7 +71,9 @@ class MLPDenoiser(torch.nn.Module):
             width = hidden
         self.net = torch.nn.Sequential(*layers, torch.nn.Linear(width, 2))
 
-    def forward(self, sample, timestep):
+    def forward(self, sample, timestep, class_labels=None):
+        if class_labels is not None:
+            raise ValueError("the toy MLP is unconditional: class_labels must be None")
         timestep = torch.as_tensor(timestep, dtype=sample.dtype, device=sample.device).reshape(-1)
         angles = timestep.expand(sample.shape[0])[:, None] * self.frequencies  # (B, F)
         features = torch.cat([sample, angles.sin(), angles.cos()], dim=1)
@@ -87,52 +91,48 @@ def make_scheduler(aug_dim: int | None) -> PFGMScheduler:
 
 
 def denoise(model, scheduler, x, sigma):
-    """D(x, sigma) through the scheduler's preconditioning (math.md §2); sigma a float or (B,) tensor."""
+    """D(x, sigma) through the scheduler's preconditioning (math.md §2), as `pfgmpp_loss` and the pipeline compose
+    it; sigma a float or (B,) tensor."""
     model_input = scheduler.precondition_inputs(x, sigma)
     output = model(model_input, scheduler.precondition_noise(sigma)).sample
     return scheduler.precondition_outputs(x, output, sigma)
 
 
-def pfgmpp_loss(model, scheduler, x, P_mean=-1.2, P_std=1.2):
-    """The PFGM++ training loss (PFGM++ eq. 11, EDM Table 1): EDM's weighted denoising loss with the exact kernel."""
-    sigma = torch.exp(P_mean + P_std * torch.randn(x.shape[0]))  # (B,)
-    noisy = scheduler.add_noise(x, torch.randn_like(x), sigmas=sigma)
-    weight = scheduler.loss_weight(sigma)[:, None]
-    return (weight * (denoise(model, scheduler, noisy, sigma) - x) ** 2).mean()
-
-
 def train(dataset, aug_dim, num_steps=3000, batch_size=512, learning_rate=2e-3, ema_decay=0.995, seed=0):
-    """An MLP denoiser trained on fresh draws of `dataset` (Adam, EMA weights returned); (model, scheduler)."""
+    """An MLP denoiser trained with the library's `pfgmpp_loss` on fresh draws of `dataset` (Adam, EMA weights
+    returned); (model, scheduler, losses), `losses` the loss of every step."""
     torch.manual_seed(seed)
     data_generator = torch.Generator().manual_seed(seed)
+    loss_generator = torch.Generator().manual_seed(seed + 1)
     scheduler = make_scheduler(aug_dim)
     model = MLPDenoiser()
     ema = MLPDenoiser()
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    losses = []
     for step in range(num_steps):
-        loss = pfgmpp_loss(model, scheduler, sample_data(dataset, batch_size, data_generator))
+        x = sample_data(dataset, batch_size, data_generator)
+        loss = pfgmpp_loss(model, scheduler, x, generator=loss_generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        losses.append(loss.item())
         decay = min(ema_decay, (1 + step) / (10 + step))  # a short warm-up, as diffusers' EMAModel
         with torch.no_grad():
             for average, parameter in zip(ema.parameters(), model.parameters(), strict=True):
                 average.lerp_(parameter, 1 - decay)
-    return ema.eval().requires_grad_(False), scheduler
+    return ema.eval().requires_grad_(False), scheduler, losses
 
 
 @torch.no_grad()
 def sample(model, scheduler, num_samples, num_inference_steps=18, generator=None):
-    """Samples (n, 2) from the scheduler's diffusers loop, started as a generic one from `randn * init_noise_sigma`
-    (the scheduler maps that start onto the exact PFGM++ prior)."""
+    """Samples (n, 2) from the library's Heun solver (`ode.sample_heun`) on the scheduler's grid, started from the
+    scheduler's prior map of standard Gaussian draws."""
     scheduler = PFGMScheduler.from_config(scheduler.config)
     scheduler.set_timesteps(num_inference_steps)
-    x = torch.randn(num_samples, 2, generator=generator) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
-        output = model(scheduler.scale_model_input(x, t), t).sample
-        x = scheduler.step(output, t, x).prev_sample
-    return x
+    sigmas = torch.unique_consecutive(scheduler.sigmas).tolist()
+    x = scheduler.prior_from_noise(torch.randn(num_samples, 2, generator=generator))
+    return ode.sample_heun(lambda sample, sigma: denoise(model, scheduler, sample, sigma), x, sigmas)
 
 
 def log_likelihood(model, scheduler, x, rtol=1e-5, atol=1e-5):
@@ -159,7 +159,7 @@ def run_toy(dataset, aug_dim, seed, settings) -> dict:
     `seed` only, so every D of one seed meets the same true samples and test points."""
     from pfgm_diffusers.evaluation import sliced_wasserstein
 
-    model, scheduler = train(
+    model, scheduler, losses = train(
         dataset, aug_dim, settings["num_steps"], settings["batch_size"], settings["learning_rate"], seed=seed
     )
     generator = torch.Generator().manual_seed(10**6 + seed)
@@ -184,4 +184,20 @@ def run_toy(dataset, aug_dim, seed, settings) -> dict:
         "nll_gap_se": float(gap.std() / math.sqrt(len(gap))),
         "likelihood_evaluations": evaluations,
         "nonfinite_samples": int((~torch.isfinite(samples)).any(1).sum()),
+        # the training loss over the first and the last tenth of the steps: did the model learn
+        "loss_start": float(sum(losses[: max(1, len(losses) // 10)]) / max(1, len(losses) // 10)),
+        "loss_end": float(sum(losses[-max(1, len(losses) // 10) :]) / max(1, len(losses) // 10)),
     }
+
+
+def toy_job(dataset, settings, workdir, log) -> dict:
+    """A job of the evidence sweep: every D and seed of `settings` on `dataset`; {"rows": [run_toy row, ...]}."""
+    torch.set_num_threads(1)
+    rows = []
+    for aug_dim in settings["aug_dims"]:
+        for seed in settings["seeds"]:
+            row = run_toy(dataset, aug_dim, seed, settings)
+            log(f"toy {dataset} D={aug_dim} seed {seed}: sliced W2 {row['sliced_wasserstein']:.4f}, "
+                f"NLL gap {row['nll_gap']:.4f} ± {row['nll_gap_se']:.4f}")  # fmt: skip
+            rows.append(row)
+    return {"rows": rows}

@@ -16,7 +16,7 @@ from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
-from pfgm_diffusers.training import checkpoints
+from pfgm_diffusers.training import checkpoints, metrics
 from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective, StableTargetObjective
 from pfgm_diffusers.training.presets import (
     CONFIG_DIR,
@@ -167,9 +167,13 @@ def build_parser():
     add("--checkpointing_steps", type=int, help="A checkpoint every N steps and at the end.")
     add("--checkpoints_total_limit", type=int, default=2, help="Older checkpoints are deleted.")
     add("--resume_from_checkpoint", help="'latest', a checkpoint folder, or its name in --output_dir. Default: none.")
-    add("--save_images_steps", type=int, help="A sample grid every N steps and at the end.")
+    add("--save_images_steps", type=int, help="A sample grid every N steps and at the end; 0: no grids at all.")
     add("--save_pipeline_steps", type=int, help="Save the EMA pipeline every N steps. Default: at the end only.")
-    add("--eval_batch_size", type=int, help="Images in each sample grid.")
+    add("--eval_batch_size", type=int, help="Images in each sample grid, and per batch of --eval_steps.")
+    add("--eval_steps", type=int, help="Measure the EMA model every N steps and at the end: the digits metric for "
+        "the embedded digits, FID/KID against the training data otherwise (the [eval] extra); eval/... to the "
+        "trackers, one JSON line each to metrics.jsonl, the last in the model card. Default: never.")  # fmt: skip
+    add("--eval_num_images", type=int, default=256, help="Images per evaluation, split across processes.")
     add("--num_inference_steps", type=int, help="Sampler steps of the sample grids.")
     add("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
     add("--logging_steps", type=int, default=10, help="Log the mean loss every N steps (no per-step host sync).")
@@ -225,11 +229,16 @@ def check_args(args):
     if args.preset is not None and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError(f"--preset {args.preset} needs a dataset: give --dataset_name or --train_data_dir")
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
-    positive += ["save_images_steps", "eval_batch_size", "num_inference_steps", "logging_steps"]
+    positive += ["eval_batch_size", "num_inference_steps", "logging_steps"]
     optional = ["max_train_steps", "num_epochs", "checkpoints_total_limit", "save_pipeline_steps", "resolution"]
+    optional += ["eval_steps"]
     for name in positive + [name for name in optional if getattr(args, name) is not None]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.save_images_steps < 0:
+        raise ValueError(f"--save_images_steps must be >= 0 (0: no sample grids), got {args.save_images_steps}")
+    if args.eval_num_images < 2:
+        raise ValueError(f"--eval_num_images must be >= 2 (a covariance needs two images), got {args.eval_num_images}")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     field_only = [name for name in ("large_batch_size", "z_exp", "upper_norm") if getattr(args, name) is not None]
@@ -279,6 +288,7 @@ def check_args(args):
             raise ValueError(f"--report_to {args.report_to} needs `pip install {args.report_to}`") from None
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoints.checkpoint_path(args.resume_from_checkpoint, args.output_dir)
+    metrics.check_metric_available(args)  # FID/KID for your own data need torch-fidelity: refused now, not later
 
 
 def check_paired_args(args):

@@ -1,0 +1,88 @@
+"""Jobs (one model, or one toy dataset) `jobs` at a time in worker processes of one thread each; each job's result is
+kept in `workdir/results/<job id>.json` and reused by a rerun with the same arguments, so that an interrupted sweep
+continues where it stopped.
+
+A job is (job id, function, keyword arguments): `function(**arguments, workdir=..., log=...)` returns a JSON-ready
+dict; the function must be importable by name (the workers are spawned)."""
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+
+from . import models
+
+
+def settings_key(settings) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_jobs(settings) -> list:
+    """(job id, function, keyword arguments) of every model and seed, the field model (the slowest to measure)
+    first."""
+    jobs = []
+    for objective, aug_dim in sorted(settings["models"], key=lambda model: model[0] != "poisson_field"):
+        for seed in settings["seeds"]:
+            spec = models.ModelSpec(objective, aug_dim, seed)
+            arguments = dict(objective=objective, aug_dim=aug_dim, seed=seed, settings=settings)
+            jobs.append((f"model-{spec.folder}", train_and_measure, arguments))
+    return jobs
+
+
+def train_and_measure(objective, aug_dim, seed, settings, workdir, log):
+    """A model job: `models.run_model` with its models kept under `workdir/models`."""
+    spec = models.ModelSpec(objective, aug_dim, seed)
+    return models.run_model(spec, os.path.join(workdir, "models"), settings, log)
+
+
+def _log(message):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_job(job_id, function, arguments, workdir):
+    """One job in a worker process (one thread); writes results/<job_id>.json atomically and returns it."""
+    import diffusers
+    import torch
+
+    torch.set_num_threads(1)
+    diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" at every segment
+    began = time.perf_counter()
+    result = function(**arguments, workdir=workdir, log=_log)
+    result["job_seconds"] = time.perf_counter() - began
+    result["settings_key"] = settings_key(arguments)
+    path = os.path.join(workdir, "results", f"{job_id}.json")
+    with open(path + ".tmp", "w") as file:
+        json.dump(result, file, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def load_cached(job_id, arguments, workdir):
+    path = os.path.join(workdir, "results", f"{job_id}.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        result = json.load(file)
+    return result if result.get("settings_key") == settings_key(arguments) else None
+
+
+def run_all(planned, workdir, jobs=2, log=print) -> tuple[dict, dict]:
+    """Every planned job (finished ones reused), `jobs` at a time; returns ({job id: result}, {reused_jobs,
+    job_seconds})."""
+    os.makedirs(os.path.join(workdir, "results"), exist_ok=True)
+    results = {job_id: load_cached(job_id, arguments, workdir) for job_id, _, arguments in planned}
+    todo = [job for job in planned if results[job[0]] is None]
+    log(f"{len(planned)} jobs, {len(planned) - len(todo)} reused from {workdir}, {len(todo)} to run, {jobs} at a time")
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_job, *job, workdir): job[0] for job in todo}
+        for future in concurrent.futures.as_completed(futures):
+            results[futures[future]] = future.result()
+            log(f"done: {futures[future]} ({results[futures[future]]['job_seconds'] / 60:.1f} min)")
+    info = {
+        "reused_jobs": len(planned) - len(todo),
+        "job_seconds": sum(result["job_seconds"] for result in results.values()),
+    }
+    return results, info
