@@ -6,6 +6,7 @@ The public classes are imported eagerly: diffusers resolves the library name sav
 
 import diffusers as _diffusers
 
+from .denoiser import make_denoiser
 from .field import field_dx_dz, ideal_denoiser, poisson_field_target, split_field_output, stable_target
 from .perturbation import (
     kernel_noise,
@@ -19,6 +20,7 @@ from .perturbation import (
 )
 from .pipeline_pfgm import PFGMPipeline, PFGMPipelineOutput, image_grid
 from .scheduling_pfgm import PFGMScheduler, PFGMSchedulerOutput
+from .scheduling_pfgm_field import PFGMFieldScheduler
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,7 @@ if not hasattr(_diffusers, "PFGMPipeline"):
 
 __all__ = [
     "PFGMPipeline",
+    "PFGMFieldScheduler",
     "PFGMPipelineOutput",
     "PFGMScheduler",
     "PFGMSchedulerOutput",
@@ -36,6 +39,7 @@ __all__ = [
     "image_grid",
     "ideal_denoiser",
     "kernel_noise",
+    "make_denoiser",
     "pfgm_perturb",
     "pfgm_prior_from_noise",
     "pfgmpp_prior_from_noise",

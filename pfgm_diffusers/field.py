@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .perturbation import _check_aug_dim
+from .validation import check_aug_dim
 
 # Bound on the number of elements of the (pairs, N) float64 block of exact differences built at once.
 _CHUNK_ELEMENTS = 1 << 18
@@ -382,7 +382,7 @@ def stable_target(
     ```
     """
     batch_size, N = _batch_sizes(perturbed, "perturbed", reference, "reference")
-    _check_aug_dim(aug_dim)
+    check_aug_dim(aug_dim)
     dtype = torch.float64 if perturbed.dtype == torch.float64 else torch.float32
     y = perturbed.detach().reshape(batch_size, N).to(dtype)
     x = reference.detach().reshape(reference.shape[0], N).to(y.device, dtype)

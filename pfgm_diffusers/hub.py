@@ -275,13 +275,17 @@ class PipelineHubMixin:
             return upload_pipeline(repo_id, folder, token, commit_message, create_pr)
 
 
-def save_model_card(folder: str, repo_id: str) -> None:
-    """Write the model card (`README.md`, `library_name: pfgm_diffusers`, a loading example) into `folder`."""
-    huggingface_hub.ModelCard(model_card_text(repo_id)).save(os.path.join(folder, MODEL_CARD))
+def save_model_card(folder: str, repo_id: str, training: str | None = None) -> None:
+    """Write the model card (`README.md`, `library_name: pfgm_diffusers`, a loading example, and the `training`
+    section in markdown if given) into `folder`."""
+    huggingface_hub.ModelCard(model_card_text(repo_id, training)).save(os.path.join(folder, MODEL_CARD))
 
 
-def model_card_text(repo_id: str) -> str:
-    return f"""---
+def model_card_text(repo_id: str, training: str | None = None) -> str:
+    return _MODEL_CARD.format(repo_id=repo_id) + ("" if training is None else "\n" + training.rstrip() + "\n")
+
+
+_MODEL_CARD = """---
 library_name: pfgm_diffusers
 tags:
 - pfgm

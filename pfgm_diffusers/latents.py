@@ -7,10 +7,12 @@ latents onto its prior radially (`PFGMScheduler.prior_from_noise`), so an interp
 Gaussian is again a prior draw once mapped, whatever the scheduler.
 """
 
+import math
+
 import numpy as np
 import torch
 
-from .perturbation import normal_to_radius, radius_to_normal
+from .perturbation import chi2_quantiles, normal_to_radius, radius_to_normal, squared_norms
 
 
 def slerp_gaussian(latents_a: torch.Tensor, latents_b: torch.Tensor, t) -> torch.Tensor:
@@ -68,3 +70,24 @@ def _interpolate_chi_radii(radius_a, radius_b, weights: np.ndarray, N: int) -> t
     radius = torch.from_numpy(normal_to_radius(np.cos(angle) * n_a + np.sin(angle) * n_b, N, 1.0, None))
     at_a, at_b = torch.from_numpy(weights == 0)[:, None], torch.from_numpy(weights == 1)[:, None]
     return torch.where(at_a, radius_a, torch.where(at_b, radius_b, radius))
+
+
+# A start whose |latents|^2 has a chi-square tail probability below this is not standard Gaussian (and one that big
+# is certain to be a prior sample: sigma_max times a Gaussian's radius).
+FAR_LATENTS_PROBABILITY = 1e-12
+
+
+def check_standard_gaussian(latents, fix: str) -> None:
+    """Refuse non-finite latents, and prior samples (what the previous release took as latents)."""
+    norm_sq = squared_norms(latents)  # (B,): one host sync
+    if not np.all(np.isfinite(norm_sq)):
+        raise ValueError("`latents` contain NaN or infinite values.")
+    N = latents[0].numel()
+    _, upper = chi2_quantiles(norm_sq, N)
+    if np.any((upper < FAR_LATENTS_PROBABILITY) & (norm_sq > N)):
+        i = int(np.argmin(upper))
+        raise ValueError(
+            f"`latents` must be standard Gaussian, but latents[{i}] has radius {math.sqrt(norm_sq[i]):.4g},"
+            f" {math.sqrt(norm_sq[i] / N):.3g} times a standard Gaussian's (sqrt(N) = {math.sqrt(N):.4g}): prior"
+            f" samples, as the previous release took them? Convert them with {fix}."
+        )

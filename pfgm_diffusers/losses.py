@@ -1,18 +1,20 @@
 """The two training objectives, as siblings in the manner of EDM's `training/loss.py`.
 
 Each is a pure function of the network, a clean batch and its own hyperparameters, and returns a scalar loss. The
-formulas they use live elsewhere, once: the PFGM++ kernel and EDM's preconditioning in `PFGMScheduler` (math.md §2),
+formulas they use live elsewhere, once: the PFGM++ kernel, and the denoiser through EDM's preconditioning in
+`denoiser.make_denoiser` (math.md §2),
 Algorithm 2 in `pfgm_perturb` and Algorithm 1 in `poisson_field_target` (math.md §3).
 """
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .denoiser import make_denoiser
 from .field import poisson_field_target, split_field_output
 from .perturbation import pfgm_perturb, sample_kernel_noise
 
 
-def pfgmpp_loss(unet, scheduler, x, class_labels=None, P_mean=-1.2, P_std=1.2, generator=None):
+def pfgmpp_loss(unet, scheduler, x, class_labels=None, P_mean=-1.2, P_std=1.2, generator=None, target=None):
     """PFGM++ loss: EDM's weighted denoising loss with the PFGM++ kernel (PFGM++ eq. 11, App. C; EDM Table 1).
 
     ln sigma ~ N(P_mean, P_std^2), then y = x + kernel noise with r = sigma sqrt(D) (`sample_kernel_noise`), and
@@ -27,6 +29,9 @@ def pfgmpp_loss(unet, scheduler, x, class_labels=None, P_mean=-1.2, P_std=1.2, g
         class_labels (`torch.Tensor` of shape `(B,)`, *optional*): labels of a class-conditional network.
         P_mean, P_std (`float`): the log-normal noise-level distribution (EDM: -1.2, 1.2).
         generator (`torch.Generator`, *optional*): the randomness; torch's global generator by default.
+        target (`callable`, *optional*): `target(noisy, sigma)`, the regression target at the perturbed images
+            (B, C, H, W) and their noise levels (B,); `None`: the clean images `x`. Stable Target Field training
+            (Xu, Tong, Jaakkola, ICLR 2023): `functools.partial(stable_target, reference=..., aug_dim=D)`.
 
     Returns:
         `torch.Tensor`: the scalar loss, in float32.
@@ -35,11 +40,10 @@ def pfgmpp_loss(unet, scheduler, x, class_labels=None, P_mean=-1.2, P_std=1.2, g
     sigma = torch.exp(P_mean + P_std * randn_tensor((batch_size,), generator=generator, device=x.device))  # (B,)
     # The exact kernel with r = sigma sqrt(D), drawn on x's device: no host round trip in a training step
     noisy = x + sample_kernel_noise(x.shape, sigma, scheduler.config.aug_dim, generator, x.device, x.dtype)
-    model_input = scheduler.precondition_inputs(noisy, sigma)
-    model_output = unet(model_input, scheduler.precondition_noise(sigma), class_labels=class_labels).sample
-    denoised = scheduler.precondition_outputs(noisy, model_output.float(), sigma)  # fp32 loss under autocast
+    denoised = make_denoiser(unet, scheduler, class_labels=class_labels)(noisy, sigma)  # fp32 loss under autocast
     weight = scheduler.loss_weight(sigma).reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
-    return (weight * (denoised - x) ** 2).mean()
+    regressed = x if target is None else target(noisy, sigma)  # (B, C, H, W), no gradient
+    return (weight * (denoised - regressed) ** 2).mean()
 
 
 def poisson_field_loss(unet, x, charges, class_labels=None, sigma=0.01, tau=0.03, M=291, gamma=5.0, generator=None):

@@ -1,19 +1,22 @@
 """The probability-flow ODE of every mode, dx/dsigma = (x - D(x, sigma)) / sigma (math.md §1), and its solvers.
 
-In field mode sigma is z and D = x - z v_x / v_z. The step functions below are shared by `PFGMScheduler.step` (one
-model call at a time) and the solvers, which are pure functions of a denoiser `denoise(x, sigma) -> D(x, sigma)`
-(float32 tensors in and out, `sigma` a Python float) and of the noise levels to visit, k-diffusion style: the order of
-`sigmas` is the direction of integration, descending to sample, ascending to invert.
+In field mode sigma is z and D = x - z v_x / v_z. Two tables name the solvers, one entry per name:
 
-- `sample_euler`, `sample_heun`: fixed steps in sigma along `sigmas`.
-- `solve_rk45`: scipy's adaptive RK45 in t = ln sigma, dx/dt = x - D(x, sigma) (the original PFGM's default sampler).
-- `solve_log_likelihood`: the same ODE with the log-density change, d delta/dt = div_x (x - D) (Hutchinson).
+- `SAMPLERS`: pure functions `sampler(denoise, x, sigmas, **options) -> x` of a denoiser `denoise(x, sigma)`
+  (float32 tensors in and out, `sigma` a Python float) and of the noise levels to visit, k-diffusion style: the order
+  of `sigmas` is the direction of integration, descending to sample, ascending to invert. `"rk45"` visits only the
+  ends, `sigmas[0]` and `sigmas[-1]`, adaptively (scipy's RK45 in t = ln sigma, the original PFGM's sampler).
+- `STEPPERS`: one model call of a scheduler's run, `stepper.call(x, denoised, sigma, sigma_next, state, last)`
+  returning `(x_next, state)`; `state` is what the solver carries to the next call (None at a run's first), `last`
+  whether this is the run's last call. `PFGMScheduler.step` is diffusers bookkeeping around it.
 
+`solve_log_likelihood` integrates the same ODE with the log-density change, d delta/dt = div_x (x - D) (Hutchinson).
 The adaptive solvers run scipy's official RK45 on a float64 copy of the state on the host: measured on CPU, about 2%
 of the time per evaluation next to a 1.1M-parameter UNet (benchmarks/bench_pipeline_ode.py, docs/pipeline.md).
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,14 +38,14 @@ def heun_step(x, d, d_next, sigma, sigma_next):
     return x + (sigma_next - sigma) * (d + d_next) / 2
 
 
-def sample_euler(denoise, x: torch.Tensor, sigmas) -> torch.Tensor:
+def sample_euler(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor:
     """Euler steps from sigmas[0] through each of `sigmas` (either direction, all > 0 but the last); len - 1 calls."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x = euler_step(x, to_d(x, denoise(x, sigma), sigma), sigma, sigma_next)
     return x
 
 
-def sample_heun(denoise, x: torch.Tensor, sigmas) -> torch.Tensor:
+def sample_heun(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor:
     """EDM's deterministic Heun sampler (Algorithm 1, no churn) along `sigmas`, either direction.
 
     Two denoiser calls per step, one for a final step to sigma = 0, which is Euler (x = D(x, sigma)): 2 (n - 1) calls
@@ -58,24 +61,52 @@ def sample_heun(denoise, x: torch.Tensor, sigmas) -> torch.Tensor:
     return x
 
 
-def solve_rk45(
-    denoise, x: torch.Tensor, sigma_from: float, sigma_to: float, rtol: float, atol: float, carry_sigma: bool = False
-) -> tuple[torch.Tensor, int]:
-    """scipy's RK45 (`solve_ivp`) of dx/dt = x - D(x, sigma), t = ln sigma, from `sigma_from` to `sigma_to`.
+class EvaluationBudgetExceeded(RuntimeError):
+    """RK45 needed more denoiser calls than its `max_evaluations`; `sigma` is the level it had reached."""
+
+    def __init__(self, evaluations: int, sigma: float):
+        super().__init__(
+            f"RK45 stopped after {evaluations} denoiser calls (`max_evaluations`), at sigma = {sigma:.4g}: its step"
+            " size collapsed there, or the tolerances are tighter than the budget allows."
+        )
+        self.evaluations, self.sigma = evaluations, sigma
+
+
+def sample_rk45(
+    denoise,
+    x: torch.Tensor,
+    sigmas,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    carry_sigma: bool = False,
+    max_evaluations: int | None = None,
+    callback=None,
+) -> torch.Tensor:
+    """scipy's RK45 (`solve_ivp`) of dx/dt = x - D(x, sigma), t = ln sigma, from `sigmas[0]` to `sigmas[-1]`.
 
     `carry_sigma=True` is the original PFGM's state layout (`sampling.py:get_rk45_sampler_pfgm`): an extra channel
     filled with z = e^t, dz/dt = z, integrated with the image so that it enters the error control as there.
+    `max_evaluations`: raise `EvaluationBudgetExceeded` instead of making call number `max_evaluations + 1`.
+    `callback({"x", "sigma", "denoised", "evaluations"})` is called after every denoiser call.
 
     Returns:
-        `tuple(torch.Tensor, int)`: x at `sigma_to` (float32, on x's device) and the number of denoiser calls.
+        `torch.Tensor`: x at `sigmas[-1]` (float32, on x's device).
     """
+    sigma_from, sigma_to = float(sigmas[0]), float(sigmas[-1])
     device, batch_size, channels = x.device, x.shape[0], x.shape[1]
     state_shape = (batch_size, channels + 1, *x.shape[2:]) if carry_sigma else tuple(x.shape)
+    reached = [sigma_from, 0]  # (the level nearest sigma_to so far, evaluations)
 
     def ode_func(t, state):
         sigma = math.exp(t)
+        if max_evaluations is not None and reached[1] >= max_evaluations:
+            raise EvaluationBudgetExceeded(reached[1], reached[0])
         sample = torch.from_numpy(state.reshape(state_shape)).to(device, torch.float32)[:, :channels]
-        slope = sample - denoise(sample, sigma)  # dx/dt = sigma dx/dsigma
+        denoised = denoise(sample, sigma)
+        reached[:] = [sigma if abs(t - span[1]) < abs(math.log(reached[0]) - span[1]) else reached[0], reached[1] + 1]
+        if callback is not None:
+            callback({"x": sample, "sigma": sigma, "denoised": denoised, "evaluations": reached[1]})
+        slope = sample - denoised  # dx/dt = sigma dx/dsigma
         if carry_sigma:
             slope = torch.cat([slope, torch.full_like(slope[:, :1], sigma)], dim=1)
         return slope.double().cpu().numpy().reshape(-1)
@@ -90,7 +121,16 @@ def solve_rk45(
     if not solution.success:
         raise RuntimeError(f"RK45 failed between sigma={sigma_from} and sigma={sigma_to}: {solution.message}")
     final = torch.from_numpy(solution.y[:, -1].reshape(state_shape)).to(device, torch.float32)
-    return final[:, :channels], int(solution.nfev)
+    return final[:, :channels]
+
+
+def solve_rk45(denoise, x, sigma_from, sigma_to, rtol, atol, carry_sigma=False) -> tuple[torch.Tensor, int]:
+    """The previous interface of `sample_rk45`, kept for callers not yet moved: x at `sigma_to` and the number of
+    denoiser calls. New code calls `SAMPLERS["rk45"](denoise, x, [sigma_from, sigma_to], ...)` (a budget:
+    `max_evaluations`; each call: `callback`)."""
+    calls = []
+    x = sample_rk45(denoise, x, [sigma_from, sigma_to], rtol, atol, carry_sigma, callback=calls.append)
+    return x, len(calls)
 
 
 def solve_log_likelihood(
@@ -151,7 +191,7 @@ def dpmpp_2m_step(x, denoised, sigma, sigma_next, previous_denoised=None, sigma_
     return torch.lerp(denoised, x, sigma_next / sigma)  # (sigma_next / sigma) x + (1 - sigma_next / sigma) D'
 
 
-def sample_dpmpp_2m(denoise, x, sigmas):
+def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor:
     """Integrate from sigmas[0] to sigmas[-1] with DPM-Solver++(2M): one `denoise(x, sigma)` call per step, each step
     second order from the previous call's denoised estimate except the first and one that ends at sigma = 0."""
     previous_denoised = None
@@ -160,3 +200,49 @@ def sample_dpmpp_2m(denoise, x, sigmas):
         x = dpmpp_2m_step(x, denoised, sigmas[i], sigmas[i + 1], previous_denoised, sigmas[i - 1] if i > 0 else None)
         previous_denoised = denoised
     return x
+
+
+# The scheduler's steps: one model call each (diffusers' layout).
+
+
+def euler_call(x, denoised, sigma, sigma_next, state, last):
+    """One Euler step from `sigma` to `sigma_next`; no state."""
+    return euler_step(x, to_d(x, denoised, sigma), sigma, sigma_next), None
+
+
+def heun_call(x, denoised, sigma, sigma_next, state, last):
+    """Half of a Heun step, in `HeunDiscreteScheduler`'s layout: the predictor (an Euler step, whose start the state
+    keeps unless this is the run's last call, EDM's final Euler step) or, with a state, the corrector at `sigma`."""
+    d = to_d(x, denoised, sigma)  # dx/dsigma (dx/dz in field mode)
+    if state is None:
+        return euler_step(x, d, sigma, sigma_next), None if last else (x, d, sigma)
+    x_start, d_start, sigma_start = state
+    return heun_step(x_start, d_start, d, sigma_start, sigma), None
+
+
+def dpmpp_2m_call(x, denoised, sigma, sigma_next, state, last):
+    """One DPM-Solver++(2M) step; the state is the previous call's (D, sigma)."""
+    previous_denoised, sigma_previous = (None, None) if state is None else state
+    return dpmpp_2m_step(x, denoised, sigma, sigma_next, previous_denoised, sigma_previous), (denoised, sigma)
+
+
+class Stepper(NamedTuple):
+    """A solver as a scheduler runs it: its per-call step and how diffusers counts and lays out its calls."""
+
+    call: object  # (x, denoised, sigma, sigma_next, state, last) -> (x_next, state)
+    order: int  # model calls per step, diffusers' `scheduler.order`
+    repeats_levels: bool  # interior noise levels visited twice (HeunDiscreteScheduler's layout)
+
+
+STEPPERS = {
+    "heun": Stepper(heun_call, order=2, repeats_levels=True),
+    "euler": Stepper(euler_call, order=1, repeats_levels=False),
+    "dpmpp_2m": Stepper(dpmpp_2m_call, order=1, repeats_levels=False),
+}
+
+SAMPLERS = {
+    "heun": sample_heun,
+    "euler": sample_euler,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "rk45": sample_rk45,
+}

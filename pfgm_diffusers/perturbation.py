@@ -12,19 +12,14 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import special
 
+from .validation import check_aug_dim
+
 # Below this |eps_z| the official PFGM code redraws m from U[0, 0.7 M) ("restrict_M", PFGM Appendix B.1.1).
 _RESTRICT_M_THRESHOLD = 0.005
 # The official PFGM clamps the perturbed z from below so that log z and 1/z stay finite.
 _MIN_Z = 1e-10
 # The smallest positive normal float64: tail probabilities and Beta quantiles that underflow are read as this.
 _TINY = np.finfo(np.float64).tiny
-
-
-def _check_aug_dim(aug_dim):
-    if aug_dim is None:
-        return
-    if isinstance(aug_dim, bool) or not isinstance(aug_dim, (int, np.integer)) or aug_dim < 1:
-        raise ValueError(f"`aug_dim` must be an integer >= 1 or None (D = infinity), got {aug_dim!r}.")
 
 
 def _noise_levels(sigma, batch_size):
@@ -150,7 +145,7 @@ def kernel_noise(noise: torch.Tensor, sigma, aug_dim: int | None) -> torch.Tenso
     r = sigma * sqrt(D). Deterministic given `noise`; `aug_dim=None` returns exactly `sigma * noise` (the Gaussian).
     `sigma` is a float, or a 0-d, (1,) or (B,) tensor.
     """
-    _check_aug_dim(aug_dim)
+    check_aug_dim(aug_dim)
     batch_size, N = noise.shape[0], noise[0].numel()
     if aug_dim is None:
         if not isinstance(sigma, torch.Tensor):
@@ -193,7 +188,7 @@ def sample_kernel_noise(shape, sigma, aug_dim, generator=None, device=None, dtyp
     B ~ Beta(N/2, D/2) is the ratio of those Gammas; the ratio keeps its digits where 1 - B would not (D << N).
     Draws: the Gaussian first, then G_N, then G_D. `aug_dim=None` is `sigma * randn`. `sigma` is a float or (B,).
     """
-    _check_aug_dim(aug_dim)
+    check_aug_dim(aug_dim)
     noise = gaussian(shape, generator, device, dtype)
     batch_size, N = noise.shape[0], noise[0].numel()
     sigma = torch.as_tensor(sigma, dtype=torch.float64, device=noise.device).reshape(-1)
@@ -208,15 +203,45 @@ def sample_kernel_noise(shape, sigma, aug_dim, generator=None, device=None, dtyp
     return noise * direction_scale.to(noise.dtype).reshape(view)
 
 
+def prior_radius(norm_sq, N, sigma_max, aug_dim, upper_norm=None):
+    """The prior radius (float64, (B,)) of Gaussian noise with squared norms `norm_sq`: the radial quantile map of
+    math.md §2 at r_max = sigma_max sqrt(D), clipped to [1, upper_norm] where `upper_norm` is given (the original
+    PFGM's clip of its D = 1 prior, whose radius has an infinite mean)."""
+    R = kernel_radius(norm_sq, N, sigma_max, aug_dim)
+    if upper_norm is None:
+        return R
+    if upper_norm < 1:
+        raise ValueError(f"`upper_norm` must be >= 1 (the official clip is [1, upper_norm]), got {upper_norm}.")
+    return np.clip(R, 1.0, upper_norm)
+
+
+def prior_from_noise(noise, sigma_max, aug_dim, upper_norm=None, scale=1.0, norm_sq=None):
+    """Map `noise`, a draw of `scale` times a standard Gaussian, onto the prior: the one radial prior map.
+
+    Each sample's direction is kept and its radius moved to `prior_radius` of its chi-square quantile; `norm_sq`,
+    the squared norms of `noise` (B,) when the caller has them (the one host sync of the map). `aug_dim=None` is
+    `noise * sigma_max / scale`. Returns the prior sample in the dtype of `noise`, with its radii (float64, (B,)).
+    """
+    check_aug_dim(aug_dim)
+    if aug_dim is None:
+        return noise * (sigma_max if scale == 1.0 else sigma_max / scale), None
+    if norm_sq is None:
+        norm_sq = squared_norms(noise)  # (B,)
+    if not np.all(np.isfinite(norm_sq)):
+        raise ValueError("`noise` contains NaN or infinite values.")
+    radius = prior_radius(norm_sq / scale**2, noise[0].numel(), sigma_max, aug_dim, upper_norm)
+    return rescale_radii(noise, norm_sq, radius), radius
+
+
 def pfgmpp_prior_from_noise(noise: torch.Tensor, sigma_max: float, aug_dim: int | None) -> torch.Tensor:
     """Map Gaussian `noise` onto the PFGM++ prior: the kernel centred at 0 with r_max = sigma_max * sqrt(D)."""
-    return kernel_noise(noise, sigma_max, aug_dim)
+    return prior_from_noise(noise, sigma_max, aug_dim)[0]
 
 
 def pfgmpp_noise_from_prior(x: torch.Tensor, sigma_max: float, aug_dim: int | None) -> torch.Tensor:
     """The standard Gaussian `noise` with `pfgmpp_prior_from_noise(noise, sigma_max, aug_dim) == x`: the inverse
     radial quantile map (direction kept, radius R moved to the chi_N radius of the same quantile)."""
-    _check_aug_dim(aug_dim)
+    check_aug_dim(aug_dim)
     if aug_dim is None:
         return x / sigma_max
     R_sq = squared_norms(x)  # (B,)
@@ -232,26 +257,13 @@ def sample_pfgmpp_prior(shape, sigma_max, aug_dim, generator=None, device=None, 
     return pfgmpp_prior_from_noise(noise, sigma_max, aug_dim)
 
 
-def pfgm_prior_radius(norm_sq, N, z_max, upper_norm=None):
-    """The radius (float64, (B,)) `pfgm_prior_from_noise` gives Gaussian noise of squared norms `norm_sq`."""
-    R = kernel_radius(norm_sq, N, z_max, 1)
-    if upper_norm is None:
-        return R
-    if upper_norm < 1:
-        raise ValueError(f"`upper_norm` must be >= 1 (the official clip is [1, upper_norm]), got {upper_norm}.")
-    return np.clip(R, 1.0, upper_norm)
-
-
 def pfgm_prior_from_noise(noise: torch.Tensor, z_max: float, upper_norm: float | None = None) -> torch.Tensor:
     """Map Gaussian `noise` onto the hyperplane prior of the original PFGM at z = z_max (math.md §3).
 
     This is the PFGM++ prior with D = 1 and r = z_max. Its radius has an infinite mean, so the official code clips
     it to [1, upper_norm]; `upper_norm=None` applies no clip at all (the exact prior).
     """
-    norm_sq = squared_norms(noise)  # (B,)
-    if not np.all(np.isfinite(norm_sq)):
-        raise ValueError("`noise` contains NaN or infinite values.")
-    return rescale_radii(noise, norm_sq, pfgm_prior_radius(norm_sq, noise[0].numel(), z_max, upper_norm))
+    return prior_from_noise(noise, z_max, 1, upper_norm)[0]
 
 
 def sample_pfgm_prior(shape, z_max, upper_norm=None, generator=None, device=None, dtype=None) -> torch.Tensor:
@@ -267,7 +279,7 @@ def prior_log_prob(x: torch.Tensor, sigma_max: float, aug_dim: int | None) -> to
     log p = lgamma((N+D)/2) - lgamma(D/2) - N/2 log(pi r^2) - (N+D)/2 log(1 + |x|^2 / r^2), r = sigma_max sqrt(D).
     `aug_dim=None` is N(0, sigma_max^2 I).
     """
-    _check_aug_dim(aug_dim)
+    check_aug_dim(aug_dim)
     N = x[0].numel()
     norm_sq = x.reshape(x.shape[0], -1).double().pow(2).sum(1)
     if aug_dim is None:

@@ -13,21 +13,23 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, EDMEulerScheduler, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
 
-from . import ode
+from . import flow, ode
 from .conditioning import concat_condition
+from .denoiser import denoise_with
 from .guidance import guided_denoiser
 from .hub import PipelineHubMixin
 from .image_processing import OUTPUT_TYPES, image_grid, postprocess, preprocess
-from .latents import slerp_gaussian
-from .perturbation import chi2_quantiles, prior_log_prob, squared_norms
+from .latents import check_standard_gaussian, slerp_gaussian
+from .perturbation import prior_log_prob
+from .scheduling_common import PoissonFlowScheduler
 from .scheduling_pfgm import PFGMScheduler
+from .scheduling_pfgm_field import PFGMFieldScheduler
 from .vae import LatentScaling, check_vae, decode_latents, encode_latents, vae_scale_factor
+from .validation import check_integer
 
 __all__ = ["PFGMLikelihoodOutput", "PFGMPipeline", "PFGMPipelineOutput", "image_grid"]
 
-SCHEDULERS = (PFGMScheduler, EDMEulerScheduler)
 HUTCHINSON_TYPES = ("rademacher", "gaussian")
 # 8-bit data mapped to [-1, 1]: one quantisation bin is 2/256 wide, so log2(256 / 2) = 7 bits/dim convert a density
 # on [-1, 1] into a discrete likelihood of 8-bit pixels (the official PFGM / score_sde offset).
@@ -145,7 +147,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
     def __init__(
         self,
         unet: UNet2DModel,
-        scheduler: PFGMScheduler | EDMEulerScheduler,
+        scheduler: PFGMScheduler | PFGMFieldScheduler | EDMEulerScheduler,
         class_names: list[str] | None = None,
         null_class_label: int | None = None,
         conditioning_channels: int | None = None,
@@ -153,7 +155,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         vae: AutoencoderKL | None = None,
     ):
         super().__init__()
-        _check_scheduler(scheduler)
+        flow.check_scheduler(scheduler)
         _check_conditioning(unet, conditioning_channels, conditioning_dropout_prob)
         _check_null_class_label(null_class_label, unet)
         _check_class_names(class_names, unet, null_class_label)
@@ -178,18 +180,12 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
     def check_inputs(self, num_inference_steps, output_type="pt", batch_size=1, generator=None, latents=None):
         """Check the arguments of `__call__` and `invert` and the unet/scheduler pairing."""
-        _check_scheduler(self.scheduler)
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        flow.check_scheduler(self.scheduler)
+        check_integer("num_inference_steps", num_inference_steps)
         allowed = OUTPUT_TYPES if getattr(self, "vae", None) is None else (*OUTPUT_TYPES, "latent")  # a latent model
         if output_type not in allowed:
             raise ValueError(f"`output_type` must be one of {allowed}, got {output_type!r}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
+        check_integer("batch_size", batch_size)
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
                 f"You passed a list of {len(generator)} generators for a batch of {batch_size}: pass one generator "
@@ -199,10 +195,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"Unexpected latents shape {tuple(latents.shape)}: expected {shape} (batch, C, H, W).")
         if latents is not None:
-            _check_standard_gaussian(latents, self.scheduler)
+            check_standard_gaussian(latents, flow.old_latents_fix(self.scheduler))
         in_channels, out_channels = self.num_channels, self.unet.config.out_channels
         expected = in_channels
-        if isinstance(self.scheduler, PFGMScheduler):
+        if isinstance(self.scheduler, PoissonFlowScheduler):
             expected = self.scheduler.num_output_channels(in_channels)
         if out_channels != expected:
             raise ValueError(
@@ -389,64 +385,12 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         return self._denoise(self._network(class_labels, guidance_scale, conditioning_image), sample, sigma)
 
     def _denoise(self, network, sample, sigma):
-        model_input = self.scheduler.precondition_inputs(sample, sigma)
-        timestep = torch.as_tensor(self.scheduler.precondition_noise(sigma), dtype=torch.float32)
-        timestep = timestep.to(sample.device).reshape(-1).expand(sample.shape[0])
-        model_output = network(model_input, timestep)
-        return self.scheduler.precondition_outputs(sample, model_output.float(), sigma).float()
+        return denoise_with(network, self.scheduler, sample, sigma)  # the one composition (denoiser.py)
 
     def _denoiser(self, network):
-        """`denoise` as the solvers of `ode.py` call it, and a progress bar counting its evaluations (no total: the
-        adaptive solvers choose their number)."""
-        progress = tqdm(total=None, **{"desc": "network evaluations", **getattr(self, "_progress_bar_config", {})})
-
-        def denoise(sample, sigma):
-            progress.update()
-            return self._denoise(network, sample, sigma)
-
-        return denoise, progress
-
-    @property
-    def _is_field_model(self) -> bool:
-        # The one place the pipeline asks about field mode: RK45 then keeps the official state layout with z.
-        return self.scheduler.config.get("prediction_type") == "poisson_field"
-
-    def _sigma_range(self) -> tuple[float, float]:
-        return float(self.scheduler.config.sigma_min), float(self.scheduler.config.sigma_max)
-
-    def _noise_levels(self, num_inference_steps: int) -> list[float]:
-        """The scheduler's grid for `num_inference_steps`, descending, each level once (Heun's layout repeats them);
-        it ends with 0 when sampling ends with EDM's denoising step x = D(x, sigma_min)."""
-        self.scheduler.set_timesteps(num_inference_steps)
-        return torch.unique_consecutive(self.scheduler.sigmas).tolist()
-
-    def _loop_scheduler(self, solver):
-        """The scheduler whose steps run `solver` for one call: the pipeline's own for None or its own solver's name,
-        else a `PFGMScheduler` of the same config with `solver` swapped (self.scheduler is left untouched)."""
-        if solver is None or solver == self.scheduler.config.get("solver", "euler"):  # EDMEulerScheduler: Euler
-            return self.scheduler
-        if not isinstance(self.scheduler, PFGMScheduler):
-            raise ValueError(
-                f"solver={solver!r} swaps the solver of a PFGMScheduler, but the scheduler is "
-                f"{type(self.scheduler).__name__}: pass None (its own steps) or 'rk45', or set `pipe.scheduler = "
-                "PFGMScheduler.from_config(pipe.scheduler.config, aug_dim=None)` (the same EDM model)."
-            )
-        try:  # the scheduler knows its solvers, so that a new one needs no change here
-            return PFGMScheduler.from_config(self.scheduler.config, solver=solver)
-        except ValueError as error:
-            raise ValueError(f"`solver` must be None, 'rk45' or a PFGMScheduler solver: {error}") from None
-
-    def _prior_from_noise(self, latents: torch.Tensor) -> torch.Tensor:
-        """Standard Gaussian latents -> the ODE's state at sigma_max (docs/scheduler.md)."""
-        if isinstance(self.scheduler, PFGMScheduler):
-            return self.scheduler.prior_from_noise(latents)
-        return latents * self.scheduler.init_noise_sigma  # an EDM scheduler: its own generic start
-
-    def _noise_from_prior(self, x: torch.Tensor) -> torch.Tensor:
-        """The ODE's state at sigma_max -> standard Gaussian latents (the inverse of `_prior_from_noise`)."""
-        if isinstance(self.scheduler, PFGMScheduler):
-            return self.scheduler.noise_from_prior(x)
-        return x / self.scheduler.init_noise_sigma
+        """`denoise` with the conditions bound, as `ode.SAMPLERS` call it, counted, with its progress bar."""
+        progress_config = getattr(self, "_progress_bar_config", {})
+        return flow.counted_denoiser(lambda sample, sigma: self._denoise(network, sample, sigma), progress_config)
 
     # ------------------------------------------------------------------ generation
 
@@ -469,6 +413,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         strength: float | None = None,
         conditioning_image=None,
         do_normalize: bool = True,
+        max_evaluations: int | None = None,
         decode_batch_size: int | None = None,
     ) -> PFGMPipelineOutput | tuple:
         r"""
@@ -505,6 +450,9 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 at 0 (PFGM++ modes), a final denoising step x = D(x, sigma_min) follows, EDM's last Euler step.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
+            max_evaluations (`int`, *optional*):
+                A budget of network calls for `solver="rk45"`: a run that needs more raises
+                `ode.EvaluationBudgetExceeded` (with the noise level it reached) instead of going on.
             guidance_scale (`float`, defaults to 1.0):
                 Classifier-free guidance (Ho & Salimans 2022) for a model trained with a null class
                 (`null_class_label`) and/or conditioning dropout (`conditioning_dropout_prob`): D = D_null +
@@ -558,18 +506,23 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
         if image is not None and tuple(image.shape) != self._latent_shape(batch_size):
             raise ValueError(f"image must have shape {self._latent_shape(batch_size)}, got {tuple(image.shape)}.")
-        scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
+        name = flow.solver_name(self.scheduler, solver)  # "rk45", or a step of `ode.STEPPERS` for the loop below
+        if max_evaluations is not None and name not in flow.ADAPTIVE:
+            raise ValueError(f"`max_evaluations` bounds the adaptive solvers {flow.ADAPTIVE}, got solver={name!r}.")
+        scheduler = None if name in flow.ADAPTIVE else flow.loop_scheduler(self.scheduler, solver)
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
         network = self._network(labels, guidance_scale, condition)
         latents = self.prepare_latents(batch_size, latents, generator, device)
-        if solver == "rk45":
+        if name in flow.ADAPTIVE:
             denoise, progress = self._denoiser(network)
-            sigma_min, sigma_max = self._sigma_range()
-            x = self._prior_from_noise(latents)
-            sample, nfe = ode.solve_rk45(denoise, x, sigma_max, sigma_min, rtol, atol, self._is_field_model)
-            if self._noise_levels(num_inference_steps)[-1] == 0:  # EDM's last Euler step to 0: x = D(x, sigma_min)
-                sample, nfe = denoise(sample, sigma_min), nfe + 1
+            sigma_min, sigma_max = flow.sigma_range(self.scheduler)
+            x = flow.prior_from_noise(self.scheduler, latents)
+            options = dict(rtol=rtol, atol=atol, carry_sigma=flow.is_field_model(self.scheduler))
+            sample = ode.SAMPLERS[name](denoise, x, [sigma_max, sigma_min], max_evaluations=max_evaluations, **options)
+            if flow.noise_levels(self.scheduler, num_inference_steps)[-1] == 0:  # EDM's last Euler step to 0
+                sample = denoise(sample, sigma_min)  # x = D(x, sigma_min)
+            nfe = denoise.calls
             progress.close()
         else:
             scheduler.set_timesteps(num_inference_steps, device=device)
@@ -681,21 +634,23 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             `torch.Tensor` of shape `(B, C, H, W)`: standard Gaussian latents, float32.
         """
         self.check_inputs(num_inference_steps)
-        scheduler = self._loop_scheduler(None if solver == "rk45" else solver)
+        name = flow.solver_name(self.scheduler, solver)
+        if name not in flow.ADAPTIVE:
+            flow.loop_scheduler(self.scheduler, solver)  # refuses a swap an EDM scheduler cannot make
         device = self._execution_device
         x = self._model_space(images, do_normalize)
         labels = self.prepare_class_labels(class_labels, x.shape[0], device=device, required=True)
         condition = self.prepare_conditioning_image(conditioning_image, x.shape[0], device, do_normalize)
         denoise, progress = self._denoiser(self._network(labels, guidance_scale, condition))
-        if solver == "rk45":
-            sigma_min, sigma_max = self._sigma_range()
-            x, _ = ode.solve_rk45(denoise, x, sigma_min, sigma_max, rtol, atol, self._is_field_model)
-        else:
-            sigmas = [sigma for sigma in self._noise_levels(num_inference_steps) if sigma > 0][::-1]  # ascending
-            sampler = getattr(ode, "sample_" + scheduler.config.get("solver", "euler"))  # ode.sample_<solver>
-            x = sampler(denoise, x, sigmas)
+        if name in flow.ADAPTIVE:
+            sigmas, options = flow.sigma_range(self.scheduler), dict(rtol=rtol, atol=atol)
+            options.update(carry_sigma=flow.is_field_model(self.scheduler))
+        else:  # the grid walked backwards, ascending, its final sigma = 0 skipped
+            sigmas = [sigma for sigma in flow.noise_levels(self.scheduler, num_inference_steps) if sigma > 0][::-1]
+            options = {}
+        x = ode.SAMPLERS[name](denoise, x, sigmas, **options)
         progress.close()
-        latents = self._noise_from_prior(x)
+        latents = flow.noise_from_prior(self.scheduler, x)
         self.maybe_free_model_hooks()
         return latents
 
@@ -808,14 +763,14 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         probe = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
         if hutchinson_type == "rademacher":
             probe = torch.sign(probe)
-        sigma_min, sigma_max = self._sigma_range()
+        sigma_min, sigma_max = flow.sigma_range(self.scheduler)
         denoise, progress = self._denoiser(self._network(labels, conditioning_image=condition))
         x_T, delta, nfe = ode.solve_log_likelihood(denoise, x, probe, sigma_min, sigma_max, rtol, atol)
         progress.close()
         log_prob = prior_log_prob(x_T.double(), sigma_max, self.scheduler.config.get("aug_dim")) + delta
         offset = _BITS_PER_DIM_OFFSET if self.vae is None else 0.0  # latents are no 8-bit data
         bits_per_dim = -log_prob / (N * math.log(2)) + offset
-        latents = self._noise_from_prior(x_T)
+        latents = flow.noise_from_prior(self.scheduler, x_T)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (bits_per_dim, log_prob, latents, nfe)
@@ -823,14 +778,6 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _check_scheduler(scheduler):
-    if not isinstance(scheduler, SCHEDULERS):
-        raise ValueError(
-            f"Got a {type(scheduler).__name__}: PFGMPipeline runs a PFGMScheduler or diffusers' EDMEulerScheduler "
-            "(the D = infinity case, also PFGMScheduler.from_config(edm_scheduler.config, aug_dim=None))."
-        )
 
 
 def _check_null_class_label(null_class_label, unet):
@@ -863,32 +810,6 @@ def _check_class_names(class_names, unet, null_class_label=None):
         raise ValueError(
             f"Got {len(class_names)} class_names for a UNet with num_class_embeds={num_classes}: give one name per"
             " class, in label order (or none)."
-        )
-
-
-# A start whose |latents|^2 has a chi-square tail probability below this is not standard Gaussian (and one that big
-# is certain to be a prior sample: sigma_max times a Gaussian's radius).
-_FAR_LATENTS_PROBABILITY = 1e-12
-
-
-def _check_standard_gaussian(latents, scheduler):
-    """Refuse non-finite latents, and prior samples (what the previous release took as latents)."""
-    norm_sq = squared_norms(latents)  # (B,): one host sync
-    if not np.all(np.isfinite(norm_sq)):
-        raise ValueError("`latents` contain NaN or infinite values.")
-    N = latents[0].numel()
-    _, upper = chi2_quantiles(norm_sq, N)
-    if np.any((upper < _FAR_LATENTS_PROBABILITY) & (norm_sq > N)):
-        i = int(np.argmin(upper))
-        fix = (
-            "`latents = pipe.scheduler.noise_from_prior(old)`"
-            if isinstance(scheduler, PFGMScheduler)
-            else "`latents = old / pipe.scheduler.init_noise_sigma`"
-        )
-        raise ValueError(
-            f"`latents` must be standard Gaussian, but latents[{i}] has radius {math.sqrt(norm_sq[i]):.4g},"
-            f" {math.sqrt(norm_sq[i] / N):.3g} times a standard Gaussian's (sqrt(N) = {math.sqrt(N):.4g}): prior"
-            f" samples, as the previous release took them? Convert them with {fix}."
         )
 
 

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 import torch
 
 from . import ode
-from .perturbation import _check_aug_dim, _standard_gamma, gaussian
+from .perturbation import _standard_gamma, gaussian
+from .validation import check_aug_dim
 
 # The official PFGM++ CIFAR-10 configuration (params_cifar10_pfgmpp.txt, 18 main steps): one block of
 # [N_restart, K, t_min, t_max]: 3 levels from t_max = 0.30 to t_min ~ 0.14, twice. 35 + 2 * 2 * 2 = 43 NFE.
@@ -36,6 +37,9 @@ def restart_jump(x: torch.Tensor, sigma_from: float, sigma_to: float, aug_dim: i
 
     Draws: the Gaussian g (B, N) first, then w_1 (B,), then chi^2_{D-1} as 2 Gamma((D - 1) / 2) (B,).
     """
+    if not (0 <= sigma_from < sigma_to < math.inf):
+        raise ValueError(f"a forward jump needs 0 <= sigma_from < sigma_to, finite; got {sigma_from} and {sigma_to}.")
+    check_aug_dim(aug_dim)
     batch_size = x.shape[0]
     g = gaussian(x.shape, generator, x.device, torch.float64)  # (B, ...)
     view = (-1,) + (1,) * (x.ndim - 1)
@@ -120,7 +124,7 @@ def sample_restart(denoise, x: torch.Tensor, sigmas, restart=None, aug_dim=None,
     Network evaluations: 2n - 1 for the main n levels > 0 with a trailing 0, plus 2 K (N_restart - 1) per block; 43 for
     18 steps with the default block. `generator` drives the jumps (one generator, or one per sample).
     """
-    _check_aug_dim(aug_dim)
+    check_aug_dim(aug_dim)
     blocks = restart_schedule(sigmas, RESTART_CIFAR10 if restart is None else restart, rho)
     start = 0
     for index in sorted(blocks):

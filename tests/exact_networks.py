@@ -17,7 +17,7 @@ def sigma_of_timestep(scheduler, timestep) -> float:
 
 def output_for_denoised(scheduler, x, denoised, sigma):
     """The model output whose `precondition_outputs(x, output, sigma)` is `denoised` (float64 in, x's dtype out)."""
-    prediction_type, sigma_data = scheduler.config.prediction_type, scheduler.config.sigma_data
+    prediction_type, sigma_data = scheduler.config.prediction_type, scheduler.config.get("sigma_data")
     if prediction_type == "sample":
         return denoised
     if prediction_type == "poisson_field":
@@ -42,7 +42,7 @@ def exact_network(scheduler, data, record=None):
         sigma = sigma_of_timestep(scheduler, timestep)
         x = model_input.double()
         if not field:
-            x = x * (sigma**2 + scheduler.config.sigma_data**2) ** 0.5  # undo c_in
+            x = x * (sigma**2 + scheduler.config.get("sigma_data") ** 2) ** 0.5  # undo c_in
         if record is not None:
             record.append(x)
         denoised = ideal_denoiser(x, sigma, data.double(), aug_dim)

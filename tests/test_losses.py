@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers import PFGMFieldScheduler, PFGMScheduler
 from pfgm_diffusers.field import poisson_field_target
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 from pfgm_diffusers.perturbation import pfgm_perturb
@@ -116,6 +116,16 @@ def test_pfgmpp_loss_perturbs_with_the_pfgmpp_kernel_for_finite_D():
     cosine = torch.nn.functional.cosine_similarity(noise_inf.flatten(1), noise_128.flatten(1))
     torch.testing.assert_close(cosine, torch.ones_like(cosine), rtol=0, atol=1e-5)
     assert not torch.allclose(noise_inf.flatten(1).norm(dim=1), noise_128.flatten(1).norm(dim=1), rtol=1e-3)
+    # the radius is the kernel's, r sqrt(G_N / G_D) with r = sigma sqrt(D) (math.md §2), from the same draws by hand:
+    # ln sigma, the Gaussian, then G_N ~ Gamma(N/2) and G_D ~ Gamma(D/2); r = sigma D (or sigma) would not match
+    g = torch.Generator().manual_seed(2)
+    B, N, D = x.shape[0], x[0].numel(), 128
+    sigma_by_hand = torch.exp(-1.2 + 1.2 * torch.randn(B, generator=g)).double()
+    torch.randn(x.shape, generator=g)
+    G_N = torch._standard_gamma(torch.full((B,), N / 2, dtype=torch.float64), generator=g)
+    G_D = torch._standard_gamma(torch.full((B,), D / 2, dtype=torch.float64), generator=g)
+    R = sigma_by_hand * math.sqrt(D) * (G_N / G_D).sqrt()
+    torch.testing.assert_close(noise_128.flatten(1).norm(dim=1).double(), R, rtol=1e-4, atol=0)
 
 
 def field_loss_by_hand(net, x, charges, generator, sigma=0.01, tau=0.03, M=291, gamma=5.0):
@@ -172,7 +182,7 @@ def test_poisson_field_loss_of_the_exact_field_is_zero_and_the_network_sees_raw_
     poisson_field_loss(recorder, charges[:5], charges, M=80, generator=torch.Generator().manual_seed(9))
     y, z = pfgm_perturb(charges[:5], M=80, generator=torch.Generator().manual_seed(9))
     sample, timestep, _ = recorder.calls[0]
-    field = PFGMScheduler(prediction_type="poisson_field", aug_dim=1, sigma_min=1e-3, sigma_max=40.0)
+    field = PFGMFieldScheduler(sigma_min=1e-3, sigma_max=40.0)
     assert torch.equal(sample, field.precondition_inputs(y, z)) and torch.equal(timestep, field.precondition_noise(z))
 
 

@@ -93,30 +93,54 @@ def test_pure_samplers_equal_the_scheduler_loop(aug_dim, solver):
         x = scheduler.scale_model_input(sample, t) / scheduler.precondition_inputs(torch.ones(()), sigma)
         sample = scheduler.step(denoise(x, float(sigma)), t, sample).prev_sample
     sigmas = torch.unique_consecutive(scheduler.sigmas).tolist()
-    pure = getattr(ode, f"sample_{solver}")(denoise, scheduler.prior_from_noise(noise), sigmas)
+    pure = ode.SAMPLERS[solver](denoise, scheduler.prior_from_noise(noise), sigmas)
     torch.testing.assert_close(pure, sample, atol=1e-5, rtol=1e-5)
 
 
-def test_every_scheduler_solver_has_a_pure_sampler():
-    """`invert` runs the scheduler's solver as `ode.sample_<name>`: a solver the scheduler accepts must have one."""
-    names = getattr(scheduling_pfgm, "SOLVERS", None) or scheduling_pfgm._SOLVERS
-    assert {"heun", "euler"} <= set(names)
-    for name in names:
-        assert callable(getattr(ode, f"sample_{name}", None)), name
+def test_every_scheduler_solver_has_a_pure_sampler_and_a_stepper():
+    """One table entry per name: `invert` runs the scheduler's solver as `ode.SAMPLERS[name]`, `step` as
+    `ode.STEPPERS[name]`; the scheduler accepts exactly the steppers' names."""
+    assert scheduling_pfgm.SOLVERS == tuple(ode.STEPPERS) == ("heun", "euler", "dpmpp_2m")
+    assert set(ode.SAMPLERS) == {*ode.STEPPERS, "rk45"}
+    for name in ode.STEPPERS:
+        assert PFGMScheduler(solver=name).order == ode.STEPPERS[name].order
+    with pytest.raises(ValueError, match="solver"):
+        PFGMScheduler(solver="rk45")  # adaptive: no per-call step
 
 
 @pytest.mark.parametrize("carry_sigma", [False, True])
 def test_rk45_meets_its_tolerance_both_ways(carry_sigma):
     x_T = gaussian_flow(X0, 0.002, 80.0)
     denoise, calls = counting(gaussian_denoiser)
-    back, nfe = ode.solve_rk45(denoise, x_T, 80.0, 0.002, rtol=1e-6, atol=1e-6, carry_sigma=carry_sigma)
-    assert back.shape == X0.shape and nfe == len(calls) > 10
+    rk45 = ode.SAMPLERS["rk45"]
+    back = rk45(denoise, x_T, [80.0, 0.002], rtol=1e-6, atol=1e-6, carry_sigma=carry_sigma)
+    nfe = len(calls)
+    assert back.shape == X0.shape and nfe > 10
     torch.testing.assert_close(back, X0, atol=1e-4, rtol=0)
-    forth, _ = ode.solve_rk45(gaussian_denoiser, X0, 0.002, 80.0, rtol=1e-6, atol=1e-6, carry_sigma=carry_sigma)
+    forth = rk45(gaussian_denoiser, X0, [0.002, 80.0], rtol=1e-6, atol=1e-6, carry_sigma=carry_sigma)
     torch.testing.assert_close(forth, x_T, rtol=1e-4, atol=1e-4)
     # looser tolerances, fewer evaluations
-    _, loose = ode.solve_rk45(gaussian_denoiser, x_T, 80.0, 0.002, rtol=1e-2, atol=1e-2, carry_sigma=carry_sigma)
-    assert loose < nfe
+    calls.clear()
+    rk45(denoise, x_T, [80.0, 0.002], rtol=1e-2, atol=1e-2, carry_sigma=carry_sigma)
+    assert len(calls) < nfe
+
+
+def test_rk45_stops_at_its_evaluation_budget_and_reports_each_call():
+    """The seam that replaces patching a live pipeline: a budget raises before call budget + 1, naming the level
+    reached; the callback sees every call."""
+    x_T = gaussian_flow(X0, 0.002, 80.0)
+    denoise, calls = counting(gaussian_denoiser)
+    seen = []
+    with pytest.raises(ode.EvaluationBudgetExceeded) as caught:
+        ode.sample_rk45(denoise, x_T, [80.0, 0.002], rtol=1e-6, atol=1e-6, max_evaluations=7, callback=seen.append)
+    assert len(calls) == len(seen) == caught.value.evaluations == 7
+    assert [info["evaluations"] for info in seen] == list(range(1, 8))
+    assert caught.value.sigma == min(info["sigma"] for info in seen) < 80.0
+    assert all(torch.equal(info["denoised"], gaussian_denoiser(info["x"], info["sigma"])) for info in seen)
+    # a budget it does not need changes nothing
+    full = ode.sample_rk45(gaussian_denoiser, x_T, [80.0, 0.002], rtol=1e-3, atol=1e-3)
+    assert torch.equal(ode.sample_rk45(gaussian_denoiser, x_T, [80.0, 0.002], rtol=1e-3, atol=1e-3,
+                                       max_evaluations=10_000), full)  # fmt: skip
 
 
 def test_log_likelihood_ode_counts_the_volume_change():

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub.utils import filter_repo_objects
 from tiny_models import tiny_unet
 
-from pfgm_diffusers import PFGMPipeline, PFGMScheduler, hub
+from pfgm_diffusers import PFGMFieldScheduler, PFGMPipeline, PFGMScheduler, hub
 from pfgm_diffusers.pipeline_pfgm import PFGMPipelineOutput
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,8 @@ def make_pipe(unet=None, scheduler=None):
 
 def field_scheduler(**kwargs):
     """The original PFGM's CIFAR-10 sampler settings (math.md §3)."""
-    config = dict(prediction_type="poisson_field", aug_dim=1, sigma_min=1e-3, sigma_max=40.0, z_exp=5.0)
-    config.update(upper_norm=3000.0, sigma_schedule="exponential", **kwargs)
-    return PFGMScheduler(**config)
+    config = dict(sigma_min=1e-3, sigma_max=40.0, z_exp=5.0, upper_norm=3000.0, sigma_schedule="exponential")
+    return PFGMFieldScheduler(**config, **kwargs)
 
 
 def seeded(*seeds):
@@ -134,7 +133,7 @@ def test_latents_are_standard_gaussian_and_the_scheduler_maps_them(name, solver)
     given = pipe(latents=latents, **kwargs).images
     torch.testing.assert_close(given, drawn, atol=1e-6, rtol=0)
     scheduler = pipe.scheduler
-    if isinstance(scheduler, PFGMScheduler) and (solver == "rk45" or name != "D=inf"):
+    if isinstance(scheduler, (PFGMScheduler, PFGMFieldScheduler)) and (solver == "rk45" or name != "D=inf"):
         start = scheduler.prior_from_noise(latents)  # exactly (rk45) or up to the rounding of x * s / s (loop)
     else:  # EDM, and the D = inf loop (bit for bit EDMEulerScheduler's)
         start = latents * scheduler.init_noise_sigma
@@ -393,12 +392,12 @@ def test_save_and_load_reproduce_images_exactly(tmp_path):
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["_class_name"] == "PFGMPipeline"
-    assert index["scheduler"] == ["pfgm_diffusers.scheduling_pfgm", "PFGMScheduler"]
+    assert index["scheduler"] == ["pfgm_diffusers.scheduling_pfgm_field", "PFGMFieldScheduler"]
     assert index["unet"] == ["diffusers", "UNet2DModel"]
 
     loaded = PFGMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
-    assert isinstance(loaded.scheduler, PFGMScheduler) and loaded.scheduler.config.upper_norm == 3000.0
+    assert isinstance(loaded.scheduler, PFGMFieldScheduler) and loaded.scheduler.config.upper_norm == 3000.0
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
 
 

@@ -18,7 +18,19 @@ def python_blocks():
 
 
 def test_the_readme_has_its_examples():
-    assert len(python_blocks()) >= 2
+    """The two examples a user starts from, each with the calls it exists to show (an edit that drops one fails)."""
+    pipeline, scheduler = python_blocks()
+    for call in (
+        "PFGMPipeline.from_pretrained(",
+        "pipe.invert(",
+        "pipe(latents=",
+        'solver="dpmpp_2m"',
+        "log_likelihood(",
+    ):
+        assert call in pipeline, call
+    for call in ("PFGMScheduler(aug_dim=128)", "PFGMScheduler(aug_dim=None)", "PFGMFieldScheduler(", "set_timesteps(",
+                 "scale_model_input(", ".step(", "init_noise_sigma"):  # fmt: skip
+        assert call in scheduler, call
 
 
 @pytest.mark.parametrize("index", range(len(python_blocks())))

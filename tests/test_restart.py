@@ -165,3 +165,6 @@ def test_bad_restart_blocks_are_refused_naming_the_value():
         restart_schedule(sigmas[::-1], RESTART_CIFAR10)
     with pytest.raises(ValueError, match="`aug_dim` must be an integer >= 1 or None"):
         sample_restart(lambda x, s: x, torch.zeros(1, 3), sigmas, RESTART_CIFAR10, 0)
+    for sigma_from, sigma_to in ((0.3, 0.14), (0.2, 0.2), (-0.1, 0.3), (0.1, math.inf)):
+        with pytest.raises(ValueError, match="a forward jump needs 0 <= sigma_from < sigma_to, finite; got"):
+            restart_jump(torch.zeros(1, 3), sigma_from, sigma_to, 128)

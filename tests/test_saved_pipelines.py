@@ -9,7 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from pfgm_diffusers import PFGMPipeline
+from pfgm_diffusers import PFGMFieldScheduler, PFGMPipeline, PFGMScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "fixtures"))
 from make_saved_v0_1 import OUT, PIPELINES, calls_for, sample  # noqa: E402
@@ -20,6 +20,8 @@ from make_saved_v0_1 import OUT, PIPELINES, calls_for, sample  # noqa: E402
 def test_a_v0_1_folder_loads_and_samples_the_same_images(name, loader):
     pipe = loader.from_pretrained(OUT / name)
     assert type(pipe) is PFGMPipeline
+    # the v0.1 field-mode PFGMScheduler is the original PFGM's own class now
+    assert type(pipe.scheduler) is (PFGMFieldScheduler if name == "pfgm_field" else PFGMScheduler)
     pipe.set_progress_bar_config(disable=True)
     expected = load_file(OUT / name / "samples.safetensors")
     assert sorted(expected) == sorted(calls_for(name))

@@ -1,6 +1,8 @@
 """PFGMScheduler: the diffusers contract, the EDM limit, and sampling against exact answers (math.md §4)."""
 
 import inspect
+import json
+import logging
 import math
 import re
 import warnings
@@ -13,7 +15,8 @@ from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from exact_networks import exact_network, run_loop
 from scipy import stats
 
-from pfgm_diffusers import PFGMScheduler, PFGMSchedulerOutput
+from pfgm_diffusers import PFGMFieldScheduler, PFGMScheduler, PFGMSchedulerOutput
+from pfgm_diffusers.perturbation import kernel_noise
 from pfgm_diffusers.scheduling_pfgm import SOLVERS
 
 ORACLE = Path(__file__).resolve().parent / "oracle"  # the official code's outputs (see oracle/README.md)
@@ -166,8 +169,15 @@ CONTRACT_CONFIGS = [
     dict(aug_dim=None, solver="euler"),
     dict(aug_dim=128),
     dict(aug_dim=8, solver="dpmpp_2m", prediction_type="v_prediction"),
-    dict(aug_dim=1, prediction_type="poisson_field", sigma_max=40.0, sigma_min=1e-3, sigma_schedule="exponential"),
+    dict(prediction_type="poisson_field", sigma_max=40.0, sigma_min=1e-3, sigma_schedule="exponential"),
 ]
+
+
+def scheduler_for(config, **kwargs):
+    """The scheduler class of a contract config: the field model's own class for `prediction_type="poisson_field"`."""
+    if config.get("prediction_type") == "poisson_field":
+        return PFGMFieldScheduler(**{k: v for k, v in config.items() if k != "prediction_type"}, **kwargs)
+    return PFGMScheduler(**config, **kwargs)
 
 
 def dummy_sample(seed=0):
@@ -184,19 +194,19 @@ def dummy_residual(scheduler, sample):
 
 @pytest.mark.parametrize("config", CONTRACT_CONFIGS)
 def test_scale_model_input_before_set_timesteps_uses_the_training_table(config):
-    scheduler = PFGMScheduler(num_train_timesteps=256, **config)
+    scheduler = scheduler_for(config, num_train_timesteps=256)
     sample = dummy_sample()
     scaled = scheduler.scale_model_input(sample, scheduler.timesteps[-1])
     assert scaled.shape == sample.shape and scheduler.step_index == len(scheduler.timesteps) - 1
     torch.testing.assert_close(scaled, scheduler.precondition_inputs(sample, scheduler.sigmas[scheduler.step_index]))
-    if config["aug_dim"] is None:
+    if config.get("aug_dim", 1) is None:
         edm = EDMEulerScheduler(num_train_timesteps=256)
         assert torch.equal(scaled, edm.scale_model_input(sample, edm.timesteps[-1]))
 
 
 @pytest.mark.parametrize("config", CONTRACT_CONFIGS)
 def test_step_shape_and_outputs_equivalence(config, caplog):
-    scheduler = PFGMScheduler(**config)
+    scheduler = scheduler_for(config)
     scheduler.set_timesteps(10)
     t0, t1 = scheduler.timesteps[0], scheduler.timesteps[1]
     sample = dummy_sample()
@@ -205,7 +215,7 @@ def test_step_shape_and_outputs_equivalence(config, caplog):
     assert out_0.shape == sample.shape == out_1.shape
     assert torch.isfinite(out_0).all() and out_0.abs().max() > 0  # rand() is no randn start: mapped, not degenerate
     assert "scale_model_input" in caplog.text and "set_begin_index" in caplog.text  # and both are said
-    twin = PFGMScheduler(**config)
+    twin = scheduler_for(config)
     twin.set_timesteps(10)
     as_tuple = twin.step(dummy_residual(twin, sample), t0, sample, return_dict=False)
     assert torch.equal(as_tuple[0], out_0) and len(as_tuple) == 2
@@ -214,9 +224,9 @@ def test_step_shape_and_outputs_equivalence(config, caplog):
 @pytest.mark.parametrize("num_train_timesteps", [10, 50, 100, 1000])
 @pytest.mark.parametrize("config", CONTRACT_CONFIGS)
 def test_saved_and_loaded_schedulers_step_alike(config, num_train_timesteps, tmp_path):
-    scheduler = PFGMScheduler(num_train_timesteps=num_train_timesteps, **config)
+    scheduler = scheduler_for(config, num_train_timesteps=num_train_timesteps)
     scheduler.save_config(tmp_path)
-    loaded = PFGMScheduler.from_pretrained(tmp_path)
+    loaded = type(scheduler).from_pretrained(tmp_path)
     public = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
     assert public == dict(loaded.config)
     sample = dummy_sample()
@@ -232,11 +242,11 @@ def test_saved_and_loaded_schedulers_step_alike(config, num_train_timesteps, tmp
 
 @pytest.mark.parametrize("config", CONTRACT_CONFIGS)
 def test_compatibles_round_trip(config):
-    scheduler = PFGMScheduler(**config)
+    scheduler = scheduler_for(config)
     assert all(c is not None for c in scheduler.compatibles)
     for compatible in scheduler.compatibles:
         other = compatible.from_config(scheduler.config)
-        back = PFGMScheduler.from_config(other.config)
+        back = type(scheduler).from_config(other.config)
         assert {k: v for k, v in back.config.items() if k in scheduler.config} == dict(scheduler.config)
         extra = {k for k in back.config if k not in scheduler.config}
         assert not extra & set(inspect.signature(PFGMScheduler.__init__).parameters)
@@ -244,12 +254,24 @@ def test_compatibles_round_trip(config):
 
 @pytest.mark.parametrize("config", CONTRACT_CONFIGS)
 def test_add_noise_at_a_schedule_timestep(config):
-    scheduler = PFGMScheduler(**config)
+    scheduler = scheduler_for(config)
     scheduler.set_timesteps(50)
     sample = dummy_sample()
     scaled = scheduler.scale_model_input(sample, scheduler.timesteps[-1])
-    noised = scheduler.add_noise(scaled, torch.randn(scaled.shape), scheduler.timesteps[5][None])
-    assert noised.shape == scaled.shape and torch.isfinite(noised).all()
+    noise = torch.randn(scaled.shape, generator=torch.Generator().manual_seed(5))
+    noised = scheduler.add_noise(scaled, noise, scheduler.timesteps[5][None])
+    # the kernel at timesteps[5]'s own noise level: sigma * noise for D = inf (EDM's), else its radial map
+    sigma, aug_dim = scheduler.sigmas[5], scheduler.config.aug_dim
+    assert torch.equal(noised, scaled + kernel_noise(noise, sigma.reshape(1), aug_dim))
+    ratio = (noised - scaled).flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1)  # R / |noise|
+    if aug_dim is None:
+        torch.testing.assert_close(ratio, sigma.expand(4), rtol=1e-5, atol=0)
+    else:  # a heavier-tailed radius than the Gaussian's, direction kept
+        assert (ratio / sigma - 1).abs().max() > 5e-3
+        torch.testing.assert_close(
+            torch.nn.functional.cosine_similarity((noised - scaled).flatten(1), noise.flatten(1)),
+            torch.ones(4),
+        )
 
 
 def test_config_attributes_and_no_deprecated_kwargs():
@@ -368,9 +390,7 @@ def test_one_charge_field_lines_in_field_mode(solver):
         v = math.sqrt(N) / (norm + gamma)
         return torch.cat([g_x * v, (g_z * v).expand(-1, 1, 2, 2)], dim=1)
 
-    scheduler = PFGMScheduler(
-        aug_dim=1,
-        prediction_type="poisson_field",
+    scheduler = PFGMFieldScheduler(
         sigma_max=40.0,
         sigma_min=1e-3,
         sigma_schedule="exponential",
@@ -391,8 +411,7 @@ def test_one_charge_field_lines_in_field_mode(solver):
 
 
 def test_field_mode_grid_is_uniform_in_log_z():
-    scheduler = PFGMScheduler(aug_dim=1, prediction_type="poisson_field", sigma_max=40.0, sigma_min=1e-3,
-                              sigma_schedule="exponential", solver="euler")  # fmt: skip
+    scheduler = PFGMFieldScheduler(sigma_max=40.0, sigma_min=1e-3, sigma_schedule="exponential", solver="euler")
     scheduler.set_timesteps(10)
     log_z = torch.log(scheduler.sigmas.double())
     assert len(scheduler.timesteps) == 10 and len(scheduler.sigmas) == 11
@@ -437,21 +456,39 @@ def test_add_noise_draws_the_kernel_at_continuous_sigma():
         (dict(rho=float("nan")), "rho"),
         (dict(num_train_timesteps=0), "num_train_timesteps"),
         (dict(num_train_timesteps=10.5), "num_train_timesteps"),
-        (dict(gamma=float("nan")), "gamma"),
-        (dict(vz_eps=float("inf")), "vz_eps"),
-        (dict(z_exp=float("nan")), "z_exp"),
-        (dict(upper_norm=float("inf")), "upper_norm"),
+        (dict(gamma=3.0), r"\['gamma'\] are options of the original PFGM's field model: use `PFGMFieldScheduler"),
+        (dict(upper_norm=3000.0, z_exp=1.0), r"\['upper_norm', 'z_exp'\] are options .*PFGMFieldScheduler"),
         (dict(prediction_type="flow"), "prediction_type"),
         (dict(solver="rk4"), "solver"),
         (dict(sigma_schedule="linear"), "sigma_schedule"),
         (dict(final_sigmas_type="one"), "final_sigmas_type"),
         (dict(prediction_type="poisson_field", aug_dim=4), "aug_dim=1"),
-        (dict(upper_norm=0.5), "upper_norm"),
     ],
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PFGMScheduler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gamma=float("nan")), "gamma"),
+        (dict(gamma=-1.0), "gamma"),
+        (dict(vz_eps=float("inf")), "vz_eps"),
+        (dict(z_exp=float("nan")), "z_exp"),
+        (dict(z_exp=0.0), "z_exp"),
+        (dict(upper_norm=float("inf")), "upper_norm"),
+        (dict(upper_norm=0.5), "upper_norm"),
+        (dict(sigma_min=1.0, sigma_max=1.0), "sigma_min"),
+        (dict(solver="rk4"), "solver"),
+        (dict(aug_dim=4), "aug_dim=1"),
+        (dict(prediction_type="epsilon"), "poisson_field"),
+    ],
+)
+def test_bad_field_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PFGMFieldScheduler(**kwargs)
 
 
 def test_bad_calls():
@@ -558,8 +595,10 @@ def test_float16_outputs_refuse_a_start_they_cannot_hold():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "poisson_field"])
 def test_model_output_must_have_the_exact_shape(prediction_type):
     """A model output of batch 1, or of 1 channel, broadcasts silently in the arithmetic: refused (field: C + 1)."""
-    aug_dim = 1 if prediction_type == "poisson_field" else 8
-    scheduler = PFGMScheduler(aug_dim=aug_dim, prediction_type=prediction_type, solver="euler")
+    if prediction_type == "poisson_field":
+        scheduler = PFGMFieldScheduler(solver="euler")
+    else:
+        scheduler = PFGMScheduler(aug_dim=8, prediction_type=prediction_type, solver="euler")
     scheduler.set_timesteps(3)
     x = torch.randn(2, 3, 4, 4) * scheduler.init_noise_sigma
     t = scheduler.timesteps[0]
@@ -574,7 +613,7 @@ def test_model_output_must_have_the_exact_shape(prediction_type):
 
 
 def test_field_mode_needs_the_extra_channel():
-    scheduler = PFGMScheduler(aug_dim=1, prediction_type="poisson_field", sigma_max=40.0, sigma_min=1e-3)
+    scheduler = PFGMFieldScheduler(sigma_max=40.0, sigma_min=1e-3)
     scheduler.set_timesteps(3)
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="C\\+1"):
@@ -674,3 +713,48 @@ def test_timesteps_in_order_run_as_floats_and_as_schedule_elements_alike():
         return x
 
     assert torch.equal(run(lambda t: t), run(float))
+
+
+# ----- the original PFGM is its own class; v0.1 code and configs reach it -----
+
+
+V0_1_FIELD_CONFIG = json.loads(
+    (Path(__file__).parent / "fixtures/saved_v0_1/pfgm_field/scheduler/scheduler_config.json").read_text()
+)
+
+
+def test_pfgmpp_config_has_no_field_keys_and_the_field_scheduler_no_edm_ones():
+    assert not {"gamma", "z_exp", "upper_norm", "vz_eps"} & set(PFGMScheduler().config)
+    field = PFGMFieldScheduler()
+    assert not {"sigma_data", "final_sigmas_type"} & set(field.config)
+    assert (field.config.prediction_type, field.config.aug_dim) == ("poisson_field", 1)  # fixed, for readers
+    assert field.num_output_channels(3) == 4 and PFGMScheduler().num_output_channels(3) == 3
+    assert not hasattr(PFGMScheduler(), "_field_mode") and not hasattr(field, "loss_weight")
+
+
+def test_a_v0_1_field_config_loads_as_the_field_scheduler(tmp_path, caplog):
+    """What pipelines saved by v0.1 hold: `_class_name` PFGMScheduler with prediction_type="poisson_field"."""
+    assert V0_1_FIELD_CONFIG["_class_name"] == "PFGMScheduler" and "sigma_data" in V0_1_FIELD_CONFIG
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(V0_1_FIELD_CONFIG))
+    for scheduler in (PFGMScheduler.from_pretrained(tmp_path), PFGMScheduler.from_config(V0_1_FIELD_CONFIG)):
+        assert type(scheduler) is PFGMFieldScheduler
+        for key in ("sigma_min", "sigma_max", "sigma_schedule", "gamma", "z_exp", "upper_norm", "vz_eps", "solver"):
+            assert scheduler.config[key] == V0_1_FIELD_CONFIG[key], key
+    assert "sigma_data" not in caplog.text  # its PFGM++-only keys are dropped without a warning
+    swapped = PFGMScheduler.from_config(V0_1_FIELD_CONFIG, solver="euler")
+    assert type(swapped) is PFGMFieldScheduler and swapped.config.solver == "euler"
+
+
+def test_v0_1_code_building_the_field_mode_gets_the_field_scheduler_with_a_note(caplog):
+    with caplog.at_level(logging.WARNING, logger="pfgm_diffusers.scheduling_pfgm"):
+        old = PFGMScheduler(aug_dim=1, prediction_type="poisson_field", sigma_max=40.0, z_exp=1.0, sigma_data=0.5)
+    assert type(old) is PFGMFieldScheduler and "PFGMFieldScheduler(" in caplog.text
+    # v0.1's defaults for what it was not given (a Karras grid from 0.002), not the new class's (official PFGM's)
+    assert (old.config.sigma_min, old.config.sigma_schedule, old.config.z_exp) == (0.002, "karras", 1.0)
+    # v0.1 code also gave PFGM++ schedulers the field keys at their v0.1 values, which meant nothing there
+    quiet = PFGMScheduler(aug_dim=8, gamma=5.0, z_exp=None, upper_norm=None, vz_eps=1e-5)
+    assert type(quiet) is PFGMScheduler and dict(quiet.config) == dict(PFGMScheduler(aug_dim=8).config)
+    new = PFGMFieldScheduler(sigma_min=0.002, sigma_max=40.0, sigma_schedule="karras", z_exp=1.0)
+    old.set_timesteps(5)
+    new.set_timesteps(5)
+    assert torch.equal(old.sigmas, new.sigmas) and torch.equal(old.timesteps, new.timesteps)

@@ -12,13 +12,13 @@ from exact_networks import exact_network, landed, run_loop
 from scipy import stats
 from tiny_models import tiny_unet
 
-from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers import PFGMFieldScheduler, PFGMScheduler
 from pfgm_diffusers.perturbation import chi2_quantiles, kernel_radius
 
 # Four points in N = 3 (as in test_scheduler.py) and sixteen in N = 16.
 DATA = torch.tensor([[1.5, 0.2, -0.4], [-1.0, 0.9, 0.3], [0.1, -1.2, 0.8], [0.4, 0.5, 1.6]]).reshape(4, 1, 1, 3)
 DATA_16 = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(16))
-FIELD = dict(prediction_type="poisson_field", aug_dim=1, sigma_max=40.0, sigma_min=1e-5, sigma_schedule="exponential")
+FIELD = dict(sigma_max=40.0, sigma_min=1e-5, sigma_schedule="exponential")
 # (prediction type, D): every prediction type, with finite, infinite and field-mode D.
 MODES = [("epsilon", 8), ("v_prediction", 128), ("sample", None), ("poisson_field", 1)]
 STEPS = {"heun": 18, "euler": 40, "dpmpp_2m": 10}
@@ -26,7 +26,7 @@ STEPS = {"heun": 18, "euler": 40, "dpmpp_2m": 10}
 
 def make_scheduler(prediction_type, aug_dim, solver, **config):
     if prediction_type == "poisson_field":
-        return PFGMScheduler(solver=solver, **FIELD, **config)
+        return PFGMFieldScheduler(solver=solver, **FIELD, **config)
     return PFGMScheduler(aug_dim=aug_dim, prediction_type=prediction_type, solver=solver, **config)
 
 

@@ -201,3 +201,30 @@ def test_class_labels_restrict_each_posterior_to_its_class(D):
         stable_target(perturbed, sigma, reference, D, labels[:12], labels[:47])
     with pytest.raises(ValueError, match="the reference batch holds no image of class 3"):
         stable_target(perturbed, sigma, reference, D, torch.where(labels[:12] == 2, 3, labels[:12]), labels)
+
+
+def test_pfgmpp_loss_regresses_the_target_it_is_given():
+    """`pfgmpp_loss(target=...)`: the same draws, the weighted error against target(noisy, sigma) instead of x."""
+    import functools
+
+    from pfgm_diffusers import PFGMScheduler
+    from pfgm_diffusers.losses import pfgmpp_loss
+
+    scheduler = PFGMScheduler(aug_dim=128)
+    reference = torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(10)) * 2 - 1
+    seen = {}
+
+    def unet(model_input, timestep, class_labels=None):
+        seen["noisy"] = model_input * (timestep.exp() ** 8 + 0.25).sqrt().reshape(-1, 1, 1, 1)  # c_in undone
+        seen["sigma"] = timestep.exp() ** 4  # c_noise = ln(sigma) / 4
+        return type("Output", (), {"sample": torch.zeros_like(model_input)})()
+
+    target = functools.partial(stable_target, reference=reference, aug_dim=128)
+    loss = pfgmpp_loss(unet, scheduler, reference[:4], generator=torch.Generator().manual_seed(11), target=target)
+    sigma, noisy = seen["sigma"].double(), seen["noisy"]
+    expected_target = stable_target(noisy, sigma, reference, 128)
+    denoised = scheduler.precondition_outputs(noisy, torch.zeros_like(noisy), sigma)
+    weight = scheduler.loss_weight(sigma).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(loss, (weight * (denoised - expected_target) ** 2).mean().float(), rtol=1e-4, atol=0)
+    plain = pfgmpp_loss(unet, scheduler, reference[:4], generator=torch.Generator().manual_seed(11))
+    assert abs(plain.item() - loss.item()) > 1e-3 * plain.item()  # the target changed the loss

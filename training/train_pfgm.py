@@ -51,11 +51,11 @@ from pfgm_diffusers.data import (
 )
 from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedirs
 from pfgm_diffusers.guidance import drop_conditions
-from pfgm_diffusers.hub import save_model_card, upload_pipeline
+from pfgm_diffusers.hub import model_card_text, upload_pipeline
 from pfgm_diffusers.latent_cache import LatentDataset, build_latent_cache, cache_fingerprint, training_defaults
 from pfgm_diffusers.paired import PairedImages, PairedTrainingDataset, load_paired_folders, paired_collate
 from pfgm_diffusers.pipeline_pfgm import image_grid
-from pfgm_diffusers.training import checkpoints
+from pfgm_diffusers.training import checkpoints, metrics
 from pfgm_diffusers.training.arguments import (
     build_objective,
     build_scheduler,
@@ -194,7 +194,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
     if steps_per_epoch < 1:
         per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
-        flag = "--large_batch_size" if batch_size != args.train_batch_size else "--train_batch_size"
+        flag = "--train_batch_size" if batch_size == args.train_batch_size else "--large_batch_size"
+        flag = "--reference_batch_size" if args.target == "stf" else flag
         raise ValueError(
             f"the dataset has {len(dataset)} images, fewer than one optimizer step: batches of {batch_size} x "
             f"{accelerator.num_processes} process(es) x {args.gradient_accumulation_steps} accumulation = {per_step} "
@@ -296,6 +297,7 @@ def main(argv=None, loss=None):
     # Data
     with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
         images, paired = load_images(args)
+    reference = metrics.reference_for(args, images, accelerator.is_main_process)  # FID's, or None
     transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
     dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
     # What the saved pipeline records besides its modules, and the conditions of the sample grids (fixed examples)
@@ -324,11 +326,9 @@ def main(argv=None, loss=None):
     if args.upper_norm == "auto":
         logger.info(f"--upper_norm auto: {scheduler.config.upper_norm:.1f} = sqrt(N + 1) sigma (1 + tau)^M")
     out_channels = scheduler.num_output_channels(num_channels)  # C + 1 for the field objective
-    null_class = null_class_label(args, images.class_names)  # --class_dropout_prob: one more class embedding
-    num_class_embeds = images.num_classes if null_class is None else images.num_classes + 1
     in_channels = num_channels + (0 if paired is None else paired.conditioning_channels)
-    unet_config = load_unet_config(args, in_channels, out_channels, num_class_embeds, sample_size)
-    pipeline_config["null_class_label"] = null_class
+    unet_config = load_unet_config(args, in_channels, out_channels, num_class_embeds(args, images), sample_size)
+    pipeline_config["null_class_label"] = null_class_label(args, images.class_names)  # --class_dropout_prob
     run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
     saved_channels = None if checkpoint is None else checkpoint_state["unet_config"].get("in_channels")
     if vae is not None and saved_channels not in (None, num_channels):
@@ -370,7 +370,7 @@ def main(argv=None, loss=None):
         f"{accelerator.num_processes} process(es) x {args.train_batch_size} x {args.gradient_accumulation_steps} "
         f"accumulation, {args.max_train_steps} steps, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
         f"parameters"
-        + (f", {batch_size * accelerator.num_processes} charges per field target" if objective.gathers else "")
+        + (f", {batch_size * accelerator.num_processes} {objective.gathers}" if objective.gathers else "")
     )
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     first_epoch = global_step // steps_per_epoch
@@ -387,11 +387,7 @@ def main(argv=None, loss=None):
         unet.train()
         for batch in batches:
             class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
-            if null_class is not None:  # from the global generator: seeded per process, restored on resume
-                dropped = drop_conditions(
-                    {"labels": class_labels}, {"labels": torch.tensor(null_class)}, args.class_dropout_prob
-                )
-                class_labels = dropped["labels"]
+            class_labels = drop_labels(args, class_labels, images.class_names)  # --class_dropout_prob
             network = unet
             if paired is not None:  # never perturbed: concatenated to the network input as it is
                 condition = batch["conditioning_pixel_values"][: args.train_batch_size]
@@ -433,6 +429,8 @@ def main(argv=None, loss=None):
                 pipeline_config,
                 sample_conditions,
             )
+            if args.eval_steps is not None and (global_step % args.eval_steps == 0 or last_step):
+                evaluate(args, accelerator, unet, ema_model, scheduler, pipeline_config, reference, global_step)
             unet.train()
             if last_step:
                 break
@@ -442,6 +440,7 @@ def main(argv=None, loss=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, pipeline_config, global_step)
+        write_model_card(args, argv, repo_id, scheduler)
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
@@ -451,6 +450,21 @@ def main(argv=None, loss=None):
 def null_class_label(args, class_names):
     """The null class of --class_dropout_prob: the last class embedding, after the data's classes (or None)."""
     return len(class_names) if args.class_dropout_prob > 0 else None
+
+
+def num_class_embeds(args, images):
+    """The UNet's class embeddings: the data's classes, and the null class with --class_dropout_prob."""
+    return images.num_classes if null_class_label(args, images.class_names) is None else images.num_classes + 1
+
+
+def drop_labels(args, class_labels, class_names):
+    """--class_dropout_prob: each label becomes the null class with that probability, drawn from the global
+    generator (seeded per process, restored on resume); the labels as they are without it."""
+    null_class = None if class_labels is None else null_class_label(args, class_names)
+    if null_class is None:
+        return class_labels
+    null = {"labels": torch.tensor(null_class)}
+    return drop_conditions({"labels": class_labels}, null, args.class_dropout_prob)["labels"]
 
 
 def claim_output_dir(args, accelerator):
@@ -546,7 +560,8 @@ def save_progress(
         checkpoints.save_checkpoint(
             accelerator, args.output_dir, global_step, run_settings, args.checkpoints_total_limit
         )
-    if accelerator.is_main_process and (global_step % args.save_images_steps == 0 or last_step):
+    grids = args.save_images_steps > 0  # 0: no grids, not even at the end
+    if accelerator.is_main_process and grids and (global_step % args.save_images_steps == 0 or last_step):
         with ema_weights(ema_model, unet):
             unwrapped = accelerator.unwrap_model(unet)
             save_samples(args, accelerator, unwrapped, scheduler, global_step, pipeline_config, sample_conditions)
@@ -607,11 +622,63 @@ def save_pipeline(unet, scheduler, pipeline_config, output_dir):
     checkpoints.save_pipeline(PFGMPipeline(unet=unet, scheduler=scheduler, **pipeline_config), output_dir)
 
 
+def evaluate(args, accelerator, unet, ema_model, scheduler, pipeline_config, reference, global_step):
+    """One --eval_steps evaluation of the EMA model on every process; the record on the main process (None
+    elsewhere), appended to metrics.jsonl and logged as eval/... ."""
+    with ema_weights(ema_model, unet):  # every process samples its share
+        pipeline = eval_pipeline(accelerator.unwrap_model(unet), scheduler, pipeline_config)
+        record = metrics.evaluate(pipeline, args, accelerator, reference, global_step)
+    if record is not None:
+        metrics.append_record(args.output_dir, record)
+        accelerator.log(metrics.tracker_figures(record), step=global_step)
+        logger.info(f"Evaluation at step {global_step}: {json.dumps(record)}")
+    return record
+
+
+def eval_pipeline(unet, scheduler, pipeline_config):
+    """The pipeline that --eval_steps samples: `unet` (the EMA weights) with a fresh scheduler."""
+    pipeline = PFGMPipeline(unet=unet, scheduler=PFGMScheduler.from_config(scheduler.config), **pipeline_config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def write_model_card(args, argv, repo_id, scheduler):
+    """`README.md`: loading, the training command (secrets hidden), D, the last evaluation's figures (the last line
+    of metrics.jsonl) and the grid."""
+    figures = metrics.last_record(args.output_dir)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):  # --hub_token VALUE or --hub_token=VALUE
+        if arg.startswith("--hub_token="):
+            argv[i] = "--hub_token=***"
+        elif i > 0 and argv[i - 1] == "--hub_token":
+            argv[i] = "***"
+    aug_dim = scheduler.config.aug_dim
+    objective = "the original PFGM (field objective)" if args.objective == "poisson_field" else "PFGM++"
+    lines = [
+        "## Training",
+        "",
+        "```",
+        " ".join(["accelerate launch training/train_pfgm.py", *argv]).strip(),
+        "```",
+        "",
+    ]
+    lines += [f"{objective}, D = {'inf (EDM)' if aug_dim is None else aug_dim}, {args.max_train_steps} steps.", ""]
+    if figures is not None:
+        lines += [f"Figures at step {figures['step']} ({figures['metric']}, {figures['num_images']} images, EMA):", ""]
+        lines += ["| metric | value |", "| --- | --- |"]
+        lines += [f"| {key} | {value:.6g} |" for key, value in figures.items() if key not in ("step", "metric")]
+        lines.append("")
+    if os.path.exists(inside(args.output_dir, "samples.png")):
+        lines += ["![samples](samples.png)", ""]
+    name = repo_id if repo_id is not None else os.path.basename(os.path.normpath(args.output_dir))
+    card = model_card_text(name, "\n".join(lines))
+    atomic_write(inside(args.output_dir, "README.md"), card.encode(), folder=args.output_dir)
+
+
 def push_to_hub(repo_id, output_dir, token):
     """Upload the saved pipeline, its model card, `samples.png` and the arguments file: an allow-list, so checkpoints,
     logs and any stray file in the output folder stay local."""
-    save_model_card(output_dir, repo_id)
-    upload_pipeline(
+    upload_pipeline(  # the model card is written at the end of training (write_model_card)
         repo_id,
         output_dir,
         token=token,

@@ -274,7 +274,7 @@ def check_digits_pipeline(pipe) -> None:
         raise ValueError(f"{metric} 1-channel models, this one has {channels} channels")
     if size[0] != size[1]:
         raise ValueError(f"{metric} square images, this model makes {size[0]}x{size[1]}")
-    num_classes = config.num_class_embeds
+    num_classes = getattr(pipe, "num_classes", config.num_class_embeds)  # without a null class (guidance)
     class_names = getattr(pipe.config, "class_names", None)
     instead = "use --reference with its own data (FID/KID)"
     if num_classes is not None and num_classes != NUM_DIGIT_CLASSES:

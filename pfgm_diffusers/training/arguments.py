@@ -18,8 +18,8 @@ from diffusers import UNet2DModel
 from pfgm_diffusers import PFGMScheduler
 from pfgm_diffusers.latent_cache import LATENT_SAMPLING
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
-from pfgm_diffusers.training import checkpoints
-from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective
+from pfgm_diffusers.training import checkpoints, metrics
+from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective, StableTargetObjective
 from pfgm_diffusers.training.presets import (
     CONFIG_DIR,
     FROM_THE_DATA,
@@ -29,6 +29,8 @@ from pfgm_diffusers.training.presets import (
     UNET_BY_RESOLUTION,
 )
 
+# --target stf's reference batch per process: the official code's --rbatch default (Newbeeer/pfgmpp, train.py).
+STF_REFERENCE_BATCH_SIZE = 4096
 # Arguments whose names contain these words are secrets: never written to disk, logged or sent to a tracker.
 SECRET_WORDS = ("token", "key", "password", "secret")
 
@@ -132,6 +134,10 @@ def build_parser():
     add("--aug_dim", type=parse_aug_dim, help="D (integer) or 'inf' (EDM). --objective poisson_field: 1.")
     add("--P_mean", type=float, default=-1.2, help="Training noise levels: ln sigma ~ N(P_mean, P_std^2) (EDM).")
     add("--P_std", type=float, default=1.2, help="See --P_mean.")
+    add("--target", choices=("clean", "stf"), default="clean", help="The regression target: the clean image, "
+        "or 'stf' (Stable Target Field): the posterior mean over a reference batch (Xu et al. 2023).")  # fmt: skip
+    add("--reference_batch_size", type=int, help="--target stf: images per process, the first --train_batch_size "
+        f"trained on; all processes' form the reference. Default: {STF_REFERENCE_BATCH_SIZE} (official)")  # fmt: skip
     add("--sigma_data", type=float, default=0.5, help="EDM's preconditioning.")
     add("--sigma_min", type=float, help="Sampler range; z_min with --objective poisson_field (1e-3).")
     add("--sigma_max", type=float, help="Sampler range; z_max with --objective poisson_field (40).")
@@ -176,9 +182,13 @@ def build_parser():
     add("--checkpointing_steps", type=int, help="A checkpoint every N steps and at the end.")
     add("--checkpoints_total_limit", type=int, default=2, help="Older checkpoints are deleted.")
     add("--resume_from_checkpoint", help="'latest', a checkpoint folder, or its name in --output_dir. Default: none.")
-    add("--save_images_steps", type=int, help="A sample grid every N steps and at the end.")
+    add("--save_images_steps", type=int, help="A sample grid every N steps and at the end; 0: no grids at all.")
     add("--save_pipeline_steps", type=int, help="Save the EMA pipeline every N steps. Default: at the end only.")
-    add("--eval_batch_size", type=int, help="Images in each sample grid.")
+    add("--eval_batch_size", type=int, help="Images in each sample grid, and per batch of --eval_steps.")
+    add("--eval_steps", type=int, help="Measure the EMA model every N steps and at the end: the digits metric for "
+        "the embedded digits, FID/KID against the training data otherwise (the [eval] extra); eval/... to the "
+        "trackers, one JSON line each to metrics.jsonl, the last in the model card. Default: never.")  # fmt: skip
+    add("--eval_num_images", type=int, default=256, help="Images per evaluation, split across processes.")
     add("--num_inference_steps", type=int, help="Sampler steps of the sample grids.")
     add("--logging_dir", default="logs", help="Tracker logs, relative to --output_dir.")
     add("--logging_steps", type=int, default=10, help="Log the mean loss every N steps (no per-step host sync).")
@@ -224,6 +234,8 @@ def parse_args(argv=None):
     args.latent_defaults = [name for name in LATENT_DEFAULTS if name not in flags | set(preset)]
     if args.pretrained_vae_model_name_or_path is not None and args.latent_cache_dir is None:
         args.latent_cache_dir = os.path.join(args.output_dir, "latent_cache")
+    if args.target == "stf" and args.reference_batch_size is None:
+        args.reference_batch_size = STF_REFERENCE_BATCH_SIZE
     check_args(args)
     missing = [name for name in FROM_THE_DATA if getattr(args, name) is None]
     if args.pretrained_vae_model_name_or_path is not None and missing:
@@ -268,8 +280,9 @@ def check_args(args):
     if args.preset is not None and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError(f"--preset {args.preset} needs a dataset: give --dataset_name or --train_data_dir")
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
-    positive += ["save_images_steps", "eval_batch_size", "num_inference_steps", "logging_steps"]
+    positive += ["eval_batch_size", "num_inference_steps", "logging_steps"]
     optional = ["max_train_steps", "num_epochs", "checkpoints_total_limit", "save_pipeline_steps", "resolution"]
+    optional += ["eval_steps"]
     for name in positive + [name for name in optional if getattr(args, name) is not None]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -281,6 +294,10 @@ def check_args(args):
             )
     if args.encode_batch_size < 1:
         raise ValueError(f"--encode_batch_size must be >= 1, got {args.encode_batch_size}")
+    if args.save_images_steps < 0:
+        raise ValueError(f"--save_images_steps must be >= 0 (0: no sample grids), got {args.save_images_steps}")
+    if args.eval_num_images < 2:
+        raise ValueError(f"--eval_num_images must be >= 2 (a covariance needs two images), got {args.eval_num_images}")
     if args.dataloader_num_workers < 0:
         raise ValueError(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
     field_only = [name for name in ("large_batch_size", "z_exp", "upper_norm") if getattr(args, name) is not None]
@@ -291,6 +308,7 @@ def check_args(args):
             f"--large_batch_size ({args.large_batch_size}) must be >= --train_batch_size "
             f"({args.train_batch_size}): the small batch is the first rows of the large one"
         )
+    check_target(args)
     if not 0 <= args.class_dropout_prob < 1:  # NaN fails too
         raise ValueError(f"--class_dropout_prob must lie in [0, 1), got {args.class_dropout_prob}")
     if args.class_dropout_prob > 0 and not args.class_conditional:
@@ -329,6 +347,7 @@ def check_args(args):
             raise ValueError(f"--report_to {args.report_to} needs `pip install {args.report_to}`") from None
     if args.resume_from_checkpoint not in (None, "latest"):
         checkpoints.checkpoint_path(args.resume_from_checkpoint, args.output_dir)
+    metrics.check_metric_available(args)  # FID/KID for your own data need torch-fidelity: refused now, not later
 
 
 def check_paired_args(args):
@@ -377,11 +396,45 @@ def public_arguments(args):
     }
 
 
+def check_target(args):
+    """--target stf: PFGM++ only, a reference batch at least the training batch, no class labels."""
+    if args.target != "stf":
+        if args.reference_batch_size is not None:
+            raise ValueError("--reference_batch_size is an option of --target stf")
+        return
+    if args.objective == "poisson_field":
+        raise ValueError(
+            "--target stf is a target of --objective pfgmpp; the field objective has its own large-batch target "
+            "(--large_batch_size)"
+        )
+    if args.reference_batch_size < args.train_batch_size:
+        raise ValueError(
+            f"--reference_batch_size ({args.reference_batch_size}) must be >= --train_batch_size "
+            f"({args.train_batch_size}): the training batch is the first rows of the reference batch"
+        )
+    if args.class_conditional:  # the objective gets the training batch's labels, not the reference batch's
+        raise ValueError(
+            "--target stf with --class_conditional is not supported: its posterior must run over the images of each "
+            "sample's class (stable_target's class_labels), and the trainer does not pass the reference's labels"
+        )
+    conditions = [
+        name for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task") if getattr(args, name)
+    ]
+    if conditions:  # the posterior would have to be conditioned on the condition image too
+        raise ValueError(
+            f"--target stf with --{conditions[0]} is not supported: STF's posterior ignores the condition"
+        )
+
+
 def build_objective(args, loss=None):
     """The objective `--objective` names, with its settings; `loss` replaces its library loss (same signature)."""
     if args.objective == "poisson_field":
         return PoissonFieldObjective(
             args.train_batch_size, args.large_batch_size, args.sigma, args.tau, args.M, args.gamma, loss=loss
+        )
+    if args.target == "stf":
+        return StableTargetObjective(
+            args.train_batch_size, args.reference_batch_size, args.P_mean, args.P_std, loss=loss
         )
     return PFGMPPObjective(args.train_batch_size, args.P_mean, args.P_std, loss=loss)
 

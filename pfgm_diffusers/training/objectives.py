@@ -1,13 +1,16 @@
 """The training objectives `--objective` names. The trainer picks one here, once: what each batch holds, its loss, and
 the settings a checkpoint records; nothing else in the trainer asks which objective runs.
 
-Both classes share one interface (`loader_batch_size`, `settings`, `__call__`); `loss` is the library loss they
+The classes share one interface (`loader_batch_size`, `settings`, `__call__`); `loss` is the library loss they
 call, replaceable so that tests and benchmarks can record or stop training without patching the trainer.
 """
 
+import functools
+
+from pfgm_diffusers.field import stable_target
 from pfgm_diffusers.losses import pfgmpp_loss, poisson_field_loss
 
-__all__ = ["PFGMPPObjective", "PoissonFieldObjective"]
+__all__ = ["PFGMPPObjective", "PoissonFieldObjective", "StableTargetObjective"]
 
 
 class PFGMPPObjective:
@@ -56,7 +59,7 @@ class PoissonFieldObjective:
     """
 
     name = "poisson_field"
-    gathers = True  # the charges are every process's large batch
+    gathers = "charges per field target"  # the charges are every process's large batch
 
     def __init__(self, train_batch_size, large_batch_size, sigma, tau, M, gamma, loss=None):
         self.train_batch_size, self.large_batch_size = train_batch_size, large_batch_size
@@ -77,3 +80,47 @@ class PoissonFieldObjective:
         charges = accelerator.gather(batch.contiguous())
         x = batch[: self.train_batch_size]
         return self.loss(unet, x, charges, class_labels, self.sigma, self.tau, self.M, self.gamma)
+
+
+class StableTargetObjective:
+    """PFGM++ with the Stable Target Field target (Xu, Tong, Jaakkola, ICLR 2023; `--target stf`): `pfgmpp_loss`
+    regressing `stable_target`, the posterior mean of a reference batch at each perturbed image, instead of its
+    clean image. Each batch is `reference_batch_size` images; its first `train_batch_size` rows are perturbed, and the
+    reference batch is every process's batch (num_processes x L images, each sample's own image among them).
+
+    Gathered rather than per process as in the official code (`--stf --rbatch 4096`, each GPU's own batch): STF's
+    bias and variance fall as the reference batch grows, and gathering multiplies it by the number of processes for
+    one all-gather of images every process loads anyway (as the field objective's charges); the cost is the target's
+    two products over num_processes x L images. On one process the two are the same.
+
+    Args:
+        train_batch_size (`int`), reference_batch_size (`int`): the training and the reference batch, per process.
+        P_mean (`float`), P_std (`float`): training noise levels, ln sigma ~ N(P_mean, P_std^2) (EDM).
+        loss (`callable`, *optional*): called as
+            `pfgmpp_loss(unet, scheduler, x, class_labels, P_mean, P_std, target=target)`, `target` the STF target
+            of the gathered reference batch; default `pfgm_diffusers.losses.pfgmpp_loss`.
+    """
+
+    name = "pfgmpp"
+    gathers = "reference images per STF target"  # the reference batch is every process's batch
+
+    def __init__(self, train_batch_size, reference_batch_size, P_mean, P_std, loss=None):
+        self.train_batch_size, self.reference_batch_size = train_batch_size, reference_batch_size
+        self.P_mean, self.P_std = P_mean, P_std
+        self.loss = pfgmpp_loss if loss is None else loss
+
+    @property
+    def loader_batch_size(self):
+        return self.reference_batch_size
+
+    def settings(self):
+        """The loss's settings, recorded in every checkpoint: a resume that changes them learns another objective."""
+        return dict(P_mean=self.P_mean, P_std=self.P_std, target="stf", reference_batch_size=self.reference_batch_size)
+
+    def __call__(self, unet, scheduler, batch, class_labels, accelerator):
+        """The loss of one batch `(L, C, H, W)` of this process: its first rows regress the posterior mean over every
+        process's batch (num_processes x L images)."""
+        reference = accelerator.gather(batch.contiguous())
+        target = functools.partial(stable_target, reference=reference, aug_dim=scheduler.config.aug_dim)
+        x = batch[: self.train_batch_size]
+        return self.loss(unet, scheduler, x, class_labels, self.P_mean, self.P_std, target=target)
