@@ -15,6 +15,7 @@ in `pfgm_diffusers.losses`). See docs/training.md.
 
 import atexit
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -295,30 +296,10 @@ def main(argv=None, loss=None):
     set_seed(args.seed, device_specific=True)
 
     # Data
-    with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
-        images, paired = load_images(args)
-    reference = metrics.reference_for(args, images, accelerator.is_main_process)  # FID's, or None
-    transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
-    dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
-    # What the saved pipeline records besides its modules, and the conditions of the sample grids (fixed examples)
-    pipeline_config, sample_conditions = dict(class_names=images.class_names), None
-    if paired is not None:  # the UNet takes C + C_cond channels: the condition is concatenated to its input
-        dataset = PairedTrainingDataset(paired, args.resolution, args.center_crop, args.random_flip, seed=args.seed)
-        pipeline_config.update(
-            conditioning_channels=paired.conditioning_channels,
-            conditioning_dropout_prob=args.conditioning_dropout_prob,
-        )
-        first = list(range(min(args.eval_batch_size, len(dataset))))
-        sample_conditions = paired_collate(dataset.__getitems__(first))["conditioning_pixel_values"]
-    vae, num_channels, sample_size = None, images.num_channels, args.resolution  # what the UNet sees
-    if args.pretrained_vae_model_name_or_path is not None:  # latent PFGM++: the VAE's latents, encoded once
-        if paired is not None:
-            raise ValueError("paired (image-to-image) data with --pretrained_vae_model_name_or_path is not supported")
-        vae, dataset, (num_channels, sample_size, _) = encode_latents_once(args, accelerator, images)
-        pipeline_config["vae"] = vae
-    sampler = EpochSampler(len(dataset), seed=args.seed)
-    batch_size = objective.loader_batch_size  # the field objective loads the large batch
-    train_dataloader, steps_per_epoch = create_dataloader(args, dataset, sampler, batch_size, accelerator)
+    data = prepare_data(args, accelerator, objective)
+    images, paired, vae, dataset = data.images, data.paired, data.vae, data.dataset
+    num_channels, sample_size, pipeline_config = data.num_channels, data.sample_size, data.pipeline_config
+    train_dataloader, steps_per_epoch = data.dataloader, data.steps_per_epoch
 
     # Model, scheduler, optimizer, EMA
     # The one scheduler: grids, checkpoints, the pipeline (N: the latent's size for a latent run)
@@ -330,13 +311,8 @@ def main(argv=None, loss=None):
     unet_config = load_unet_config(args, in_channels, out_channels, num_class_embeds(args, images), sample_size)
     pipeline_config["null_class_label"] = null_class_label(args, images.class_names)  # --class_dropout_prob
     run_settings = recorded_settings(args, accelerator, objective, scheduler, unet_config, images.class_names)
-    saved_channels = None if checkpoint is None else checkpoint_state["unet_config"].get("in_channels")
-    if vae is not None and saved_channels not in (None, num_channels):
-        raise ValueError(
-            f"the VAE's latent_channels={num_channels} disagree with the UNet of {checkpoint!r} (in_channels="
-            f"{saved_channels}): resume with the VAE (and data) that run was trained with"
-        )
     if checkpoint is not None:
+        check_vae_channels(vae, num_channels, checkpoint, checkpoint_state)
         checkpoints.check_compatible(checkpoint, checkpoint_state, run_settings)
     unet = create_unet(args, unet_config)
     optimizer = create_optimizer(args, unet)
@@ -346,10 +322,7 @@ def main(argv=None, loss=None):
     # A function of the optimizer step whatever the process count: not prepared (accelerate would step it once per
     # process), stepped once per optimizer step, and on a resume brought to the checkpoint's step
     lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=args.lr_warmup_steps,
-        num_training_steps=args.max_train_steps,
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
     # After every input check, so that bad input creates no repository; before training, so that it fails fast
     repo_id = create_hub_repo(args) if accelerator.is_main_process and args.push_to_hub else None
@@ -363,22 +336,14 @@ def main(argv=None, loss=None):
         record_arguments(args, accelerator)
 
     # Loop
-    logger.info(
-        f"{args.objective}: {len(dataset)} images ({images.num_channels} channel(s), {args.resolution}px"
-        + (f"; latents {num_channels}x{sample_size}x{sample_size}" if vae is not None else "")
-        + "), "
-        f"{accelerator.num_processes} process(es) x {args.train_batch_size} x {args.gradient_accumulation_steps} "
-        f"accumulation, {args.max_train_steps} steps, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M "
-        f"parameters"
-        + (f", {batch_size * accelerator.num_processes} {objective.gathers}" if objective.gathers else "")
-    )
+    logger.info(describe_run(args, accelerator, data, objective, unet))
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     first_epoch = global_step // steps_per_epoch
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # summed on the device: no per-step sync
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
         if global_step >= args.max_train_steps:  # a finished run resumed: `resume` said so
             break
-        sampler.set_epoch(epoch)  # the same order and augmentations on every process and after a resume
+        data.sampler.set_epoch(epoch)  # the same order and augmentations on every process and after a resume
         dataset.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and global_step % steps_per_epoch != 0:
@@ -386,15 +351,7 @@ def main(argv=None, loss=None):
             batches = accelerator.skip_first_batches(train_dataloader, done)
         unet.train()
         for batch in batches:
-            class_labels = batch["label"][: args.train_batch_size] if images.class_names is not None else None
-            class_labels = drop_labels(args, class_labels, images.class_names)  # --class_dropout_prob
-            network = unet
-            if paired is not None:  # never perturbed: concatenated to the network input as it is
-                condition = batch["conditioning_pixel_values"][: args.train_batch_size]
-                if args.conditioning_dropout_prob:  # zeros instead, for guidance at sampling time
-                    nulls = {"image": torch.zeros_like(condition[:1])}
-                    condition = drop_conditions({"image": condition}, nulls, args.conditioning_dropout_prob)["image"]
-                network = with_condition(unet, condition)
+            network, class_labels = conditioned_network(args, unet, batch, images.class_names, paired)
             with accelerator.accumulate(unet):
                 loss = objective(network, scheduler, batch["pixel_values"], class_labels, accelerator)
                 accelerator.backward(loss)
@@ -418,19 +375,9 @@ def main(argv=None, loss=None):
                 logs = {"loss": (loss_sum / loss_count).item(), "lr": lr_scheduler.get_last_lr()[0]}
                 log_progress(args, accelerator, progress_bar, global_step, logs, ema_model)
                 loss_sum, loss_count = torch.zeros_like(loss_sum), 0
-            save_progress(
-                args,
-                accelerator,
-                global_step,
-                unet,
-                ema_model,
-                scheduler,
-                run_settings,
-                pipeline_config,
-                sample_conditions,
-            )
+            save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings, data)
             if args.eval_steps is not None and (global_step % args.eval_steps == 0 or last_step):
-                evaluate(args, accelerator, unet, ema_model, scheduler, pipeline_config, reference, global_step)
+                evaluate(args, accelerator, unet, ema_model, scheduler, pipeline_config, data.reference, global_step)
             unet.train()
             if last_step:
                 break
@@ -445,6 +392,94 @@ def main(argv=None, loss=None):
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
     accelerator.end_training()
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What `prepare_data` builds: the images, what the UNet sees (latents for a latent run), the loader."""
+
+    images: object
+    paired: object
+    vae: object
+    dataset: object
+    sampler: EpochSampler
+    dataloader: object
+    steps_per_epoch: int
+    loader_batch_size: int
+    num_channels: int  # of the UNet's input and output (the VAE's latent channels for a latent run)
+    sample_size: int
+    reference: object  # FID's reference statistics, or None
+    pipeline_config: dict  # what the saved pipeline records besides its modules
+    sample_conditions: object  # the conditions of the sample grids (fixed examples), or None
+
+
+def prepare_data(args, accelerator, objective):
+    """Load the images (paired, or encoded once into latents), the epoch sampler and the prepared-to-be loader."""
+    with accelerator.main_process_first():  # one process fills the `datasets` cache, the others read it
+        images, paired = load_images(args)
+    reference = metrics.reference_for(args, images, accelerator.is_main_process)  # FID's, or None
+    transform = ImageTransform(args.resolution, images.num_channels, args.center_crop, args.random_flip)
+    dataset = TrainingDataset(images.dataset, transform, seed=args.seed)
+    pipeline_config, sample_conditions = dict(class_names=images.class_names), None
+    if paired is not None:  # the UNet takes C + C_cond channels: the condition is concatenated to its input
+        dataset = PairedTrainingDataset(paired, args.resolution, args.center_crop, args.random_flip, seed=args.seed)
+        pipeline_config.update(
+            conditioning_channels=paired.conditioning_channels,
+            conditioning_dropout_prob=args.conditioning_dropout_prob,
+        )
+        first = list(range(min(args.eval_batch_size, len(dataset))))
+        sample_conditions = paired_collate(dataset.__getitems__(first))["conditioning_pixel_values"]
+    vae, num_channels, sample_size = None, images.num_channels, args.resolution  # what the UNet sees
+    if args.pretrained_vae_model_name_or_path is not None:  # latent PFGM++: the VAE's latents, encoded once
+        if paired is not None:
+            raise ValueError("paired (image-to-image) data with --pretrained_vae_model_name_or_path is not supported")
+        vae, dataset, (num_channels, sample_size, _) = encode_latents_once(args, accelerator, images)
+        pipeline_config["vae"] = vae
+    sampler = EpochSampler(len(dataset), seed=args.seed)
+    batch_size = objective.loader_batch_size  # the field objective loads the large batch
+    dataloader, steps_per_epoch = create_dataloader(args, dataset, sampler, batch_size, accelerator)
+    return TrainingData(
+        images, paired, vae, dataset, sampler, dataloader, steps_per_epoch, batch_size, num_channels, sample_size,
+        reference, pipeline_config, sample_conditions,
+    )  # fmt: skip
+
+
+def check_vae_channels(vae, num_channels, checkpoint, checkpoint_state):
+    """Refuse a resume whose UNet was trained on latents of another channel count than this VAE's."""
+    saved_channels = checkpoint_state["unet_config"].get("in_channels")
+    if vae is not None and saved_channels not in (None, num_channels):
+        raise ValueError(
+            f"the VAE's latent_channels={num_channels} disagree with the UNet of {checkpoint!r} (in_channels="
+            f"{saved_channels}): resume with the VAE (and data) that run was trained with"
+        )
+
+
+def describe_run(args, accelerator, data, objective, unet):
+    """The one line that says what this run trains on, with what, for how long."""
+    latents = f"; latents {data.num_channels}x{data.sample_size}x{data.sample_size}" if data.vae is not None else ""
+    gathered = data.loader_batch_size * accelerator.num_processes
+    gathers = f", {gathered} {objective.gathers}" if objective.gathers else ""
+    return (
+        f"{args.objective}: {len(data.dataset)} images ({data.images.num_channels} channel(s), {args.resolution}px"
+        f"{latents}), {accelerator.num_processes} process(es) x {args.train_batch_size} x"
+        f" {args.gradient_accumulation_steps} accumulation, {args.max_train_steps} steps,"
+        f" {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters{gathers}"
+    )
+
+
+def conditioned_network(args, unet, batch, class_names, paired):
+    """The network and class labels of one batch: labels dropped (--class_dropout_prob), and for paired data the
+    condition concatenated to the network input as it is (never perturbed; zeros where --conditioning_dropout_prob
+    drops it, for guidance at sampling time)."""
+    class_labels = batch["label"][: args.train_batch_size] if class_names is not None else None
+    class_labels = drop_labels(args, class_labels, class_names)
+    if paired is None:
+        return unet, class_labels
+    condition = batch["conditioning_pixel_values"][: args.train_batch_size]
+    if args.conditioning_dropout_prob:
+        nulls = {"image": torch.zeros_like(condition[:1])}
+        condition = drop_conditions({"image": condition}, nulls, args.conditioning_dropout_prob)["image"]
+    return with_condition(unet, condition), class_labels
 
 
 def null_class_label(args, class_names):
@@ -551,10 +586,9 @@ def log_progress(args, accelerator, progress_bar, global_step, logs, ema_model):
     accelerator.log(logs, step=global_step)
 
 
-def save_progress(
-    args, accelerator, global_step, unet, ema_model, scheduler, run_settings, pipeline_config, sample_conditions=None
-):
+def save_progress(args, accelerator, global_step, unet, ema_model, scheduler, run_settings, data):
     """What is due at `global_step`: a checkpoint, a sample grid, a pipeline (the first two at the last step too)."""
+    pipeline_config, sample_conditions = data.pipeline_config, data.sample_conditions
     last_step = global_step == args.max_train_steps
     if global_step % args.checkpointing_steps == 0 or last_step:
         checkpoints.save_checkpoint(

@@ -77,12 +77,8 @@ Defaults: the no-argument run, then the objective's, then --preset's (pfgm_diffu
 docs/training.md."""
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
-    add = parser.add_argument
-    add("--preset", choices=sorted(PRESETS), help="Official settings (presets.py); flags override. Default: none.")
-    add("--objective", choices=("pfgmpp", "poisson_field"), help="PFGM++, or the original PFGM (the field).")
-
+def add_data_arguments(parser):
+    """The data flags: images, latents (a VAE) and paired images."""
     add = parser.add_argument_group("data (default: the embedded 8x8 digits)").add_argument
     add("--dataset_name", help="A `datasets` Hub id, data folder or save_to_disk folder. Default: none.")
     add("--dataset_config_name", help="The dataset's configuration, if it has several. Default: none.")
@@ -123,6 +119,15 @@ def build_parser():
     add("--paired_sigma_y", type=float, help="--paired_task's measurement noise (model units, [-1, 1] images).")
     add("--paired_factor", type=int, help="--paired_task superres: the down-sampling factor. Default: 2.")
     add("--conditioning_dropout_prob", type=float, help="Conditions replaced by zeros, for guidance. Default: 0.")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), help="Official settings (presets.py); flags override. Default: none.")
+    add("--objective", choices=("pfgmpp", "poisson_field"), help="PFGM++, or the original PFGM (the field).")
+
+    add_data_arguments(parser)
 
     add = parser.add_argument_group("model").add_argument
     add("--model_config_name_or_path", help="A UNet2DModel config: JSON file, or folder/Hub id with config.json. "
