@@ -116,7 +116,8 @@ def add_data_arguments(parser):
     add("--conditioning_image_column", help="--dataset_name's column of condition images. Default: none.")
     add("--conditioning_data_dir", help="Condition images, paired by file name with --train_data_dir. Default: none.")
     add("--paired_task", choices=PAIRED_TASKS, help="A built-in condition made from each image. Default: none.")
-    add("--paired_sigma_y", type=float, help="--paired_task's measurement noise (model units, [-1, 1] images).")
+    add("--paired_sigma_y", type=float, help="--paired_task's measurement noise (model units, [-1, 1] images). "
+        "Default: 0 (superres); denoise needs one.")  # fmt: skip
     add("--paired_factor", type=int, help="--paired_task superres: the down-sampling factor. Default: 2.")
     add("--conditioning_dropout_prob", type=float, help="Conditions replaced by zeros, for guidance. Default: 0.")
 
