@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_train import TINY_UNET, TRAINING_DIR, in_process, load_weights, make_image_folder, tiny_args
+from test_train import TRAINING_DIR, in_process, load_weights, tiny_args
 
 from pfgm_diffusers import PFGMPipeline
 
@@ -30,18 +30,6 @@ def train(tmp_path, args, loss=None, **patches):
         for name, value in patches.items():
             setattr(train_pfgm, name, value)
         train_pfgm.main([str(arg) for arg in args], loss=loss)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny_unet.json"
-    path.write_text(json.dumps(TINY_UNET))
-    return path
 
 
 def fail_if_called(*args, **kwargs):

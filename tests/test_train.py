@@ -84,18 +84,6 @@ def make_image_folder(root):
     return root
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny_unet.json"
-    path.write_text(json.dumps(TINY_UNET))
-    return path
-
-
 def tiny_args(image_folder, unet_config, output_dir, **overrides):
     """Flags of a tiny run; `overrides` replace or add flags (value True: a bare switch, None: drop the flag)."""
     flags = {

@@ -5,22 +5,9 @@ import json
 
 import pytest
 import torch
-from test_train import SCRIPT, TINY_UNET, fail_if_called, in_process, make_image_folder, run_training, tiny_args
+from test_train import SCRIPT, fail_if_called, in_process, run_training, tiny_args
 
 from pfgm_diffusers import PFGMPipeline
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny_unet.json"
-    path.write_text(json.dumps(TINY_UNET))
-    return path
-
 
 LABEL_RECORDER = """
 import torch

@@ -6,18 +6,11 @@ import sys
 import types
 
 import pytest
-from test_train import TINY_UNET, fail_if_called, in_process, run_training, tiny_args
+from test_train import fail_if_called, in_process, run_training, tiny_args
 
 from pfgm_diffusers.training import metrics
 
 DIGITS_KEYS = {"step", "num_images", "metric", "frechet_distance", "class_coverage", "class_kl"}
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "tiny_unet.json"
-    path.write_text(json.dumps(TINY_UNET))
-    return path
 
 
 def digits_args(unet_config, out, **overrides):

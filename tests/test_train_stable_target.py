@@ -7,31 +7,15 @@ import pytest
 import torch
 from test_train import (
     REPO,
-    TINY_UNET,
     checkpoint_steps,
     fail_if_called,
     in_process,
     load_weights,
-    make_image_folder,
     run_training,
     tiny_args,
 )
 
 STF = dict(target="stf", reference_batch_size=8)  # the training batch is 4 (tiny_args)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
-
-
-@pytest.fixture(scope="module")
-def unet_config(tmp_path_factory):
-    import json
-
-    path = tmp_path_factory.mktemp("config") / "tiny_unet.json"
-    path.write_text(json.dumps(TINY_UNET))
-    return path
 
 
 REFERENCE_RECORDER = """
