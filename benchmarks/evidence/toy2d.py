@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from pfgm_diffusers import PFGMScheduler, ode
+from pfgm_diffusers import PFGMScheduler, flow, ode
+from pfgm_diffusers.denoiser import make_denoiser
 from pfgm_diffusers.losses import pfgmpp_loss
 from pfgm_diffusers.perturbation import prior_log_prob
 
@@ -59,7 +60,7 @@ def log_density(name: str, x: torch.Tensor) -> torch.Tensor:
 class MLPDenoiser(torch.nn.Module):
     """F_theta(c_in x, c_noise): an MLP on the 2-D input and Fourier features of the noise conditioning, called like
     a diffusers UNet (`model(sample, timestep, class_labels=None).sample`) so that the library's loss and denoiser
-    take it as they take a UNet."""
+    (`pfgmpp_loss`, `denoiser.make_denoiser`) take it as they take a UNet."""
 
     def __init__(self, hidden: int = 128, num_layers: int = 3, num_frequencies: int = 8):
         super().__init__()
@@ -90,14 +91,6 @@ def make_scheduler(aug_dim: int | None) -> PFGMScheduler:
     return PFGMScheduler(aug_dim=aug_dim)
 
 
-def denoise(model, scheduler, x, sigma):
-    """D(x, sigma) through the scheduler's preconditioning (math.md §2), as `pfgmpp_loss` and the pipeline compose
-    it; sigma a float or (B,) tensor."""
-    model_input = scheduler.precondition_inputs(x, sigma)
-    output = model(model_input, scheduler.precondition_noise(sigma)).sample
-    return scheduler.precondition_outputs(x, output, sigma)
-
-
 def train(dataset, aug_dim, num_steps=3000, batch_size=512, learning_rate=2e-3, ema_decay=0.995, seed=0):
     """An MLP denoiser trained with the library's `pfgmpp_loss` on fresh draws of `dataset` (Adam, EMA weights
     returned); (model, scheduler, losses), `losses` the loss of every step."""
@@ -126,13 +119,13 @@ def train(dataset, aug_dim, num_steps=3000, batch_size=512, learning_rate=2e-3, 
 
 @torch.no_grad()
 def sample(model, scheduler, num_samples, num_inference_steps=18, generator=None):
-    """Samples (n, 2) from the library's Heun solver (`ode.sample_heun`) on the scheduler's grid, started from the
-    scheduler's prior map of standard Gaussian draws."""
+    """Samples (n, 2) from the library's Heun sampler (`ode.SAMPLERS["heun"]`) with the library's denoiser
+    (`denoiser.make_denoiser`) on the scheduler's grid, started from the scheduler's prior map of standard Gaussian
+    draws."""
     scheduler = PFGMScheduler.from_config(scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    sigmas = torch.unique_consecutive(scheduler.sigmas).tolist()
-    x = scheduler.prior_from_noise(torch.randn(num_samples, 2, generator=generator))
-    return ode.sample_heun(lambda sample, sigma: denoise(model, scheduler, sample, sigma), x, sigmas)
+    sigmas = flow.noise_levels(scheduler, num_inference_steps)
+    x = flow.prior_from_noise(scheduler, torch.randn(num_samples, 2, generator=generator))
+    return ode.SAMPLERS["heun"](make_denoiser(model, scheduler), x, sigmas)
 
 
 def log_likelihood(model, scheduler, x, rtol=1e-5, atol=1e-5):
@@ -143,12 +136,11 @@ def log_likelihood(model, scheduler, x, rtol=1e-5, atol=1e-5):
     point is integrated twice, with the Hutchinson probes e_1 and e_2, whose two estimates sum to the trace (N = 2).
     """
     n = x.shape[0]
-    sigma_min, sigma_max = float(scheduler.config.sigma_min), float(scheduler.config.sigma_max)
+    sigma_min, sigma_max = flow.sigma_range(scheduler)
     points = x.float().repeat(2, 1)  # (2n, 2): the copies follow the same path
     probe = torch.eye(2).repeat_interleave(n, dim=0)  # e_1 for the first copy of each point, e_2 for the second
-    x_T, delta, evaluations = ode.solve_log_likelihood(
-        lambda sample, sigma: denoise(model, scheduler, sample, sigma), points, probe, sigma_min, sigma_max, rtol, atol
-    )
+    denoise = make_denoiser(model, scheduler)
+    x_T, delta, evaluations = ode.solve_log_likelihood(denoise, points, probe, sigma_min, sigma_max, rtol, atol)
     divergence_integral = delta[:n] + delta[n:]
     return prior_log_prob(x_T[:n], sigma_max, scheduler.config.aug_dim) + divergence_integral, evaluations
 

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import time
 
+from pfgm_diffusers import files
+
 from . import models
 
 
@@ -23,18 +25,38 @@ def model_jobs(settings) -> list:
     """(job id, function, keyword arguments) of every model and seed, the field model (the slowest to measure)
     first."""
     jobs = []
-    for objective, aug_dim in sorted(settings["models"], key=lambda model: model[0] != "poisson_field"):
+    for model in sorted(settings["models"], key=lambda model: model[0] != "poisson_field"):
         for seed in settings["seeds"]:
-            spec = models.ModelSpec(objective, aug_dim, seed)
-            arguments = dict(objective=objective, aug_dim=aug_dim, seed=seed, settings=settings)
+            spec = models.ModelSpec.from_model(model, seed)
+            arguments = dict(model=list(model), seed=seed, settings=settings)
             jobs.append((f"model-{spec.folder}", train_and_measure, arguments))
     return jobs
 
 
-def train_and_measure(objective, aug_dim, seed, settings, workdir, log):
-    """A model job: `models.run_model` with its models kept under `workdir/models`."""
-    spec = models.ModelSpec(objective, aug_dim, seed)
-    return models.run_model(spec, os.path.join(workdir, "models"), settings, log)
+def train_job(model, seed, settings) -> tuple:
+    """(job id, function, keyword arguments) of training one model: a job of its own, kept in results/train-*.json
+    with the settings that training depends on only, so that changing the measurements reuses the trained models."""
+    spec = models.ModelSpec.from_model(model, seed)
+    arguments = dict(model=list(model), seed=seed, settings=models.training_settings(settings))
+    return f"train-{spec.folder}", train_model, arguments
+
+
+def train_jobs(settings) -> list:
+    """The training jobs of every model and seed (`train_job`), for training now and measuring later."""
+    return [train_job(model, seed, settings) for model in settings["models"] for seed in settings["seeds"]]
+
+
+def train_model(model, seed, settings, workdir, log):
+    """A training job: `models.train_model` with its models kept under `workdir/models`."""
+    return models.train_model(models.ModelSpec.from_model(model, seed), os.path.join(workdir, "models"), settings, log)
+
+
+def train_and_measure(model, seed, settings, workdir, log):
+    """A model job: its training (reused from results/train-*.json when kept), then `models.measure_model`."""
+    job_id, function, arguments = train_job(model, seed, settings)
+    trained = load_cached(job_id, arguments, workdir) or run_job(job_id, function, arguments, workdir)
+    spec = models.ModelSpec.from_model(model, seed)
+    return models.measure_model(spec, os.path.join(workdir, "models"), trained, settings, log)
 
 
 def _log(message):
@@ -52,10 +74,7 @@ def run_job(job_id, function, arguments, workdir):
     result = function(**arguments, workdir=workdir, log=_log)
     result["job_seconds"] = time.perf_counter() - began
     result["settings_key"] = settings_key(arguments)
-    path = os.path.join(workdir, "results", f"{job_id}.json")
-    with open(path + ".tmp", "w") as file:
-        json.dump(result, file, indent=1)
-    os.replace(path + ".tmp", path)
+    files.atomic_write_json(os.path.join(workdir, "results", f"{job_id}.json"), result, indent=1)
     return result
 
 

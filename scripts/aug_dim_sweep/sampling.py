@@ -2,8 +2,9 @@
 of their interfaces is a change here only.
 
 Images come from the pipeline itself (`PFGMPipeline.__call__` with given latents), or, with noise injected between
-steps, from the library's solvers (`ode.sample_<solver>`) one step at a time with the pipeline's denoiser and prior
-map; RK45 within a budget of calls is the library's `ode.solve_rk45` with a counting denoiser. The robustness
+steps and for Restart, from the library's samplers (the table `ode.SAMPLERS`) with the library's denoiser
+(`denoiser.make_denoiser`) and prior map (`flow.prior_from_noise`); RK45 within a budget of calls is
+`ode.SAMPLERS["rk45"]` with its `max_evaluations`. The robustness
 experiments are the official PFGM++ code's (Newbeeer/pfgmpp at commit d57c1ee): noise injected before every Heun
 step (`generate_alpha.py`) and post-training quantisation of the weights (`generate_quant.py`).
 """
@@ -13,7 +14,9 @@ import copy
 import numpy as np
 import torch
 
-from pfgm_diffusers import PFGMPipeline, ode, scheduling_pfgm
+from pfgm_diffusers import PFGMPipeline, flow, ode, restart, scheduling_pfgm
+from pfgm_diffusers.denoiser import make_denoiser
+from pfgm_diffusers.image_processing import postprocess
 
 # Solvers that finish each step before the next: noise can be injected between their steps without breaking a
 # multistep history (dpmpp_2m extrapolates from the previous step's call).
@@ -31,54 +34,35 @@ def scheduler_solvers() -> tuple:
     return tuple(scheduling_pfgm.SOLVERS)
 
 
-def sampler(solver: str):
-    """The library's solver `solver`, a function (denoise, x, sigmas) -> x."""
-    return getattr(ode, f"sample_{solver}")
-
-
 def is_field_model(pipe: PFGMPipeline) -> bool:
-    return pipe.scheduler.config.prediction_type == "poisson_field"
+    return flow.is_field_model(pipe.scheduler)
 
 
 def noise_levels(pipe: PFGMPipeline, num_inference_steps: int) -> list[float]:
     """The scheduler's grid for `num_inference_steps`, descending, each level once (with a trailing 0 where the run
     ends with EDM's denoising step)."""
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(num_inference_steps)
-    return torch.unique_consecutive(scheduler.sigmas).tolist()
+    return flow.noise_levels(pipe.scheduler, num_inference_steps)
 
 
 def denoiser(pipe: PFGMPipeline):
-    """D(x, sigma) of `pipe` as the solvers call it."""
-    return lambda sample, sigma: pipe.denoise(sample, sigma)
+    """D(x, sigma) of `pipe`'s network and scheduler, the library's composition (`denoiser.make_denoiser`)."""
+    return make_denoiser(pipe.unet, pipe.scheduler)
 
 
 def prior_from_noise(pipe: PFGMPipeline, latents: torch.Tensor) -> torch.Tensor:
-    return pipe.scheduler.prior_from_noise(latents)
-
-
-class RK45Stalled(Exception):
-    """RK45 spent its evaluation budget before reaching sigma_min; `sigma` is where it was."""
-
-    def __init__(self, sigma: float):
-        super().__init__(f"RK45 stalled at sigma = {sigma:.3g}")
-        self.sigma = sigma
+    return flow.prior_from_noise(pipe.scheduler, latents)
 
 
 def solve_rk45(pipe: PFGMPipeline, x: torch.Tensor, max_nfe: int | None, rtol=1e-4, atol=1e-4):
-    """The pipeline's RK45 (the library's `ode.solve_rk45` with the official tolerances) from the prior `x` to
-    sigma_min, then EDM's final denoising step where the grid ends at 0; (samples, calls). Over `max_nfe` calls it
-    raises `RK45Stalled`: the denoiser it is given counts its calls, no live object is patched."""
-    denoise, sigmas = denoiser(pipe), []
-
-    def counted(sample, sigma):
-        sigmas.append(sigma)
-        if max_nfe is not None and len(sigmas) > max_nfe:
-            raise RK45Stalled(min(sigmas))
-        return denoise(sample, sigma)
-
-    sigma_min, sigma_max = float(pipe.scheduler.config.sigma_min), float(pipe.scheduler.config.sigma_max)
-    sample, nfe = ode.solve_rk45(counted, x, sigma_max, sigma_min, rtol, atol, is_field_model(pipe))
+    """The pipeline's RK45 (`ode.SAMPLERS["rk45"]` with the official tolerances) from the prior `x` to sigma_min, then
+    EDM's final denoising step where the grid ends at 0; (samples, calls). Over `max_nfe` calls it raises
+    `ode.EvaluationBudgetExceeded` (the sampler's `max_evaluations`)."""
+    denoise, calls = denoiser(pipe), []
+    sigma_min, sigma_max = flow.sigma_range(pipe.scheduler)
+    rk45 = ode.SAMPLERS["rk45"]
+    options = dict(carry_sigma=is_field_model(pipe), max_evaluations=max_nfe, callback=calls.append)
+    sample = rk45(denoise, x, [sigma_max, sigma_min], rtol, atol, **options)
+    nfe = len(calls)
     if noise_levels(pipe, 2)[-1] == 0:  # the grid ends at 0: x = D(x, sigma_min), as PFGMPipeline does
         sample, nfe = denoise(sample, sigma_min), nfe + 1
     return sample, nfe
@@ -108,7 +92,7 @@ def sample_with_noise(denoise, x, sigmas, solver, noise_scale, generator):
     the first at sigma_max and the last to 0). The noise is drawn from `generator`."""
     if solver not in SINGLE_STEP_SOLVERS:
         raise ValueError(f"noise injection needs a single-step solver {SINGLE_STEP_SOLVERS}, got {solver!r}")
-    step = sampler(solver)
+    step = ode.SAMPLERS[solver]
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         x = x + torch.randn(x.shape, generator=generator) * sigma * noise_scale
         x = step(denoise, x, [sigma, sigma_next])
@@ -122,14 +106,18 @@ def with_unet(pipe: PFGMPipeline, unet) -> PFGMPipeline:
     return other
 
 
-def sample_images(pipe, solver, num_inference_steps, num_images, seed, batch_size, noise_scale=0.0, unet=None):
+def sample_images(
+    pipe, solver, num_inference_steps, num_images, seed, batch_size, noise_scale=0.0, unet=None, **options
+):
     """`num_images` images in [0, 1] from the pipeline with `solver` (image i from the latents seeded `seed + i`),
     and the network calls per image. With `noise_scale` alpha > 0, the library's `solver` runs one step at a time on
     the scheduler's grid with noise alpha sigma_i eps injected before each step (the official robustness test; the
-    pipeline has no such hook); with `unet`, that network replaces the pipeline's (quantised weights)."""
+    pipeline has no such hook); with `unet`, that network replaces the pipeline's (quantised weights). `solver=
+    "restart"` runs the library's Restart sampler on the scheduler's grid with `options` (`restart_blocks`), its
+    jumps for the scheduler's D drawn from a generator seeded `seed + 10**6`."""
     pipe = pipe if unet is None else with_unet(pipe, unet)
     latents = _latents(pipe, num_images, seed)
-    generator = torch.Generator().manual_seed(seed + 10**6)  # the injected noise
+    generator = torch.Generator().manual_seed(seed + 10**6)  # the injected noise, Restart's jumps
     sigmas, denoise, calls = noise_levels(pipe, num_inference_steps), denoiser(pipe), []
 
     def counted(sample, sigma):
@@ -142,7 +130,10 @@ def sample_images(pipe, solver, num_inference_steps, num_images, seed, batch_siz
             batch = latents[start : start + batch_size]
             if noise_scale > 0:
                 x = sample_with_noise(counted, prior_from_noise(pipe, batch), sigmas, solver, noise_scale, generator)
-                images.append((x / 2 + 0.5).clamp(0, 1))
+                images.append(postprocess(x, "pt"))
+            elif solver == "restart":
+                x = sample_restart(counted, prior_from_noise(pipe, batch), sigmas, pipe, generator, **options)
+                images.append(postprocess(x, "pt"))
             else:
                 output = pipe(latents=batch, num_inference_steps=num_inference_steps, solver=solver, output_type="pt")
                 images.append(output.images)
@@ -150,18 +141,35 @@ def sample_images(pipe, solver, num_inference_steps, num_images, seed, batch_siz
     return torch.cat(images), len(calls) / -(-num_images // batch_size)
 
 
+def sample_restart(denoise, x, sigmas, pipe, generator, restart_blocks=None):
+    """Restart (the library's sampler) along `sigmas` from `x` for the D of `pipe`'s scheduler."""
+    sampler = ode.SAMPLERS.get("restart", restart.sample_restart)
+    return sampler(denoise, x, sigmas, restart_blocks, pipe.scheduler.config.get("aug_dim"), generator)
+
+
+def heun_nfe(pipe, num_inference_steps: int) -> int:
+    """Heun's network calls for `num_inference_steps` on `pipe`'s grid: 2 per step, 1 for a last step to 0."""
+    sigmas = noise_levels(pipe, num_inference_steps)
+    return 2 * (sum(sigma > 0 for sigma in sigmas) - 1) + (sigmas[-1] == 0)
+
+
+def heun_steps_for_nfe(pipe, nfe: float) -> int:
+    """The Heun step count whose calls are nearest `nfe` (the fewer steps on a tie)."""
+    return min(range(1, int(nfe) + 2), key=lambda steps: (abs(heun_nfe(pipe, steps) - nfe), steps))
+
+
 def sample_rk45(pipe, num_images, seed, batch_size, max_nfe=None):
     """Images in [0, 1] from the pipeline's adaptive RK45 (image i from the latents seeded `seed + i`) and the mean
-    NFE per image. With `max_nfe`, a batch that needs more network calls raises `RK45Stalled`: on the sweep's field
-    models the official tolerances (1e-4) can need tens of thousands of calls (the step size collapses where v_z
-    nears 0)."""
+    NFE per image. With `max_nfe`, a batch that needs more network calls raises `ode.EvaluationBudgetExceeded`: on
+    the sweep's field models the official tolerances (1e-4) can need tens of thousands of calls (the step size
+    collapses where v_z nears 0)."""
     latents = _latents(pipe, num_images, seed)
     images, nfe = [], []
     with torch.no_grad():
         for start in range(0, num_images, batch_size):
             batch = latents[start : start + batch_size]
             x, calls = solve_rk45(pipe, prior_from_noise(pipe, batch), max_nfe)
-            images.append((x / 2 + 0.5).clamp(0, 1))
+            images.append(postprocess(x, "pt"))
             nfe += [calls] * len(batch)
     return torch.cat(images), float(np.mean(nfe))
 
