@@ -89,6 +89,19 @@ def parse_args(argv=None):
     add("--lr_warmup_steps", type=int, default=200)
     add("--ema_max_decay", type=float, default=0.999)
     add(
+        "--targets",
+        nargs="+",
+        choices=("clean", "stf"),
+        default=["clean"],
+        help="Regression targets, each D trained with each: 'clean' (the plain target, the sample's own image) and "
+        "'stf' (Stable Target Field, the trainer's --target stf). Default: clean.",
+    )
+    add(
+        "--reference_batch_size",
+        type=positive_int,
+        help="STF's reference batch (the trainer's default 4096 when not given; at most the number of images).",
+    )
+    add(
         "--trainer_args",
         default="",
         help='More trainer flags, one string: --trainer_args="--random_flip --center_crop".',
@@ -105,7 +118,20 @@ def parse_args(argv=None):
         "--solvers",
         nargs="+",
         default=["heun"],
-        help="Solvers measured at --steps (default heun; also euler, dpmpp_2m).",
+        help="Solvers measured at --steps (default heun; also euler, dpmpp_2m), and 'restart': Restart at "
+        "--restart_steps, each beside Heun at the same NFE.",
+    )
+    add(
+        "--restart_steps",
+        nargs="+",
+        type=positive_int,
+        help="With --solvers ... restart: the Heun grids Restart runs on (default: the largest --steps).",
+    )
+    add(
+        "--restart_blocks",
+        type=json.loads,
+        help="With --solvers ... restart: the blocks as JSON, e.g. '{\"0\": [3, 2, 0.14, 0.30]}' (the default, the "
+        "official CIFAR-10 block: [N_restart, K, t_min, t_max]).",
     )
     add("--num_images", type=positive_int, default=700, help="Samples per point (default 700).")
     add("--batch_size", type=positive_int, default=350, help="Sampling batch size.")
@@ -141,9 +167,18 @@ def settings_from_args(args) -> dict:
     model_config = args.model_config_name_or_path or (models.UNET_CONFIG if digits else None)
     aug_dims = args.aug_dims or [parse_model(value) for value in DEFAULT_AUG_DIMS]
     steps = sorted(set(args.steps))
+    solvers = [solver for solver in args.solvers if solver != "restart"]
+    restart = "restart" in args.solvers
+    models_ = [list(model) for model in dict.fromkeys(tuple(m) for m in aug_dims)]
+    targets = list(dict.fromkeys(args.targets))
     return {
         "data": data,
-        "models": [list(model) for model in dict.fromkeys(tuple(m) for m in aug_dims)],
+        "models": [
+            model + ([] if target == "clean" else [target])
+            for target in targets
+            for model in models_
+            if target == "clean" or model[0] == "pfgmpp"
+        ],
         "seeds": args.seeds,
         "training": {
             "resolution": args.resolution or 8,
@@ -153,6 +188,7 @@ def settings_from_args(args) -> dict:
             "lr_warmup_steps": args.lr_warmup_steps,
             "ema_max_decay": args.ema_max_decay,
             "segments": sorted(set(args.train_steps or [4000])),
+            "reference_batch_size": args.reference_batch_size,
             "field": {},
             "extra_args": shlex.split(args.trainer_args),
         },
@@ -164,7 +200,9 @@ def settings_from_args(args) -> dict:
             "sample_seed": 0,
             "num_bootstrap": 100,
             "reference_steps": steps[-1],
-            "steps": {solver: steps for solver in args.solvers} | {"other": []},
+            "steps": {solver: steps for solver in solvers} | {"other": []},
+            "restart_steps": sorted(set(args.restart_steps or steps[-1:])) if restart else [],
+            "restart_blocks": args.restart_blocks,
             "noise_scales": args.noise_scales,
             "quantization_bits": args.quantization_bits,
             "rk45_all": False,
@@ -179,15 +217,29 @@ def check_settings(settings):
     """Refuse, before any training, what the sweep cannot measure."""
     from aug_dim_sweep.sampling import scheduler_solvers
 
-    unknown = [solver for solver in settings["evaluation"]["steps"] if solver not in (*scheduler_solvers(), "other")]
+    evaluation = settings["evaluation"]
+    unknown = [solver for solver in evaluation["steps"] if solver not in (*scheduler_solvers(), "other")]
     if unknown:
-        raise ValueError(f"unknown solver(s) {unknown}; choose from {list(scheduler_solvers())}")
+        raise ValueError(f"unknown solver(s) {unknown}; choose from {[*scheduler_solvers(), 'restart']}")
+    for num_steps in evaluation.get("restart_steps", []):
+        check_restart_grid(num_steps, evaluation.get("restart_blocks"))
     if "heun" not in settings["evaluation"]["steps"]:
         raise ValueError("the sweep ranks the models at Heun's largest step count: keep 'heun' in --solvers")
     if settings["evaluation"]["num_images"] < 6:
         raise ValueError(
             f"--num_images must be >= 6 (the jackknife's blocks), got {settings['evaluation']['num_images']}"
         )
+
+
+def check_restart_grid(num_steps, blocks):
+    """Refuse restart blocks that do not fit the Heun grid of `num_steps` (of the trainer's default sigma range)."""
+    from pfgm_diffusers import PFGMScheduler, flow, restart
+
+    sigmas = flow.noise_levels(PFGMScheduler(), num_steps)
+    try:
+        restart.restart_schedule(sigmas, restart.RESTART_CIFAR10 if blocks is None else blocks)
+    except ValueError as error:
+        raise ValueError(f"--restart_steps {num_steps}: {error}") from None
 
 
 def command_line(argv) -> str:

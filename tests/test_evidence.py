@@ -14,14 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pfgm_diffusers import PFGMPipeline, PFGMScheduler, losses, preconditioning
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler, losses, ode, preconditioning, restart
+from pfgm_diffusers.denoiser import make_denoiser
 from pfgm_diffusers.evaluation import sliced_wasserstein
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "scripts"), str(Path(__file__).resolve().parent)]
 
 import sweep_aug_dim  # noqa: E402
-from aug_dim_sweep import judges, models, presets, report, sampling, statistics  # noqa: E402
+from aug_dim_sweep import jobs, judges, models, presets, report, sampling, statistics  # noqa: E402
 from aug_dim_sweep import plots as sweep_plots  # noqa: E402
 from evidence import claims, markdown, plots, run, toy2d  # noqa: E402
 from tiny_models import tiny_unet  # noqa: E402
@@ -288,7 +289,7 @@ def test_quantize_weights_leaves_biases_norms_and_embeddings_in_full_precision()
 
 def test_rk45_within_a_budget_stops_and_otherwise_is_the_pipelines_rk45():
     pipe = tiny_pipeline(field=True)
-    with pytest.raises(sampling.RK45Stalled) as stalled:
+    with pytest.raises(ode.EvaluationBudgetExceeded) as stalled:
         sampling.sample_rk45(pipe, 2, 0, 2, max_nfe=5)
     assert 1e-3 <= stalled.value.sigma < 40.0  # where it had got to, in z
     assert "denoise" not in vars(pipe)  # nothing patched
@@ -299,6 +300,24 @@ def test_rk45_within_a_budget_stops_and_otherwise_is_the_pipelines_rk45():
 
 
 # ---------------------------------------------------------------------- judges
+
+
+@pytest.mark.parametrize("aug_dim", [8, None])
+def test_restart_is_the_librarys_sampler_beside_heun_at_the_same_nfe(aug_dim):
+    pipe = tiny_pipeline(aug_dim=aug_dim)
+    images, nfe = sampling.sample_images(pipe, "restart", 18, 4, 0, 4)
+    assert nfe == 43 and sampling.heun_steps_for_nfe(pipe, nfe) == 22 and sampling.heun_nfe(pipe, 22) == 43
+    assert sampling.heun_nfe(pipe, 12) == 23 and sampling.heun_steps_for_nfe(pipe, 24) == 12  # a tie: fewer steps
+    # The library's Restart from the sweep's latents, its jumps for the scheduler's D from the seed's generator
+    x = sampling.prior_from_noise(pipe, sampling.latents_for(4, (1, 8, 8), 0))
+    sigmas, generator = sampling.noise_levels(pipe, 18), torch.Generator().manual_seed(10**6)
+    expected = restart.sample_restart(make_denoiser(pipe.unet, pipe.scheduler), x, sigmas, None, aug_dim, generator)
+    torch.testing.assert_close(images, (expected / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+    heun, _ = sampling.sample_images(pipe, "heun", 18, 4, 0, 4)
+    assert (images - heun).abs().max() > 1e-3  # the jumps changed the samples
+    blocks = {"late": [2, 1, 0.05, 0.1]}
+    images, nfe = sampling.sample_images(pipe, "restart", 18, 4, 0, 4, restart_blocks=blocks)
+    assert nfe == 35 + 2
 
 
 def test_digits_judge_gives_real_digits_their_heldout_figures_with_error_bars():
@@ -345,6 +364,38 @@ def test_trainer_command_trains_pfgmpp_and_field_models_on_any_data():
     command = models.trainer_command(models.ModelSpec("pfgmpp", 64, 0), "out", 9, own, {"train_data_dir": "my images"})
     assert "--train_data_dir=my images" in command and "--model_config_name_or_path" not in command
     assert command[-1] == "--random_flip"
+
+
+def test_stf_models_train_with_the_trainers_stf_target():
+    training = presets.EVIDENCE["training"]
+    spec = models.ModelSpec.from_model(["pfgmpp", 128, "stf"], 1)
+    assert (spec.name, spec.folder, spec.target) == ("D=128 STF", "D128-stf-seed1", "stf")
+    command = models.trainer_command(spec, "out", 500, training)
+    assert command[command.index("--target") + 1] == "stf"
+    assert command[command.index("--reference_batch_size") + 1] == "1024"
+    plain = models.trainer_command(models.ModelSpec.from_model(["pfgmpp", 128], 1), "out", 500, training)
+    assert "--target" not in plain and "--reference_batch_size" not in plain
+    default = models.trainer_command(spec, "out", 500, {**training, "reference_batch_size": None})
+    assert "--target" in default and "--reference_batch_size" not in default  # the trainer's default
+    assert models.ModelSpec.from_model(["pfgmpp", None], 0).folder == "Dinf-seed0"
+    assert models.ModelSpec.from_model(["poisson_field", None], 0).name == "PFGM"
+
+
+def test_a_models_training_is_kept_apart_from_its_measurements():
+    base = presets.EVIDENCE_REDUCED
+    measured = {"num_images": 50, "steps": {"heun": [18]}, "restart_steps": [], "noise_scales": [], "rk45_images": 3}
+    other = {**base, "evaluation": {**base["evaluation"], **measured}}
+    assert models.training_settings(other) == models.training_settings(base)
+    for changed in (
+        {**base, "training": {**base["training"], "segments": [500]}},
+        {**base, "evaluation": {**base["evaluation"], "curve_images": 10}},
+        {**base, "data": {"train_data_dir": "imgs"}},
+    ):
+        assert models.training_settings(changed) != models.training_settings(base)
+    job_id, function, arguments = jobs.train_job(["pfgmpp", None, "stf"], 1, base)
+    assert job_id == "train-Dinf-stf-seed1" and function is jobs.train_model
+    assert arguments["settings"] == models.training_settings(base)
+    assert [job[0] for job in jobs.train_jobs(base)][:2] == ["train-D8-seed0", "train-D8-seed1"]
 
 
 # ---------------------------------------------------------------------- claims, reports and plots
@@ -467,6 +518,65 @@ def test_a_stalled_rk45_is_reported_and_pfgm_is_judged_by_its_heun_instead():
     assert "Heun at 35 NFE" in versus["claim"] and versus["outcomes"]["frechet_distance"][0] == "reproduced"
     assert "PFGM 5.05" in versus["outcomes"]["frechet_distance"][1]
     assert not [c for c in decided if "RK45 quality" in c["claim"]]
+
+
+def followup_results():
+    """D=128 with the plain target and with STF (STF 2.0 lower after 150 steps, equal after 300), D=inf, and Restart
+    1.0 below Heun at 43 NFE on both D=128 models; STF's reference figure the best of all."""
+    results = []
+    for s in (0, 1):
+        plain = fake_result("D=128", s, 3.0 + 0.1 * s, 3.0, 4.0, 5.0) | {"target": "clean"}
+        stf = fake_result("D=128", s, 1.0 + 0.1 * s, 3.0, 4.0, 5.0) | {"name": "D=128 STF", "target": "stf"}
+        plain["curve"] = [{**point(4.0 + 0.1 * s), "steps": 150}, {**point(3.0 + 0.1 * s), "steps": 300}]
+        stf["curve"] = [{**point(2.0 + 0.1 * s), "steps": 150}, {**point(3.0 + 0.1 * s), "steps": 300}]
+        for result in (plain, stf):
+            heun = {**point(3.5 + 0.1 * s), "num_inference_steps": 22, "nfe": 43.0}
+            result["restart"] = [{**point(2.5 + 0.1 * s), "num_inference_steps": 18, "nfe": 43.0, "heun": heun}]
+        results += [plain, stf, fake_result("D=inf", s, 4.0, 3.0, 4.0, 5.0)]
+    return results
+
+
+def test_stf_and_restart_claims_and_report_sections_follow_the_numbers(tmp_path):
+    results = followup_results()
+    decided = decide(results)
+    (stf,) = [c for c in decided if "STF beats the plain target" in c["claim"]]
+    assert stf["claim"].startswith("D=128: STF beats the plain target at equal training steps (150, 300)")
+    assert stf["outcomes"]["frechet_distance"][0] == "partly reproduced"  # reproduced at 150, not resolved at 300
+    assert "150 steps: reproduced (STF 2.05 ± 0.057, plain 4.05 ± 0.057)" in stf["outcomes"]["frechet_distance"][1]
+    assert stf["outcomes"]["confident_share"][0] == "not resolved"
+    (restart_claim,) = [c for c in decided if "Restart beats Heun" in c["claim"]]  # the plain-target model only
+    assert restart_claim["claim"] == "D=128: Restart beats Heun at equal NFE"
+    assert restart_claim["outcomes"]["frechet_distance"][0] == "reproduced"
+    # The D claims compare plain-target models: STF's better figure is not "a middle D"
+    assert outcome(decided, "A middle D (D=128; the best of them)") == "reproduced"
+    metrics = judges.DigitsJudge.metrics
+    text = report.markdown(results, SWEEP, {**ENVIRONMENT, "wall_seconds": 60.0}, "x", {}, metrics)
+    assert "### Stable Target Field against the plain target, at equal training steps" in text
+    assert "| D=128 | 150 | 4.05 ± 0.06 | 2.05 ± 0.06 | -2.00 ± 0.01 |" in text  # paired by seed
+    assert "| D=128 | 300 | 3.05 ± 0.06 | 3.05 ± 0.06 | 0.00 ± 0.01 |" in text
+    assert "| D=128 | 300 (final, 100 images) | 3.05 ± 0.06 | 1.05 ± 0.06 | -2.00 ± 0.01 |" in text
+    assert "### Restart against Heun at equal NFE" in text
+    row = "| D=128 | 18 steps, 43 NFE | 2.55 ± 0.06 | 22 steps, 43 NFE | 3.55 ± 0.06 | -1.00 ± 0.01 |"
+    assert row in text and row.replace("D=128", "D=128 STF") in text and "| D=inf | 18 steps" not in text
+    section = markdown.markdown(results, {}, SETTINGS, ENVIRONMENT, "make evidence", {})
+    assert row in section and "| D=128 | 150 | 4.05 ± 0.06 | 2.05 ± 0.06 | -2.00 ± 0.01 |" in section
+    assert "| D=128 | 150 | 0.900 ± 0.007 | 0.900 ± 0.007 | 0.000 ± 0.010 |" in section  # the confident share too
+    assert f"| {stf['claim']} |" in section and f"| {restart_claim['claim']} |" in section
+    bare = [{k: v for k, v in r.items() if k != "restart"} for r in results if r.get("target") != "stf"]
+    text = report.markdown(bare, SWEEP, {**ENVIRONMENT, "wall_seconds": 1.0}, "x", {}, metrics)
+    assert "Stable Target" not in text and "Restart against" not in text
+
+
+def test_the_reduced_evidence_says_how_it_differs_from_the_documented_run():
+    banner = run.reduced_banner(run.REDUCED)
+    assert banner.startswith("> **Reduced settings, not the documented run.**")
+    assert "D = 8, D = 128, D = 2048, D = ∞, D = 128 STF, D = ∞ STF" in banner
+    assert "1000 training steps (documented: 4000); 400 samples per point (documented: 700)" in banner
+    section = markdown.markdown(followup_results(), {}, SETTINGS, ENVIRONMENT, "x", {}, banner=banner)
+    assert banner in section and report.QUICK_BANNER not in section
+    assert run.parse_args(["--reduced"]).workdir == os.path.join("outputs", "evidence", "reduced")
+    with pytest.raises(SystemExit):
+        run.parse_args(["--reduced", "--quick"])
 
 
 def test_confident_share_claims_count_a_higher_share_as_better():
@@ -601,6 +711,24 @@ def test_sweep_script_reads_its_arguments():
     assert own["evaluation"]["reference_steps"] == 9 and own["evaluation"]["steps"]["heun"] == [4, 9]
     assert own["training"]["extra_args"] == ["--random_flip"]
     assert sweep_aug_dim.settings_from_args(sweep_aug_dim.parse_args(["--preset", "evidence"])) is presets.EVIDENCE
+    assert settings["evaluation"]["restart_steps"] == [] and settings["training"]["reference_batch_size"] is None
+    argv = ["--aug_dims", "128", "inf", "pfgm", "--targets", "clean", "stf", "--reference_batch_size", "512"]
+    argv += ["--solvers", "heun", "restart", "--steps", "6", "18"]
+    both = sweep_aug_dim.settings_from_args(sweep_aug_dim.parse_args(argv))
+    assert both["models"] == [
+        ["pfgmpp", 128], ["pfgmpp", None], ["poisson_field", None], ["pfgmpp", 128, "stf"], ["pfgmpp", None, "stf"]
+    ]  # fmt: skip
+    assert both["training"]["reference_batch_size"] == 512 and "restart" not in both["evaluation"]["steps"]
+    assert both["evaluation"]["restart_steps"] == [18] and both["evaluation"]["restart_blocks"] is None
+    blocks = '{"a": [2, 1, 0.05, 0.1]}'
+    own = sweep_aug_dim.parse_args(argv + ["--restart_steps", "9", "18", "--restart_blocks", blocks])
+    own = sweep_aug_dim.settings_from_args(own)
+    assert own["evaluation"]["restart_steps"] == [9, 18] and own["evaluation"]["restart_blocks"] == {
+        "a": [2, 1, 0.05, 0.1]
+    }
+    assert sweep_aug_dim.settings_from_args(sweep_aug_dim.parse_args(["--targets", "stf"]))["models"][0] == [
+        "pfgmpp", 8, "stf"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -611,6 +739,8 @@ def test_sweep_script_reads_its_arguments():
         (["--train_data_dir", "a", "--dataset_name", "b", "--resolution", "8"], "at most one of"),
         (["--seeds", "0", "0"], "--seeds must differ"),
         (["--num_images", "0"], "must be an integer >= 1, got '0'"),
+        (["--targets", "field"], "invalid choice: 'field'"),
+        (["--reference_batch_size", "0"], "must be an integer >= 1, got '0'"),
     ],
 )
 def test_sweep_script_refuses_bad_arguments(argv, message, capsys):
@@ -622,7 +752,9 @@ def test_sweep_script_refuses_bad_arguments(argv, message, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [(["--solvers", "heun", "rk4"], "unknown solver(s) ['rk4']"), (["--solvers", "euler"], "keep 'heun'"),
-     (["--num_images", "5"], "--num_images must be >= 6")],
+     (["--num_images", "5"], "--num_images must be >= 6"),
+     (["--solvers", "heun", "restart", "--restart_steps", "3"], "--restart_steps 3: Restart block '0': t_min 0.14"),
+     (["--solvers", "heun", "restart", "--restart_blocks", '{"0": [3, 2, 0.3, 0.14]}'], "need 0 < t_min < t_max")],
 )  # fmt: skip
 def test_sweep_script_refuses_what_it_cannot_measure_before_training(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

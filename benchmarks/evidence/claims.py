@@ -19,10 +19,15 @@ from aug_dim_sweep.statistics import (  # noqa: E402
     Estimate,
     badness,
     compare,
+    curve_points,
     degradation,
     level_points,
+    plain_groups,
     reference_points,
+    restart_points,
+    restart_steps,
     solver_points,
+    target_pairs,
 )  # scripts/aug_dim_sweep: run.py puts scripts/ on the path
 
 # The figures each digits claim is decided on: {key: higher is better}
@@ -281,6 +286,52 @@ def field_rk45_quality_in_half_the_calls(groups, toy, settings) -> list:
     return claims
 
 
+# ---------------------------------------------------------------------- the authors' follow-ups: STF and Restart
+
+
+def stf_beats_plain_target(groups, toy, settings) -> list:
+    """STF gives better samples than the plain target at equal training steps (every segment), one claim per D."""
+    segments = settings["digits"]["training"]["segments"]
+    claims = []
+    for plain, stf in target_pairs(groups):
+        outcomes = {}
+        for key, higher_is_better in CLAIM_METRICS.items():
+            per_level = []
+            for index, steps in enumerate(segments):
+                a = badness(curve_points(groups[stf], index), key, higher_is_better)
+                b = badness(curve_points(groups[plain], index), key, higher_is_better)
+                per_level.append((f"{steps} steps", *compare("STF", a, "plain", b, lambda e, key=key: shown(e, key))))
+            details = "; ".join(f"{level}: {outcome} ({figures})" for level, outcome, figures in per_level)
+            outcomes[key] = (combine(per_level), details)
+        claim = f"{plain}: STF beats the plain target at equal training steps ({', '.join(map(str, segments))})"
+        source = "STF (Xu, Tong, Jaakkola, ICLR 2023): lower target variance, better samples, most early in training"
+        claims.append(dict(claim=claim, source=source, outcomes=outcomes))
+    return claims
+
+
+def restart_beats_heun(groups, toy, settings) -> list:
+    """Restart beats Heun at the same NFE on every measured grid, one claim per plain-target model."""
+    claims = []
+    for name, group in plain_groups(groups).items():
+        grids = restart_steps(group)
+        if not grids:
+            continue
+        outcomes = {}
+        for key, higher_is_better in CLAIM_METRICS.items():
+            per_level = []
+            for steps in grids:
+                restart, heun = restart_points(group, steps)
+                a, b = badness(restart, key, higher_is_better), badness(heun, key, higher_is_better)
+                label = f"{restart[0]['nfe']:.0f} vs {heun[0]['nfe']:.0f} NFE"
+                per_level.append((label, *compare("Restart", a, "Heun", b, lambda e, key=key: shown(e, key))))
+            details = "; ".join(f"{level}: {outcome} ({figures})" for level, outcome, figures in per_level)
+            outcomes[key] = (combine(per_level), details)
+        claim = f"{name}: Restart beats Heun at equal NFE"
+        source = "Restart (Xu et al., NeurIPS 2023; PFGM++ CIFAR-10 at 43 NFE)"
+        claims.append(dict(claim=claim, source=source, outcomes=outcomes))
+    return claims
+
+
 # ---------------------------------------------------------------------- the 2-D toys
 
 
@@ -328,9 +379,13 @@ CLAIMS = (
     field_rk45_quality_in_half_the_calls,
     toy_finite_d_fits_better,
 )
+# Claims about the training target or the sampler, decided on every model; the others compare D on the plain target.
+ANY_TARGET_CLAIMS = (stf_beats_plain_target, restart_beats_heun)
 
 
 def decide_claims(groups, toy, settings) -> list[dict]:
     """Every claim of `CLAIMS` that the sweep's models allow, from `groups` (digits results by model) and `toy` (toy
     rows by dataset)."""
-    return [claim for decide in CLAIMS for claim in decide(groups, toy, settings)]
+    plain = plain_groups(groups)
+    claims = [claim for decide in CLAIMS for claim in decide(plain, toy, settings)]
+    return claims + [claim for decide in ANY_TARGET_CLAIMS for claim in decide(groups, toy, settings)]

@@ -5,7 +5,7 @@ import os
 import re
 
 import numpy as np
-from aug_dim_sweep.report import QUICK_BANNER, table
+from aug_dim_sweep.report import QUICK_BANNER, restart_section, table, target_section
 from aug_dim_sweep.statistics import Estimate, estimate, group_by_model, level_points, reference_points
 
 from .claims import decide_claims, toy_by_dim
@@ -274,18 +274,43 @@ def toy_lines(toy, settings, plots) -> list[str]:
     return lines + ([f"![toys]({plots['toy']})", ""] if "toy" in plots else [])
 
 
-def markdown(results, toy, settings, environment, command, plots, quick=False) -> str:
-    """The evidence section of docs/benchmarks.md, between its markers; `quick` adds the machinery-check banner."""
+# The two claim metrics in the layout of the sweep's report sections: {key: (label, format, higher is better)}
+SECTION_METRICS = {
+    "frechet_distance": ("Fréchet distance", "{:.2f}", False),
+    "confident_share": ("confident share", "{:.3f}", True),
+}
+
+
+def followup_lines(groups, settings) -> list[str]:
+    """The authors' follow-ups: STF at equal training steps and Restart at equal NFE (the sweep's report sections)."""
+    digits = settings["digits"]
+    reference_steps, segments = digits["evaluation"]["reference_steps"], digits["training"]["segments"]
+    lines = target_section(groups, SECTION_METRICS, segments, reference_steps)
+    if lines:
+        lines += [
+            f"STF's reference batch: {digits['training'].get('reference_batch_size') or 'the trainer default'} images "
+            "per step (the official README's 1024; the code's default 4096 exceeds the 1797 digits), the training "
+            "batch its first rows.",
+            "",
+        ]
+    return lines + restart_section(groups, SECTION_METRICS)
+
+
+def markdown(results, toy, settings, environment, command, plots, quick=False, banner=None) -> str:
+    """The evidence section of docs/benchmarks.md, between its markers; `quick` adds the machinery-check banner,
+    `banner` (markdown) another one, e.g. the reduced settings'."""
     groups = group_by_model(results)
     reference_steps = settings["digits"]["evaluation"]["reference_steps"]
     lines = [START_MARKER, "", "## Evidence: PFGM++ against D, on the digits and on 2-D toys", ""]
     lines += [QUICK_BANNER, ""] if quick else []
+    lines += [banner, ""] if banner else []
     lines += header_lines(results, settings, environment, command)
     lines += verdict_lines(decide_claims(groups, toy, settings), groups, reference_steps)
     lines += training_lines(groups, settings, plots)
     lines += headline_lines(groups, reference_steps)
     lines += nfe_lines(groups, plots)
     lines += robustness_lines(groups, settings, plots)
+    lines += followup_lines(groups, settings)
     lines += toy_lines(toy, settings, plots)
     return "\n".join([*lines, END_MARKER]) + "\n"
 

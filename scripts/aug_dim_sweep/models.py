@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pfgm_diffusers import ode
+
 from . import judges, sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,16 +28,24 @@ class ModelSpec:
     objective: str
     aug_dim: int | None
     seed: int
+    target: str = "clean"  # the regression target: "clean" (the sample's own image) or "stf" (Stable Target Field)
 
     @property
     def name(self) -> str:
         if self.objective == "poisson_field":
             return "PFGM"
-        return "D=inf" if self.aug_dim is None else f"D={self.aug_dim}"
+        name = "D=inf" if self.aug_dim is None else f"D={self.aug_dim}"
+        return name if self.target == "clean" else f"{name} {self.target.upper()}"
 
     @property
     def folder(self) -> str:
-        return f"{self.name.replace('=', '')}-seed{self.seed}"
+        target = "" if self.target == "clean" else f"-{self.target}"
+        return f"{self.name.split()[0].replace('=', '')}{target}-seed{self.seed}"
+
+    @classmethod
+    def from_model(cls, model, seed: int) -> "ModelSpec":
+        """The spec of a settings' model entry [objective, aug_dim] or [objective, aug_dim, target]."""
+        return cls(*model[:2], seed, *model[2:])
 
 
 def data_arguments(data: dict) -> list[str]:
@@ -49,6 +59,10 @@ def trainer_command(spec: ModelSpec, output_dir: str, max_train_steps: int, trai
     command = [sys.executable, TRAINER, "--objective", spec.objective, "--seed", str(spec.seed)]
     if spec.objective == "pfgmpp":
         command += ["--aug_dim", "inf" if spec.aug_dim is None else str(spec.aug_dim)]
+        if spec.target != "clean":
+            command += ["--target", spec.target]
+            if training.get("reference_batch_size") is not None:
+                command += ["--reference_batch_size", str(training["reference_batch_size"])]
     else:
         command += [f"--{key}={value}" for key, value in training.get("field", {}).items()]
     command += data_arguments(data or {})
@@ -124,6 +138,22 @@ def measure_robustness(pipe, judge, evaluation) -> tuple[list, list]:
     return noise, quantization
 
 
+def measure_restart(pipe, judge, evaluation) -> list:
+    """Restart (the official blocks `evaluation["restart_blocks"]`, default the CIFAR-10 block) on the Heun grid of
+    each of `evaluation["restart_steps"]`, each beside Heun at the step count whose NFE is nearest Restart's exact
+    NFE: [{num_inference_steps, nfe, metrics..., "heun": {num_inference_steps, nfe, metrics...}}]."""
+    arguments = (evaluation["num_images"], evaluation["sample_seed"], evaluation["batch_size"])
+    rows = []
+    for num_steps in evaluation["restart_steps"]:
+        blocks = evaluation.get("restart_blocks")
+        images, nfe = sampling.sample_images(pipe, "restart", num_steps, *arguments, restart_blocks=blocks)
+        heun_steps = sampling.heun_steps_for_nfe(pipe, nfe)
+        heun_images, heun_nfe = sampling.sample_images(pipe, "heun", heun_steps, *arguments)
+        heun = {"num_inference_steps": heun_steps, "nfe": heun_nfe, **summary(judge(heun_images), judge)}
+        rows.append({"num_inference_steps": num_steps, "nfe": nfe, **summary(judge(images), judge), "heun": heun})
+    return rows
+
+
 def train_and_follow(spec, output_dir, settings, judge, log) -> tuple[list, float, object]:
     """Train `spec` in segments, measuring the saved pipeline after each; (curve, training seconds, pipeline)."""
     training, evaluation = settings["training"], settings["evaluation"]
@@ -146,30 +176,55 @@ def train_and_follow(spec, output_dir, settings, judge, log) -> tuple[list, floa
     return curve, train_seconds, pipe
 
 
-def run_model(spec: ModelSpec, workdir: str, settings: dict, log=print) -> dict:
-    """Train `spec` in segments (measuring the saved pipeline after each), then measure it with every solver, RK45
-    where asked, injected noise and quantised weights. Returns a JSON-ready dict."""
+def training_settings(settings: dict) -> dict:
+    """What a model's training and its training curve depend on: the key of its cached training (`jobs.train_job`),
+    so that a change of the final measurements (solvers, step counts, images) reuses the trained models."""
+    evaluation = settings["evaluation"]
+    curve = ("metric", "curve_images", "reference_steps", "sample_seed", "batch_size", "num_bootstrap")
+    return {
+        "data": settings.get("data", {}),
+        "training": settings["training"],
+        "evaluation": {key: evaluation[key] for key in curve if key in evaluation},
+    }
+
+
+def train_model(spec: ModelSpec, workdir: str, settings: dict, log=print) -> dict:
+    """Train `spec` from the start in segments into `workdir/<spec.folder>`, measuring the saved pipeline after each
+    segment (`settings` as `training_settings` gives them). Returns {curve, train_seconds, parameters}."""
     torch.set_num_threads(1)
     output_dir = os.path.join(workdir, spec.folder)
     # A folder left by an interrupted job holds checkpoints past its first segments: those points of the training
     # curve could not be measured again, so the model trains from the start.
     if os.path.exists(output_dir):
         shutil.rmtree(output_dir)
+    judge = judges.make_judge(settings)
+    curve, train_seconds, pipe = train_and_follow(spec, output_dir, settings, judge, log)
+    return {"curve": curve, "train_seconds": train_seconds, "parameters": pipe.unet.num_parameters()}
+
+
+def measure_model(spec: ModelSpec, workdir: str, trained: dict, settings: dict, log=print) -> dict:
+    """Measure the trained model of `spec` (in `workdir/<spec.folder>`, `trained` its `train_model` result) with every
+    solver, Restart against Heun at equal NFE, RK45 where asked, injected noise and quantised weights. Returns a
+    JSON-ready dict."""
+    torch.set_num_threads(1)
+    pipe = sampling.load_pipeline(os.path.join(workdir, spec.folder))
     evaluation = settings["evaluation"]
     judge = judges.make_judge(settings)
     result = {"name": spec.name, "seed": spec.seed, "objective": spec.objective, "aug_dim": spec.aug_dim}
-    result["curve"], result["train_seconds"], pipe = train_and_follow(spec, output_dir, settings, judge, log)
-    result["parameters"] = pipe.unet.num_parameters()
+    result.update(target=spec.target, curve=trained["curve"], train_seconds=trained["train_seconds"])
+    result["parameters"] = trained["parameters"]
 
     began = time.perf_counter()
     result["solvers"] = measure_solvers(pipe, judge, evaluation)
+    if not sampling.is_field_model(pipe) and evaluation.get("restart_steps"):
+        result["restart"] = measure_restart(pipe, judge, evaluation)
     if sampling.is_field_model(pipe) or evaluation.get("rk45_all", False):
         rk45_images, max_nfe = evaluation["rk45_images"], evaluation["rk45_max_nfe"]
         try:
             seed, batch_size = evaluation["sample_seed"], evaluation["rk45_batch_size"]
             images, nfe = sampling.sample_rk45(pipe, rk45_images, seed, batch_size, max_nfe)
             result["solvers"]["rk45"] = [{"num_inference_steps": None, "nfe": nfe, **summary(judge(images), judge)}]
-        except sampling.RK45Stalled as stalled:
+        except ode.EvaluationBudgetExceeded as stalled:
             result["rk45_stalled"] = {"num_images": rk45_images, "max_nfe": max_nfe, "sigma_reached": stalled.sigma}
             log(f"{spec.folder}: RK45 stalled at sigma {stalled.sigma:.3g} after {max_nfe} calls")
     result["noise"], result["quantization"] = measure_robustness(pipe, judge, evaluation)

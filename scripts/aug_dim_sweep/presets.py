@@ -15,6 +15,9 @@ EVIDENCE = {
         ["pfgmpp", 2048],
         ["pfgmpp", None],
         ["poisson_field", None],
+        # Stable Target Field at equal training steps (Xu, Tong, Jaakkola 2023): the D where the paper reports it
+        ["pfgmpp", 128, "stf"],
+        ["pfgmpp", None, "stf"],
     ],
     "seeds": [0, 1],
     "training": {
@@ -27,6 +30,8 @@ EVIDENCE = {
         "lr_warmup_steps": 200,
         "ema_max_decay": 0.999,
         "segments": [500, 1000, 2000, 3000, 4000],
+        # --target stf's reference batch: the official README's 1024 (the code's default 4096 exceeds the 1797 digits)
+        "reference_batch_size": 1024,
         # The field model's perturbation reaches the prior's clipped radii at N = 64: sigma sqrt(N) (1 + tau)^M
         # = 0.08 * 1.03^356 ~ 3000 = upper_norm (math.md §3; CIFAR-10's M = 291 is for N = 3072)
         "field": {"M": 356, "upper_norm": 3000.0, "z_exp": 1.0},
@@ -43,6 +48,10 @@ EVIDENCE = {
         "steps": {"heun": [3, 4, 6, 9, 13, 18], "euler": [6, 12, 35], "other": [5, 7, 9, 12, 17, 25]},
         "noise_scales": [0.05, 0.1, 0.2],
         "quantization_bits": [5, 6, 7, 8, 9],
+        # Restart (Xu et al. 2023) with the official PFGM++ CIFAR-10 block on the main Heun grids of 9 and 18 steps
+        # (25 and 43 NFE), each against Heun at the same NFE (13 and 22 steps)
+        "restart_steps": [9, 18],
+        "restart_blocks": {"0": [3, 2, 0.14, 0.30]},
         "rk45_all": False,
         # RK45 with the official tolerances on a subset, within a budget of calls (pilot: the field models spent
         # more than 3000 calls on 8 images between z = 5 and 10 and did not finish)
@@ -54,7 +63,7 @@ EVIDENCE = {
 # The same machinery at toy sizes: three models, one seed, short training, few images.
 EVIDENCE_QUICK = {
     **EVIDENCE,
-    "models": [["pfgmpp", 8], ["pfgmpp", None], ["poisson_field", None]],
+    "models": [["pfgmpp", 8], ["pfgmpp", None], ["poisson_field", None], ["pfgmpp", None, "stf"]],
     "seeds": [0],
     "training": {**EVIDENCE["training"], "segments": [150, 300]},
     "evaluation": {
@@ -66,8 +75,32 @@ EVIDENCE_QUICK = {
         "steps": {"heun": [3, 6, 18], "euler": [6, 35], "other": [5, 9, 17]},
         "noise_scales": [0.2],
         "quantization_bits": [5, 8],
+        "restart_steps": [18],
         "rk45_images": 50,
         "rk45_batch_size": 50,
     },
 }
-PRESETS = {"evidence": EVIDENCE, "evidence-quick": EVIDENCE_QUICK}
+# What fits a shared 2-core machine in about an hour (the run of docs/benchmarks.md of 2026-12-07): the D of the claims
+# and of the STF and Restart comparisons, two seeds, 1000 training steps, 400 images, Heun only.
+EVIDENCE_REDUCED = {
+    **EVIDENCE,
+    "models": [
+        ["pfgmpp", 8],
+        ["pfgmpp", 128],
+        ["pfgmpp", 2048],
+        ["pfgmpp", None],
+        ["pfgmpp", 128, "stf"],
+        ["pfgmpp", None, "stf"],
+    ],
+    "training": {**EVIDENCE["training"], "segments": [500, 1000]},
+    "evaluation": {
+        **EVIDENCE["evaluation"],
+        "num_images": 400,
+        "curve_images": 200,
+        "batch_size": 200,
+        "steps": {"heun": [3, 6, 9, 13, 18], "other": []},
+        "noise_scales": [0.1, 0.2],
+        "quantization_bits": [5, 6, 8],
+    },
+}
+PRESETS = {"evidence": EVIDENCE, "evidence-quick": EVIDENCE_QUICK, "evidence-reduced": EVIDENCE_REDUCED}

@@ -4,12 +4,16 @@ with fewer steps (and, where measured, under injected noise and quantised weight
 from .statistics import (
     Estimate,
     badness,
+    curve_points,
     difference,
     estimate,
     group_by_model,
     level_points,
     reference_points,
+    restart_points,
+    restart_steps,
     solver_points,
+    target_pairs,
 )
 
 QUICK_BANNER = (
@@ -145,6 +149,93 @@ def curve_section(groups, metrics, segments) -> list[str]:
     ]
 
 
+def target_rows(groups, key, fmt, segments, reference_steps) -> list:
+    """Rows (D, training steps, plain target, STF, STF − plain paired by seed) after each segment and at the final
+    measurement, for every D trained with both targets."""
+    rows = []
+    for plain, other in target_pairs(groups):
+        points = [
+            (f"{steps}", curve_points(groups[plain], i), curve_points(groups[other], i))
+            for i, steps in enumerate(segments)
+        ]
+        final = (
+            f"{segments[-1]} (final, {reference_points(groups[plain], reference_steps)[0]['num_images']} images)",
+            reference_points(groups[plain], reference_steps),
+            reference_points(groups[other], reference_steps),
+        )
+        for steps, a, b in [*points, final]:
+            change = difference(b, a, key)
+            rows.append(
+                [
+                    plain,
+                    steps,
+                    formatted(estimate(a, key), fmt),
+                    formatted(estimate(b, key), fmt),
+                    formatted(change, fmt),
+                ]
+            )
+    return rows
+
+
+def target_section(groups, metrics, segments, reference_steps) -> list[str]:
+    """STF (Stable Target Field) against the plain target at equal training steps, for each D trained with both."""
+    if not target_pairs(groups):
+        return []
+    lines = [
+        "### Stable Target Field against the plain target, at equal training steps",
+        "",
+        f"Heun at {2 * reference_steps - 1} NFE after each training segment (the curve's images), and the final "
+        "measurement; in the last column the STF model minus the plain one, paired by seed, with its error bar. The "
+        "STF target is the posterior-weighted mean of a reference batch (`--target stf`, "
+        "`pfgm_diffusers.stable_target`).",
+        "",
+    ]
+    for key, (label, fmt, higher_is_better) in metrics.items():
+        words = "higher" if higher_is_better else "lower"
+        header = ["D", "training steps", "plain target", "STF", "STF − plain"]
+        lines += [
+            f"{label} ({words} is better):",
+            "",
+            table(header, target_rows(groups, key, fmt, segments, reference_steps)),
+            "",
+        ]
+    return lines
+
+
+def restart_section(groups, metrics) -> list[str]:
+    """Restart against Heun at the same NFE, for every model measured with Restart."""
+    measured = {name: group for name, group in groups.items() if restart_steps(group)}
+    if not measured:
+        return []
+    lines = [
+        "### Restart against Heun at equal NFE",
+        "",
+        'Restart (`solver="restart"`, the official restart blocks on the Heun grid of the steps shown, its exact NFE) '
+        "beside Heun with the step count whose NFE is nearest (shown); in the last column Restart minus Heun, paired "
+        "by seed, with its error bar.",
+        "",
+    ]
+    for key, (label, fmt, higher_is_better) in metrics.items():
+        rows = []
+        for name, group in measured.items():
+            for steps in restart_steps(group):
+                restart, heun = restart_points(group, steps)
+                rows.append(
+                    [
+                        name,
+                        f"{steps} steps, {restart[0]['nfe']:.0f} NFE",
+                        formatted(estimate(restart, key), fmt),
+                        f"{heun[0]['num_inference_steps']} steps, {heun[0]['nfe']:.0f} NFE",
+                        formatted(estimate(heun, key), fmt),
+                        formatted(difference(restart, heun, key), fmt),
+                    ]
+                )
+        words = "higher" if higher_is_better else "lower"
+        header = ["model", "Restart", "Restart's figure", "Heun", "Heun's figure", "Restart − Heun"]
+        lines += [f"{label} ({words} is better):", "", table(header, rows), ""]
+    return lines
+
+
 def setup_lines(settings, environment, command) -> list[str]:
     training, evaluation, data = settings["training"], settings["evaluation"], settings.get("data", {})
     source = data.get("train_data_dir") or data.get("dataset_name") or "the embedded digits"
@@ -177,7 +268,9 @@ def markdown(results, settings, environment, command, plots, judge_metrics, quic
         if solver != "rk45":
             lines += steps_section(groups, judge_metrics, solver)
     lines += [f"![quality against NFE]({plots['nfe']})", ""] if "nfe" in plots else []
+    lines += restart_section(groups, judge_metrics)
     lines += robustness_section(groups, judge_metrics, reference_steps, plots)
+    lines += target_section(groups, judge_metrics, settings["training"]["segments"], reference_steps)
     lines += curve_section(groups, judge_metrics, settings["training"]["segments"])
     lines += [f"![during training]({plots['training']})", ""] if "training" in plots else []
     return "\n".join(lines) + "\n"

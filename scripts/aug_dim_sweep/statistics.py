@@ -128,3 +128,42 @@ def reference_points(group, reference_steps) -> list:
 def level_points(group, rows, field, level) -> list:
     """Each seed's point of the robustness table `rows` ("noise" or "quantization") at `field` == `level`."""
     return [next(point for point in result[rows] if point[field] == level) for result in group]
+
+
+def target_of(group) -> str:
+    """The regression target a model trained with: "clean" (the plain target) or "stf"."""
+    return group[0].get("target", "clean")
+
+
+def plain_groups(groups) -> dict:
+    """The models trained with the plain target (the D comparisons leave the STF models out)."""
+    return {name: group for name, group in groups.items() if target_of(group) == "clean"}
+
+
+def target_pairs(groups) -> list[tuple[str, str]]:
+    """(plain-target model, other-target model) of every D trained with both targets, in the sweep's order."""
+    plain = {(g[0]["objective"], g[0]["aug_dim"]): name for name, g in plain_groups(groups).items()}
+    pairs = []
+    for name, group in groups.items():
+        key = (group[0]["objective"], group[0]["aug_dim"])
+        if target_of(group) != "clean" and key in plain and len(group) == len(groups[plain[key]]):
+            pairs.append((plain[key], name))
+    return pairs
+
+
+def curve_points(group, index) -> list:
+    """Each seed's point of the training curve after segment `index`."""
+    return [result["curve"][index] for result in group]
+
+
+def restart_points(group, num_inference_steps) -> tuple[list, list]:
+    """(each seed's Restart point on the grid of `num_inference_steps`, each seed's Heun point at the same NFE)."""
+    rows = [
+        next(row for row in result["restart"] if row["num_inference_steps"] == num_inference_steps) for result in group
+    ]
+    return rows, [row["heun"] for row in rows]
+
+
+def restart_steps(group) -> list:
+    """The grids Restart was measured on (empty where it was not)."""
+    return [row["num_inference_steps"] for row in group[0].get("restart", [])]
