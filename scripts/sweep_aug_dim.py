@@ -10,12 +10,17 @@ solvers at several step counts, and report with error bars which D is best and h
     # a Hub dataset, the original PFGM beside PFGM++, robustness to injected noise and 6-bit weights
     python scripts/sweep_aug_dim.py --dataset_name uoft-cs/cifar10 --resolution 32 --aug_dims 128 inf pfgm \\
         --noise_scales 0.1 --quantization_bits 6
+    # Stable Target Field beside the plain target at equal training steps, Restart beside Heun at equal NFE
+    python scripts/sweep_aug_dim.py --aug_dims 128 inf --targets clean stf --reference_batch_size 1024 \\
+        --solvers heun restart --restart_steps 9 18
     # the digits part of the project's evidence (make evidence adds the papers' claims and the 2-D toys)
     python scripts/sweep_aug_dim.py --preset evidence
 
-Each model (D, seed) is one job; `--jobs` run at a time, each on one thread, and a finished job's result is kept in
-`--output_dir` and reused by a rerun with the same settings. The report (`report.md`), its plots (`sweep_*.png`) and
-every figure (`results.json`) go into `--output_dir`; the console gets the best D and the path.
+Each model (D, target, seed) is one job; `--jobs` run at a time, each on one thread, and a finished job's result is
+kept in `--output_dir` and reused by a rerun with the same settings. Its training is kept apart
+(`results/train-*.json`), so a rerun with other measurements (solvers, steps, images) measures the trained models
+again without training them. The report (`report.md`), its plots (`sweep_*.png`) and every figure (`results.json`)
+go into `--output_dir`; the console gets the best D and the path.
 
 Quality: on the embedded digits the offline digits classifier (Fréchet distance in its features, the share of
 confidently classified samples); on any other data the sliced 2-Wasserstein distance in pixel space to the training

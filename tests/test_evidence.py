@@ -4,6 +4,7 @@ experiments (injected noise, quantised weights), RK45 within a budget, the judge
 verdicts, the reports and plots, and one end-to-end run of a tiny sweep through the real trainer."""
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -570,13 +571,35 @@ def test_stf_and_restart_claims_and_report_sections_follow_the_numbers(tmp_path)
 def test_the_reduced_evidence_says_how_it_differs_from_the_documented_run():
     banner = run.reduced_banner(run.REDUCED)
     assert banner.startswith("> **Reduced settings, not the documented run.**")
-    assert "D = 8, D = 128, D = 2048, D = ∞, D = 128 STF, D = ∞ STF" in banner
+    assert "D = 8, D = 128, D = 2048, D = ∞, D = 128 STF, D = ∞ STF" in banner and "no D = 64" in banner
     assert "1000 training steps (documented: 4000); 400 samples per point (documented: 700)" in banner
     section = markdown.markdown(followup_results(), {}, SETTINGS, ENVIRONMENT, "x", {}, banner=banner)
     assert banner in section and report.QUICK_BANNER not in section
     assert run.parse_args(["--reduced"]).workdir == os.path.join("outputs", "evidence", "reduced")
     with pytest.raises(SystemExit):
         run.parse_args(["--reduced", "--quick"])
+
+
+def test_stf_models_measured_at_the_reference_only_stay_out_of_the_d_tables():
+    evaluation = presets.EVIDENCE_REDUCED["evaluation"]
+    cut = models.reference_only(evaluation)
+    assert cut["steps"] == {"heun": [18], "other": []} and cut["noise_scales"] == cut["quantization_bits"] == []
+    assert cut["restart_steps"] == [] and cut["num_images"] == evaluation["num_images"]
+    results = followup_results()
+    for result in results:
+        if result.get("target") == "stf":
+            result.update(solvers={"heun": result["solvers"]["heun"][-1:]}, noise=[], quantization=[])
+            del result["restart"]
+    groups = statistics.group_by_model(results)
+    assert list(statistics.fully_measured(groups)) == ["D=128", "D=inf"]
+    metrics = judges.DigitsJudge.metrics
+    text = report.markdown(results, SWEEP, {**ENVIRONMENT, "wall_seconds": 1.0}, "x", {}, metrics)
+    assert "| D=128 | 150 | 4.05 ± 0.06 | 2.05 ± 0.06 | -2.00 ± 0.01 |" in text and "| D=128 STF | 5.00" not in text
+    section = markdown.markdown(results, {}, SETTINGS, ENVIRONMENT, "x", {})
+    assert "| D=128 STF | 1.05 ± 0.06 |" in section  # the headline table holds every model
+    # A model job's kept result does not depend on which other models the sweep has
+    fewer = {**presets.EVIDENCE_REDUCED, "models": [["pfgmpp", 128]], "seeds": [0]}
+    assert jobs.model_jobs(fewer)[0][2] == jobs.model_jobs(presets.EVIDENCE_REDUCED)[2][2]  # D=128 seed 0
 
 
 def test_confident_share_claims_count_a_higher_share_as_better():
@@ -778,27 +801,39 @@ def test_a_tiny_sweep_trains_in_segments_and_writes_its_report(tmp_path):
         "noise_scales": [0.1],
         "quantization_bits": [6],
         "rk45_batch_size": 8,
+        "restart_steps": [18],
     }
     settings = {
         "digits": {
             **presets.EVIDENCE_QUICK,
-            "models": [["pfgmpp", 8]],
-            "training": training,
+            "models": [["pfgmpp", 8], ["pfgmpp", 8, "stf"]],
+            "training": {**training, "reference_batch_size": 128},
             "evaluation": evaluation,
         },
         "toy": {**run.QUICK["toy"], "aug_dims": [None], "num_steps": 5, "num_samples": 64, "num_test": 4},
     }
     digits, toy, info = run.run_all(settings, str(tmp_path), 1, log=lambda message: None)
     assert info["reused_jobs"] == 0 and info["job_seconds"] > 0
-    (result,) = digits
-    assert [p["steps"] for p in result["curve"]] == [2, 3]
+    result, stf = digits
+    assert [p["steps"] for p in result["curve"]] == [2, 3] and stf["name"] == "D=8 STF" and stf["target"] == "stf"
+    stf_args = json.loads((tmp_path / "models" / "D8-stf-seed0" / "training_args.json").read_text())
+    assert stf_args["target"] == "stf" and stf_args["reference_batch_size"] == 128
+    (row,) = result["restart"]
+    assert (row["nfe"], row["heun"]["num_inference_steps"], row["heun"]["nfe"]) == (43.0, 22, 43.0)
     assert sorted(os.listdir(tmp_path / "models" / "D8-seed0")).count("checkpoint-3") == 1
     assert set(result["solvers"]) == set(sampling.scheduler_solvers())
     assert [p["nfe"] for p in result["solvers"]["heun"]] == [3.0, 5.0]
     assert [p["alpha"] for p in result["noise"]] == [0.1] and [p["bits"] for p in result["quantization"]] == [6]
     # A rerun with the same settings reuses the results instead of training again
     again, _, info = run.run_all(settings, str(tmp_path), 1, log=lambda message: None)
-    assert again[0]["job_seconds"] == result["job_seconds"] and info["reused_jobs"] == 2
+    assert again[0]["job_seconds"] == result["job_seconds"] and info["reused_jobs"] == 3
+    # Other measurements re-measure the trained models without training them again
+    checkpoint = tmp_path / "models" / "D8-seed0" / "checkpoint-3"
+    before = checkpoint.stat().st_mtime_ns
+    fewer = {**settings, "digits": {**settings["digits"], "evaluation": {**evaluation, "restart_steps": []}}}
+    remeasured, _, info = run.run_all(fewer, str(tmp_path), 1, log=lambda message: None)
+    assert info["reused_jobs"] == 1 and "restart" not in remeasured[0]  # the toy job; both models re-measured
+    assert remeasured[0]["curve"] == result["curve"] and checkpoint.stat().st_mtime_ns == before
     environment = run.environment(1) | info | {"load_end": 0.0, "wall_seconds": 1.0}
     section = markdown.markdown(digits, toy, settings, environment, "x", {})
     assert "| D=8 |" in section and "**gaussian_mixture**" in section

@@ -6,7 +6,14 @@ import re
 
 import numpy as np
 from aug_dim_sweep.report import QUICK_BANNER, restart_section, table, target_section
-from aug_dim_sweep.statistics import Estimate, estimate, group_by_model, level_points, reference_points
+from aug_dim_sweep.statistics import (
+    Estimate,
+    estimate,
+    fully_measured,
+    group_by_model,
+    level_points,
+    reference_points,
+)
 
 from .claims import decide_claims, toy_by_dim
 
@@ -215,7 +222,7 @@ def robustness_lines(groups, settings, plots) -> list[str]:
     evaluation = settings["digits"]["evaluation"]
     reference_steps = evaluation["reference_steps"]
     rows = []
-    for name, group in groups.items():
+    for name, group in fully_measured(groups).items():
         cells = [name, f"{estimate(reference_points(group, reference_steps), 'frechet_distance'):.2f}"]
         for alpha in evaluation["noise_scales"]:
             cells.append(f"{estimate(level_points(group, 'noise', 'alpha', alpha), 'frechet_distance'):.2f}")

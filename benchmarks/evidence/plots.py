@@ -3,7 +3,7 @@
 
 import numpy as np
 from aug_dim_sweep import plots as sweep_plots
-from aug_dim_sweep.statistics import Estimate, group_by_model
+from aug_dim_sweep.statistics import Estimate, fully_measured, group_by_model
 
 from .claims import toy_by_dim
 
@@ -49,7 +49,7 @@ def plot_all(results, toy, settings, folder, prefix="evidence_") -> dict:
         label = PLOT_METRICS["frechet_distance"][0]
         name = f"{prefix}robustness.png"
         written["robustness"] = sweep_plots.plot_robustness(
-            groups, "frechet_distance", label, reference_steps, folder, name
+            fully_measured(groups), "frechet_distance", label, reference_steps, folder, name
         )
     if toy:
         written["toy"] = plot_toy(toy, folder, f"{prefix}toy.png")

@@ -81,7 +81,8 @@ REDUCED_BANNER = (
     "training steps, 700 samples per point, six toy D) in the time it had. This run: {models}; seeds {seeds}; "
     "{steps} training steps (documented: 4000); {images} samples per point (documented: 700); Heun only (no Euler "
     "or DPM-Solver++ rows); injected noise at α = {alphas} (documented: 0.05, 0.1, 0.2), {bits} bits (documented: "
-    "5–9). No PFGM field model and no D = 64: their claims are absent below. The 2-D toys ran as documented."
+    "5–9); the STF models measured at Heun's reference only (their comparison is the training curve). No PFGM field "
+    "model and no D = 64: their rows and claims are absent below. The 2-D toys ran as documented."
 )
 
 

@@ -28,9 +28,15 @@ def model_jobs(settings) -> list:
     for model in sorted(settings["models"], key=lambda model: model[0] != "poisson_field"):
         for seed in settings["seeds"]:
             spec = models.ModelSpec.from_model(model, seed)
-            arguments = dict(model=list(model), seed=seed, settings=settings)
+            arguments = dict(model=list(model), seed=seed, settings=model_settings(settings))
             jobs.append((f"model-{spec.folder}", train_and_measure, arguments))
     return jobs
+
+
+def model_settings(settings) -> dict:
+    """The settings one model's job depends on: all but the list of models and seeds, so that adding or dropping a
+    model keeps the others' kept results."""
+    return {key: value for key, value in settings.items() if key not in ("models", "seeds")}
 
 
 def train_job(model, seed, settings) -> tuple:

@@ -202,6 +202,12 @@ def train_model(spec: ModelSpec, workdir: str, settings: dict, log=print) -> dic
     return {"curve": curve, "train_seconds": train_seconds, "parameters": pipe.unet.num_parameters()}
 
 
+def reference_only(evaluation: dict) -> dict:
+    """`evaluation` cut to Heun at the reference step count (what the STF comparison needs beside the curve)."""
+    none = dict(restart_steps=[], noise_scales=[], quantization_bits=[], rk45_all=False)
+    return {**evaluation, "steps": {"heun": [evaluation["reference_steps"]], "other": []}, **none}
+
+
 def measure_model(spec: ModelSpec, workdir: str, trained: dict, settings: dict, log=print) -> dict:
     """Measure the trained model of `spec` (in `workdir/<spec.folder>`, `trained` its `train_model` result) with every
     solver, Restart against Heun at equal NFE, RK45 where asked, injected noise and quantised weights. Returns a
@@ -209,6 +215,8 @@ def measure_model(spec: ModelSpec, workdir: str, trained: dict, settings: dict, 
     torch.set_num_threads(1)
     pipe = sampling.load_pipeline(os.path.join(workdir, spec.folder))
     evaluation = settings["evaluation"]
+    if spec.target != "clean" and evaluation.get("other_targets") == "reference":
+        evaluation = reference_only(evaluation)
     judge = judges.make_judge(settings)
     result = {"name": spec.name, "seed": spec.seed, "objective": spec.objective, "aug_dim": spec.aug_dim}
     result.update(target=spec.target, curve=trained["curve"], train_seconds=trained["train_seconds"])

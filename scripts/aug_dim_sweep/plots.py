@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from .statistics import estimate, group_by_model, level_points, reference_points
+from .statistics import estimate, fully_measured, group_by_model, level_points, reference_points
 
 MATPLOTLIB_MISSING = "the sweep's plots need matplotlib: pip install matplotlib (or pip install -e '.[plots]')"
 SOLVER_STYLES = {"heun": "-", "euler": ":", "dpmpp_2m": "--"}
@@ -135,5 +135,6 @@ def plot_sweep(results, settings, metrics, folder, prefix="sweep_") -> dict:
     first = next(iter(groups.values()))[0]
     if first.get("noise") or first.get("quantization"):
         key, (label, _, _) = next(iter(metrics.items()))
-        written["robustness"] = plot_robustness(groups, key, label, reference_steps, folder, f"{prefix}robustness.png")
+        robust = fully_measured(groups)
+        written["robustness"] = plot_robustness(robust, key, label, reference_steps, folder, f"{prefix}robustness.png")
     return written

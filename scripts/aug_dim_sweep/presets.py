@@ -1,11 +1,13 @@
 """Settings of the sweep that the project runs itself: the evidence of docs/benchmarks.md (`EVIDENCE`, `make
-evidence`) and its toy-sized machinery check (`EVIDENCE_QUICK`, `make evidence-quick`)."""
+evidence`), what of it fits a shared machine (`EVIDENCE_REDUCED`, `make evidence-reduced`) and its toy-sized machinery
+check (`EVIDENCE_QUICK`, `make evidence-quick`)."""
 
 from .models import UNET_CONFIG
 
-# Chosen with pilots: every model gets the same UNet, batch, learning rate, EMA and steps. Time on 2 idle cores, from
-# costs measured there: training ~30 min (60 ms per step per job, two jobs at once, ~7 s per trainer start),
-# sampling ~14 min (0.31 ms per image and network call).
+# Chosen with pilots: every model gets the same UNet, batch, learning rate, EMA and steps. Time on 2 idle cores,
+# estimated from costs measured there (60 ms per step per job, two jobs at once, ~7 s per trainer start, 0.31 ms per
+# image and network call): training ~30 min for the six D, ~10 min more for the four STF models; sampling ~14 min,
+# ~3 min more for Restart and its Heun at equal NFE.
 EVIDENCE = {
     "data": {},  # the embedded digits
     "models": [
@@ -80,8 +82,9 @@ EVIDENCE_QUICK = {
         "rk45_batch_size": 50,
     },
 }
-# What fits a shared 2-core machine in about an hour (the run of docs/benchmarks.md of 2026-12-07): the D of the claims
-# and of the STF and Restart comparisons, two seeds, 1000 training steps, 400 images, Heun only.
+# What fitted a shared 2-core machine in about an hour (the run of docs/benchmarks.md of 2026-12-07): the D of the
+# robustness claims and of the STF and Restart comparisons, two seeds, 1000 training steps, 400 images, Heun only; the
+# STF models measured at the reference only (their comparison is the training curve).
 EVIDENCE_REDUCED = {
     **EVIDENCE,
     "models": [
@@ -101,6 +104,7 @@ EVIDENCE_REDUCED = {
         "steps": {"heun": [3, 6, 9, 13, 18], "other": []},
         "noise_scales": [0.1, 0.2],
         "quantization_bits": [5, 6, 8],
+        "other_targets": "reference",
     },
 }
 PRESETS = {"evidence": EVIDENCE, "evidence-quick": EVIDENCE_QUICK, "evidence-reduced": EVIDENCE_REDUCED}

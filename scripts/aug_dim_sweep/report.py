@@ -7,6 +7,7 @@ from .statistics import (
     curve_points,
     difference,
     estimate,
+    fully_measured,
     group_by_model,
     level_points,
     reference_points,
@@ -75,6 +76,7 @@ def best_section(groups, metrics, reference_steps) -> list[str]:
 def steps_section(groups, metrics, solver) -> list[str]:
     """The first metric of every model at each step count of `solver`, and its change from the most steps."""
     key, (label, fmt, higher_is_better) = next(iter(metrics.items()))
+    groups = fully_measured(groups)
     first = next(iter(groups.values()))[0]
     steps = sorted(p["num_inference_steps"] for p in first["solvers"].get(solver, []))
     if not steps:
@@ -103,6 +105,7 @@ def steps_section(groups, metrics, solver) -> list[str]:
 
 
 def robustness_section(groups, metrics, reference_steps, plots) -> list[str]:
+    groups = fully_measured(groups)
     first = next(iter(groups.values()))[0]
     alphas = [row["alpha"] for row in first.get("noise", [])]
     bits = [row["bits"] for row in first.get("quantization", [])]

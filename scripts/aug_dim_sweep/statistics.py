@@ -167,3 +167,18 @@ def restart_points(group, num_inference_steps) -> tuple[list, list]:
 def restart_steps(group) -> list:
     """The grids Restart was measured on (empty where it was not)."""
     return [row["num_inference_steps"] for row in group[0].get("restart", [])]
+
+
+def _measurements(result) -> set:
+    """What was measured on a model: (solver, step count), ("noise", alpha) and ("bits", b) pairs."""
+    pairs = {(solver, p["num_inference_steps"]) for solver, points in result["solvers"].items() for p in points}
+    pairs |= {("noise", row["alpha"]) for row in result.get("noise", [])}
+    return pairs | {("bits", row["bits"]) for row in result.get("quantization", [])}
+
+
+def fully_measured(groups) -> dict:
+    """The models measured at least as the first plain-target model was (a sweep may measure its STF models at the
+    reference only: `evaluation["other_targets"] = "reference"`); the tables of steps and robustness compare these."""
+    plain = plain_groups(groups) or groups
+    reference = _measurements(next(iter(plain.values()))[0])
+    return {name: group for name, group in groups.items() if reference <= _measurements(group[0])}
