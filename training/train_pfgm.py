@@ -67,7 +67,7 @@ from pfgm_diffusers.training.arguments import (
     parse_args,
     public_arguments,
 )
-from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype
+from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype, vae_scale_factor
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -154,6 +154,10 @@ def encode_latents_once(args, accelerator, images):
     transform) and its `LatentDataset`. The PFGM++ noise settings no flag gave are measured from the latents."""
     vae = load_vae(args.pretrained_vae_model_name_or_path, args.vae_subfolder, cache_dir=args.cache_dir)
     shape = latent_shape(vae.config, args.resolution)  # (C, h, w); a resolution the VAE cannot take fails here
+    logger.info(
+        f"The UNet's channels {shape[0]} (in; out +1 for the field objective) and sample_size {shape[1]}: the VAE's "
+        f"latent_channels and --resolution {args.resolution} / its downsampling factor {vae_scale_factor(vae.config)}"
+    )
     dtype = vae_dtype(vae.config, accelerator.mixed_precision)
     if accelerator.mixed_precision == "fp16" and dtype == torch.float32:
         logger.info("The VAE runs in float32 under fp16: its config has force_upcast (its activations overflow fp16)")
