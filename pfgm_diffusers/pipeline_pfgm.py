@@ -504,7 +504,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             if solver in flow.SAMPLER_ONLY:
                 raise ValueError(
                     f"`image` with solver={solver!r}: strength selects a step of the scheduler's grid, and "
-                    f"{solver!r} runs no scheduler steps; pass a grid solver (None, 'heun', 'euler', ...)."
+                    f"{'RK45' if solver == 'rk45' else 'Restart'} has none; pass a grid solver (None, 'heun', ...)."
                 )
         elif strength is not None:
             raise ValueError(
