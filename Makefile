@@ -45,6 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_trainer.py --skip_trainer
 	$(PY) benchmarks/bench_pipeline_ode.py
 	$(PY) benchmarks/bench_latent.py --json latent.json
+	$(PY) benchmarks/recipe_timing.py
 
 # Choose D for your data: PFGM++ at several D trained and compared with error bars (scripts/sweep_aug_dim.py --help);
 # without SWEEP_ARGS, the embedded digits at D = 8, 128, 2048, inf with two seeds (~40 min on 2 idle cores). Report

@@ -162,6 +162,8 @@ def build_parser():
     add("--train_batch_size", type=int, help="Per process.")
     add("--num_epochs", type=int, help="Used when --max_train_steps is not given. Default: none.")
     add("--max_train_steps", type=int, help="Default: 6000 (or the preset's), unless --num_epochs is given.")
+    add("--max_train_seconds", type=float, help="A wall-clock budget for the training loop (from its first step): "
+        "the step that spends it is the last, saved as such. Default: none (--max_train_steps only).")  # fmt: skip
     add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     add("--learning_rate", type=float, help="AdamW's.")
     lr_schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -337,6 +339,8 @@ def check_args(args):
     }
     if args.max_grad_norm is not None:
         ranges["max_grad_norm"] = (0, math.inf, "(", ")")
+    if args.max_train_seconds is not None:
+        ranges["max_train_seconds"] = (0, math.inf, "[", ")")
     for name, (lowest, highest, left, right) in ranges.items():
         value = getattr(args, name)
         above = value >= lowest if left == "[" else value > lowest
