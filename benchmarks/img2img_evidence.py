@@ -71,7 +71,7 @@ def parse_args(argv=None):
         "--checkpoints",
         type=int,
         nargs="+",
-        default=[500, 1000, 2000, 4000],
+        default=[500, 1000, 2000, 3000, 4000],
         help="Steps where the plateau is measured.",
     )
     parser.add_argument("--cache_dir", default="outputs/img2img_evidence/models", help="Cached checkpoints.")
