@@ -161,6 +161,30 @@ def verdict_lines(results) -> list[str]:
     return lines
 
 
+def relation(a: Estimate, b: Estimate) -> str:
+    """'above', 'below' or 'within the error bars of' (a against b, by more than the sum of both error bars)."""
+    return "above" if b.less_than(a) else "below" if a.less_than(b) else "within the error bars of"
+
+
+def observation_lines(results) -> list[str]:
+    """PSNR, per D: the measurement against one evaluation from it, one evaluation against the most (more steps from
+    y sample the posterior instead of its mean), and the prior's Heun 35 against one evaluation from y."""
+    settings = results["settings"]
+    last = max(settings["nfes"])
+    lines = ["**Other observations (PSNR, matched start):**"]
+    for aug_dim in dims_of(results):
+        one = estimate(select(results, aug_dim, start=1.0, nfe=1), "psnr")
+        many = estimate(select(results, aug_dim, start=1.0, nfe=last), "psnr")
+        prior_runs = select(results, aug_dim, "prior_heun")
+        prior, measured = estimate(prior_runs, "psnr"), estimate(prior_runs, "degraded_psnr")
+        lines.append(
+            f"- D = {dim_name(aug_dim)}: NFE 1 {one:.2f} is {relation(one, measured)} the measurement "
+            f"{measured:.2f}; NFE {last} {many:.2f} is {relation(many, one)} NFE 1; the prior's Heun "
+            f"{PRIOR_NFE} {prior:.2f} is {relation(prior, one)} NFE 1 from y."
+        )
+    return lines
+
+
 def describe(case) -> str:
     where = (
         f"prior Heun {PRIOR_NFE}"
@@ -310,6 +334,8 @@ def section(results, plots, command) -> str:
         "### What reproduced, what did not, what was opposite",
         "",
         *verdict_lines(results),
+        "",
+        *observation_lines(results),
         "",
         "### PSNR, SSIM and label accuracy against NFE",
         "",

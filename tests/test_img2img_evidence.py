@@ -91,6 +91,10 @@ def test_the_tables_give_every_nfe_and_start_level_with_error_bars_and_the_plate
     plateau = img2img_report.plateau_lines(results)
     assert "| 64 | 500 | 1.5000 ± 0.5000 | 17.00 ± 0.07 | 17.00 ± 0.07 |" in plateau
     assert "| ∞ | 1000 | 0.5000 ± 0.0000 | 18.50 ± 0.57 | 18.50 ± 0.57 |" in plateau
+    assert (
+        "- D = 64: NFE 1 20.50 ± 0.54 is above the measurement 14.00 ± 0.07; NFE 2 21.50 ± 0.54 is within the error "
+        "bars of NFE 1; the prior's Heun 35 10.00 ± 0.04 is below NFE 1 from y."
+    ) in img2img_report.observation_lines(results)
     text = img2img_report.section(results, {"nfe": "docs/x.png", "start": "y.png"}, "CMD")
     assert "![PSNR (dB) against NFE](docs/x.png)" in text and "`CMD`" in text
     assert "The measurement y itself: PSNR (dB) 14.00 ± 0.07, SSIM 0.400 ± 0.007, label acc. (%) 80.0 ± 1.4." in text
