@@ -80,6 +80,7 @@ def parse_args(argv=None):
     parser.add_argument("--docs", default=None, help="Rewrite this file's image-to-image evidence section.")
     parser.add_argument("--plots_dir", default="docs", help="Where --docs puts its PNG plots.")
     parser.add_argument("--command", default=None, help="The command the docs name (make evidence-img2img).")
+    parser.add_argument("--report", default=None, help="Only write --docs from this results JSON (no training).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more than free cores crawl).")
     args = parser.parse_args(argv)
     if args.reduced:
@@ -227,6 +228,13 @@ def hijack(pipe, degradation, nfe, sigma_start, args, seed, classify):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report is not None:  # re-render the docs from a finished run
+        with open(args.report) as f:
+            results = json.load(f)
+        if args.docs is None:
+            raise ValueError("--report renders the docs: give --docs (e.g. docs/benchmarks.md)")
+        write_docs(results, args)
+        return results
     torch.set_num_threads(args.threads)
     degradation = Degradation("denoise", sigma_y=args.sigma_y)
     classify = digit_classifier()

@@ -158,3 +158,20 @@ def test_a_resumed_training_equals_an_uninterrupted_one_and_a_finished_model_is_
     with open(tmp_path / "a" / "denoise0.5_D64_seed0_bs4_lr0.002_warm200" / "step6" / "metrics.json") as f:
         assert json.load(f)["loss"] == plateau[6]["loss"]
     assert pipe.config.conditioning_channels == 1
+
+
+def test_report_renders_the_docs_from_a_results_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = fake_results(lambda aug_dim, start, nfe, seed: 18.0 + seed + (2.0 if aug_dim == 64 else 0.0))
+    (tmp_path / "r.json").write_text(json.dumps(results), encoding="utf-8")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "benchmarks.md").write_text("# B\n", encoding="utf-8")
+    argv = ["--report", str(tmp_path / "r.json"), "--docs", str(docs / "benchmarks.md"), "--plots_dir", str(docs)]
+    img2img_evidence.main(argv)
+    text = (docs / "benchmarks.md").read_text(encoding="utf-8")
+    assert text.startswith("# B\n\n" + img2img_report.START_MARKER)
+    assert "![PSNR (dB) against NFE](img2img_nfe.png)" in text and (docs / "img2img_start.png").exists()
+    assert "- D = 64, PSNR (dB): finite D better (D=64 20.50 ± 0.54 vs ∞ 18.50 ± 0.54)" in text
+    with pytest.raises(ValueError, match="give --docs"):
+        img2img_evidence.main(["--report", str(tmp_path / "r.json")])
