@@ -67,7 +67,7 @@ from pfgm_diffusers.training.arguments import (
     parse_args,
     public_arguments,
 )
-from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype, vae_scale_factor
+from pfgm_diffusers.vae import latent_shape, load_vae, load_vae_config, vae_dtype, vae_scale_factor
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -139,7 +139,11 @@ def load_images(args):
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
     if args.resolution is None or args.model_config_name_or_path is None:  # your own data, no --preset
-        logger.info(fill_from_the_data(args, width, height))
+        vae_factor = None  # a latent run sizes its UNet for the latents: the VAE's factor from its config
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae = args.pretrained_vae_model_name_or_path
+            vae_factor = vae_scale_factor(load_vae_config(vae, args.vae_subfolder, cache_dir=args.cache_dir))
+        logger.info(fill_from_the_data(args, width, height, vae_factor))
     if (width, height) != (args.resolution, args.resolution):
         logger.info(
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
