@@ -9,13 +9,15 @@ from diffusers import EDMEulerScheduler
 from tqdm.auto import tqdm
 
 from . import ode
-from .scheduling_common import PoissonFlowScheduler
+from .scheduling_common import NO_RESTART_FIELD, PoissonFlowScheduler
 from .scheduling_pfgm_field import PFGMFieldScheduler
 
 # The schedulers a pipeline runs: PFGM++ (any D), the original PFGM, and diffusers' EDM (D = infinity).
 SCHEDULERS = (PoissonFlowScheduler, EDMEulerScheduler)
 # Solvers that integrate from a start and an end only, choosing their own steps.
 ADAPTIVE = ("rk45",)
+# Solvers with no scheduler step (no entry in `ode.STEPPERS`): the pipeline runs their pure sampler.
+SAMPLER_ONLY = tuple(name for name in ode.SAMPLERS if name not in ode.STEPPERS)
 
 
 def check_scheduler(scheduler) -> None:
@@ -82,6 +84,13 @@ def loop_scheduler(scheduler, solver):
             "pipe.scheduler.config, aug_dim=None)` (the same EDM model)."
         )
     return type(scheduler).from_config(scheduler.config, solver=solver)
+
+
+def restart_aug_dim(scheduler) -> int | None:
+    """D for Restart's forward jumps (None = EDM, also for an `EDMEulerScheduler`); the field model has none."""
+    if isinstance(scheduler, PFGMFieldScheduler):
+        raise ValueError(NO_RESTART_FIELD)
+    return scheduler.config.get("aug_dim")
 
 
 def prior_from_noise(scheduler, latents: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ In field mode sigma is z and D = x - z v_x / v_z. Two tables name the solvers, o
   (float32 tensors in and out, `sigma` a Python float) and of the noise levels to visit, k-diffusion style: the order
   of `sigmas` is the direction of integration, descending to sample, ascending to invert. `"rk45"` visits only the
   ends, `sigmas[0]` and `sigmas[-1]`, adaptively (scipy's RK45 in t = ln sigma, the original PFGM's sampler).
+  `"restart"` is Restart sampling (`restart.py`): Heun along descending `sigmas` with forward jumps drawn from
+  `generator`, for PFGM++ of any `aug_dim`; it has no stepper (docs/scheduler.md says why).
 - `STEPPERS`: one model call of a scheduler's run, `stepper.call(x, denoised, sigma, sigma_next, state, last)`
   returning `(x_next, state)`; `state` is what the solver carries to the next call (None at a run's first), `last`
   whether this is the run's last call. `PFGMScheduler.step` is diffusers bookkeeping around it.
@@ -202,6 +204,15 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor
     return x
 
 
+def sample_restart(denoise, x: torch.Tensor, sigmas, restart_blocks=None, aug_dim=None, generator=None, **options):
+    """Restart sampling (Xu et al. 2023; `restart.sample_restart`) along descending `sigmas` ending at 0: EDM's Heun
+    with the blocks `restart_blocks` (default `restart.RESTART_CIFAR10`), the jumps for `aug_dim` (None = EDM) drawn
+    from `generator`. 2n - 1 calls for n levels > 0, plus 2 K (N_restart - 1) per block."""
+    from . import restart  # restart.py builds on sample_heun: imported at the call, not at this module's load
+
+    return restart.sample_restart(denoise, x, sigmas, restart_blocks, aug_dim, generator)
+
+
 # The scheduler's steps: one model call each (diffusers' layout).
 
 
@@ -245,4 +256,5 @@ SAMPLERS = {
     "euler": sample_euler,
     "dpmpp_2m": sample_dpmpp_2m,
     "rk45": sample_rk45,
+    "restart": sample_restart,
 }

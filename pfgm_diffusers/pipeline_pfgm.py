@@ -72,7 +72,8 @@ class PFGMPipelineOutput(ImagePipelineOutput):
         images (`list[PIL.Image.Image]`, `np.ndarray` or `torch.Tensor`):
             The generated images: a list of PIL images, a `(B, H, W, C)` array or a `(B, C, H, W)` tensor in [0, 1].
         nfe (`int`):
-            The number of network evaluations the sampler used (with `solver="rk45"` chosen adaptively).
+            The number of network evaluations the sampler used (with `solver="rk45"` chosen adaptively; with
+            `solver="restart"` 2n - 1 for n steps plus 2 K (N_restart - 1) per restart block).
     """
 
     nfe: int = 0
@@ -415,6 +416,7 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         do_normalize: bool = True,
         max_evaluations: int | None = None,
         decode_batch_size: int | None = None,
+        restart_blocks: dict | None = None,
     ) -> PFGMPipelineOutput | tuple:
         r"""
         Generate images by carrying prior samples to the data along the PFGM ODE; or, with `image`, from a noised
@@ -448,6 +450,15 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
                 the scheduler's steps with that solver for this call. `"rk45"` runs the original PFGM's default
                 sampler, scipy's adaptive RK45 in ln sigma from sigma_max to sigma_min; when the scheduler's grid ends
                 at 0 (PFGM++ modes), a final denoising step x = D(x, sigma_min) follows, EDM's last Euler step.
+                `"restart"` runs Restart sampling (Xu et al. 2023; `restart.sample_restart`) for PFGM++ of any D and
+                EDM: Heun on the scheduler's grid of `num_inference_steps` with the `restart_blocks`, each jump drawn
+                from the PFGM++ kernel with `generator`; 2n - 1 + 2 K (N_restart - 1) per block network evaluations
+                (43 for 18 steps and the default block). Not for the field model (`PFGMFieldScheduler`).
+            restart_blocks (`dict`, *optional*, defaults to `restart.RESTART_CIFAR10` with `solver="restart"`):
+                Restart's blocks as in the official code, `{"name": [N_restart, K, t_min, t_max]}`: after the main
+                step that reaches the level nearest t_min, K times a jump to t_max and N_restart - 1 Heun steps back.
+                The default is the official PFGM++ CIFAR-10 block `{"0": [3, 2, 0.14, 0.30]}`. Only with
+                `solver="restart"`.
             rtol (`float`, defaults to 1e-4), atol (`float`, defaults to 1e-4):
                 Tolerances of `solver="rk45"` (the official PFGM defaults).
             max_evaluations (`int`, *optional*):
@@ -490,10 +501,10 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             image = self._model_space(image, do_normalize)  # a latent model encodes it
             strength = 0.8 if strength is None else strength
             _check_strength(strength)
-            if solver == "rk45":
+            if solver in flow.SAMPLER_ONLY:
                 raise ValueError(
-                    "`image` with solver='rk45': strength selects a step of the scheduler's grid, and "
-                    "RK45 has none; pass a grid solver (None, 'heun', 'euler', ...)."
+                    f"`image` with solver={solver!r}: strength selects a step of the scheduler's grid, and "
+                    f"{'RK45' if solver == 'rk45' else 'Restart'} has none; pass a grid solver (None, 'heun', ...)."
                 )
         elif strength is not None:
             raise ValueError(
@@ -506,10 +517,13 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         self.check_inputs(num_inference_steps, output_type, batch_size, generator, latents)
         if image is not None and tuple(image.shape) != self._latent_shape(batch_size):
             raise ValueError(f"image must have shape {self._latent_shape(batch_size)}, got {tuple(image.shape)}.")
-        name = flow.solver_name(self.scheduler, solver)  # "rk45", or a step of `ode.STEPPERS` for the loop below
+        name = flow.solver_name(self.scheduler, solver)  # a pure sampler, or a step of `ode.STEPPERS` for the loop
         if max_evaluations is not None and name not in flow.ADAPTIVE:
             raise ValueError(f"`max_evaluations` bounds the adaptive solvers {flow.ADAPTIVE}, got solver={name!r}.")
-        scheduler = None if name in flow.ADAPTIVE else flow.loop_scheduler(self.scheduler, solver)
+        if restart_blocks is not None and name != "restart":
+            raise ValueError(f"`restart_blocks` are the blocks of solver='restart', got solver={name!r}.")
+        aug_dim = flow.restart_aug_dim(self.scheduler) if name == "restart" else None  # refuses the field model
+        scheduler = None if name in flow.SAMPLER_ONLY else flow.loop_scheduler(self.scheduler, solver)
 
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
         network = self._network(labels, guidance_scale, condition)
@@ -522,6 +536,14 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
             sample = ode.SAMPLERS[name](denoise, x, [sigma_max, sigma_min], max_evaluations=max_evaluations, **options)
             if flow.noise_levels(self.scheduler, num_inference_steps)[-1] == 0:  # EDM's last Euler step to 0
                 sample = denoise(sample, sigma_min)  # x = D(x, sigma_min)
+            nfe = denoise.calls
+            progress.close()
+        elif name == "restart":  # Heun on the scheduler's grid, with Restart's jumps from `generator`
+            denoise, progress = self._denoiser(network)
+            x = flow.prior_from_noise(self.scheduler, latents)
+            sigmas = flow.noise_levels(self.scheduler, num_inference_steps)
+            options = dict(restart_blocks=restart_blocks, aug_dim=aug_dim, generator=generator)
+            sample = ode.SAMPLERS[name](denoise, x, sigmas, **options)
             nfe = denoise.calls
             progress.close()
         else:
@@ -635,6 +657,11 @@ class PFGMPipeline(PipelineHubMixin, DiffusionPipeline):
         """
         self.check_inputs(num_inference_steps)
         name = flow.solver_name(self.scheduler, solver)
+        if name == "restart":
+            raise ValueError(
+                "invert has no solver='restart': Restart's forward jumps add fresh noise, so it is no deterministic "
+                "map to walk back; pass None, 'heun', 'euler', 'dpmpp_2m' or 'rk45'."
+            )
         if name not in flow.ADAPTIVE:
             flow.loop_scheduler(self.scheduler, solver)  # refuses a swap an EDM scheduler cannot make
         device = self._execution_device

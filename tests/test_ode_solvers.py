@@ -101,11 +101,13 @@ def test_every_scheduler_solver_has_a_pure_sampler_and_a_stepper():
     """One table entry per name: `invert` runs the scheduler's solver as `ode.SAMPLERS[name]`, `step` as
     `ode.STEPPERS[name]`; the scheduler accepts exactly the steppers' names."""
     assert scheduling_pfgm.SOLVERS == tuple(ode.STEPPERS) == ("heun", "euler", "dpmpp_2m")
-    assert set(ode.SAMPLERS) == {*ode.STEPPERS, "rk45"}
+    assert set(ode.SAMPLERS) == {*ode.STEPPERS, "rk45", "restart"}
     for name in ode.STEPPERS:
         assert PFGMScheduler(solver=name).order == ode.STEPPERS[name].order
     with pytest.raises(ValueError, match="solver"):
         PFGMScheduler(solver="rk45")  # adaptive: no per-call step
+    with pytest.raises(ValueError, match="solver='restart' has no scheduler step"):
+        PFGMScheduler(solver="restart")  # its levels rise inside a run (docs/scheduler.md)
 
 
 @pytest.mark.parametrize("carry_sigma", [False, True])

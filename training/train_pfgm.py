@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 
 import datasets
@@ -32,7 +33,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -66,7 +67,7 @@ from pfgm_diffusers.training.arguments import (
     parse_args,
     public_arguments,
 )
-from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype
+from pfgm_diffusers.vae import latent_shape, load_vae, load_vae_config, vae_dtype, vae_scale_factor
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -138,7 +139,11 @@ def load_images(args):
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
     if args.resolution is None or args.model_config_name_or_path is None:  # your own data, no --preset
-        logger.info(fill_from_the_data(args, width, height))
+        vae_factor = None  # a latent run sizes its UNet for the latents: the VAE's factor from its config
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae = args.pretrained_vae_model_name_or_path
+            vae_factor = vae_scale_factor(load_vae_config(vae, args.vae_subfolder, cache_dir=args.cache_dir))
+        logger.info(fill_from_the_data(args, width, height, vae_factor))
     if (width, height) != (args.resolution, args.resolution):
         logger.info(
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
@@ -153,6 +158,10 @@ def encode_latents_once(args, accelerator, images):
     transform) and its `LatentDataset`. The PFGM++ noise settings no flag gave are measured from the latents."""
     vae = load_vae(args.pretrained_vae_model_name_or_path, args.vae_subfolder, cache_dir=args.cache_dir)
     shape = latent_shape(vae.config, args.resolution)  # (C, h, w); a resolution the VAE cannot take fails here
+    logger.info(
+        f"The UNet's channels {shape[0]} (in; out +1 for the field objective) and sample_size {shape[1]}: the VAE's "
+        f"latent_channels and --resolution {args.resolution} / its downsampling factor {vae_scale_factor(vae.config)}"
+    )
     dtype = vae_dtype(vae.config, accelerator.mixed_precision)
     if accelerator.mixed_precision == "fp16" and dtype == torch.float32:
         logger.info("The VAE runs in float32 under fp16: its config has force_upcast (its activations overflow fp16)")
@@ -344,6 +353,7 @@ def main(argv=None, loss=None):
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     first_epoch = global_step // steps_per_epoch
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # summed on the device: no per-step sync
+    began = time.monotonic(), time.process_time()  # --max_train_seconds counts from here (after the data and a resume)
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
         if global_step >= args.max_train_steps:  # a finished run resumed: `resume` said so
             break
@@ -378,6 +388,8 @@ def main(argv=None, loss=None):
                 ema_model.step(unet.parameters())
             global_step += 1
             progress_bar.update(1)
+            if out_of_time(args, accelerator, began):
+                args.max_train_steps = global_step  # this step is the last: checkpoint, grid and card say so
             last_step = global_step == args.max_train_steps
             if global_step % args.logging_steps == 0 or last_step:
                 logs = {"loss": (loss_sum / loss_count).item(), "lr": lr_scheduler.get_last_lr()[0]}
@@ -579,6 +591,21 @@ def record_arguments(args, accelerator):
     atomic_write_json(arguments_file, public_arguments(args), folder=args.output_dir)
     if args.report_to != "none":
         accelerator.init_trackers("train_pfgm", {k: v for k, v in public_arguments(args).items() if v is not None})
+
+
+def out_of_time(args, accelerator, began):
+    """Whether `--max_train_seconds` is spent; the main process's clock decides for all (one broadcast a step)."""
+    if args.max_train_seconds is None:
+        return False
+    seconds = time.monotonic() - began[0]
+    spent = torch.tensor(float(seconds >= args.max_train_seconds), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        spent = broadcast(spent)
+    if spent.item():
+        cpu = time.process_time() - began[1]
+        logger.info(f"--max_train_seconds {args.max_train_seconds:g} spent after {seconds:.1f} s ({cpu:.1f} CPU s)")
+        return True
+    return False
 
 
 def log_progress(args, accelerator, progress_bar, global_step, logs, ema_model):
