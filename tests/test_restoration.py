@@ -39,13 +39,29 @@ def test_a_start_near_zero_noise_returns_the_measurement_and_scores_like_it():
     assert result["psnr"] == pytest.approx(result["degraded_psnr"], abs=0.3)
     assert result["accuracy"] == pytest.approx(result["degraded_accuracy"], abs=0.05)
     clean, degraded, _ = degraded_digits(degradation, 40, resolution=8)
-    assert result["degraded_psnr"] == pytest.approx(psnr((degraded + 1) / 2, (clean + 1) / 2).mean().item())
+    measurement = ((degraded + 1) / 2).clamp(0, 1)  # as an image shows it
+    assert result["degraded_psnr"] == pytest.approx(psnr(measurement, (clean + 1) / 2).mean().item(), rel=1e-6)
     assert 0.5 < result["degraded_accuracy"] <= 1  # 4x4 digits are still mostly legible to the classifier
 
 
 def test_a_conditional_model_restores_from_its_condition():
-    result = evaluate_restoration(make_pipe(True), Degradation("denoise", 0.3), num_images=8, num_inference_steps=3)
+    pipe, degradation = make_pipe(True), Degradation("denoise", 0.3)
+    result = evaluate_restoration(pipe, degradation, num_images=8, num_inference_steps=3, batch_size=4)
     assert result["nfe"] == 5 and {"psnr_sem", "ssim", "degraded_ssim", "accuracy_sem"} <= set(result)
+    # the scores are those of the pipeline's restorations from each measurement (image i's noise seeded i)
+    clean, degraded, _ = degraded_digits(degradation, 8, resolution=8)
+
+    def restore(condition):
+        generators = [torch.Generator().manual_seed(i) for i in range(8)]
+        return pipe(batch_size=8, generator=generators, num_inference_steps=3, output_type="pt",
+                    do_normalize=False, conditioning_image=condition).images  # fmt: skip
+
+    restored = restore(degraded)
+    assert result["psnr"] == pytest.approx(psnr(restored, (clean + 1) / 2).mean().item(), rel=1e-6)
+    measurement = ((degraded + 1) / 2).clamp(0, 1)  # as an image shows it
+    assert result["degraded_psnr"] == pytest.approx(psnr(measurement, (clean + 1) / 2).mean().item(), rel=1e-6)
+    other = psnr(restore(degraded.roll(1, 0)), (clean + 1) / 2).mean().item()
+    assert abs(other - result["psnr"]) > 1e-3  # the measurement decides the restoration
     with pytest.raises(ValueError, match="give a strength"):
         evaluate_restoration(make_pipe(False), Degradation("superres"), num_images=4)
 
