@@ -80,7 +80,8 @@ def load_script(name):
 def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, capsys):
     import json
 
-    make_pipe(True).save_pretrained(tmp_path / "model")
+    pipe = make_pipe(True)
+    pipe.save_pretrained(tmp_path / "model")
     args = ["--model", str(tmp_path / "model"), "--paired_task", "denoise", "--paired_sigma_y", "0.2"]
     args += ["--num_images", "6", "--num_inference_steps", "2", "--output", str(tmp_path / "r.json")]
     load_script("evaluate").main(args)
@@ -90,6 +91,12 @@ def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, ca
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["num_images"] == 6 and results["settings"]["paired_sigma_y"] == 0.2
     assert {"psnr", "degraded_psnr", "ssim", "degraded_ssim", "accuracy", "degraded_accuracy"} <= set(results)
+    # the figures are evaluate_restoration's for the flags given (the measurement noise 0.2, seed 0)
+    expected = evaluate_restoration(pipe, Degradation("denoise", 0.2), num_images=6, num_inference_steps=2)
+    for name, value in expected.items():
+        assert results[name] == pytest.approx(value, rel=1e-6), name
+    assert f"psnr {expected['psnr']:.3g} dB +- " in printed
+    assert f"(measurement: {expected['degraded_psnr']:.3g} dB)" in printed
     with pytest.raises(SystemExit):
         load_script("evaluate").parse_args(["--model", "m", "--strength", "0.5"])  # no --paired_task
 
