@@ -59,6 +59,12 @@ def noise_levels(scheduler, num_inference_steps: int) -> list[float]:
     return torch.unique_consecutive(scheduler.sigmas).tolist()
 
 
+def data_end(scheduler, levels) -> float:
+    """Where a sampling run along the grid `levels` (`noise_levels`) lands on the data, whose step `ode.sample_heun`
+    takes with Euler (`data_end=`): the field model's z_min, its grid's last level; 0 for PFGM++ and EDM."""
+    return float(levels[-1]) if is_field_model(scheduler) else 0.0
+
+
 def check_solver(solver) -> None:
     if solver is not None and solver not in ode.SAMPLERS:
         raise ValueError(
