@@ -59,8 +59,8 @@ def test_own_data_without_torch_fidelity_is_refused_at_start_up(tmp_path, unet_c
         train_pfgm.load_images = fail_if_called
         with pytest.raises(ValueError) as error:
             train_pfgm.main(args, loss=fail_if_called)
-    assert "--eval_steps on your own data measures FID/KID" in str(error.value)
-    assert 'pip install -e ".[eval]"' in str(error.value)
+    assert "--eval_steps on your own data measures FID/KID: FID/KID need torch-fidelity" in str(error.value)
+    assert 'pip install -e ".[eval]"' in str(error.value) and "torchvision==0." in str(error.value)
     assert not (tmp_path / "out").exists()
 
 
