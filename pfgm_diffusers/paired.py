@@ -34,6 +34,7 @@ from .data import (
     list_image_files,
     load_hub_dataset,
 )
+from .validation import check_integer, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,12 @@ class Degradation:
     def __post_init__(self):
         if self.task not in PAIRED_TASKS:
             raise ValueError(f"unknown paired task {self.task!r}: choose one of {PAIRED_TASKS}")
-        if isinstance(self.sigma_y, bool) or not isinstance(self.sigma_y, (int, float)) or not self.sigma_y >= 0:
-            raise ValueError(f"sigma_y must be a number >= 0, got {self.sigma_y!r}")
-        if not np.isfinite(self.sigma_y):
-            raise ValueError(f"sigma_y must be finite, got {self.sigma_y!r}")
+        check_number("sigma_y", self.sigma_y)
+        if self.sigma_y < 0:
+            raise ValueError(f"`sigma_y` must be a number >= 0, got {self.sigma_y!r}.")
         if self.task == "denoise" and self.sigma_y == 0:
             raise ValueError("the denoise task needs a noise level sigma_y > 0 (e.g. --paired_sigma_y 0.2)")
-        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 2:
-            raise ValueError(f"factor must be an integer >= 2, got {self.factor!r}")
+        check_integer("factor", self.factor, minimum=2)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The measurement of `x` (`(..., C, H, W)`, model space), of the same shape; noise from `generator`."""

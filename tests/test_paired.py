@@ -43,8 +43,10 @@ def test_denoise_adds_gaussian_noise_of_sigma_y_from_the_generator():
     [
         ({"task": "deblur"}, "unknown paired task"),
         ({"task": "denoise"}, "sigma_y > 0"),
-        ({"task": "denoise", "sigma_y": -0.1}, "sigma_y must be"),
-        ({"task": "superres", "factor": 1}, "factor must be"),
+        ({"task": "denoise", "sigma_y": -0.1}, "`sigma_y` must be a number >= 0, got -0.1"),
+        ({"task": "superres", "factor": 1}, "`factor` must be an integer >= 2, got 1"),
+        ({"task": "denoise", "sigma_y": float("nan")}, "`sigma_y` must be a finite number, got nan"),
+        ({"task": "superres", "factor": True}, "`factor` must be an integer >= 2, got True"),
     ],
 )
 def test_bad_degradations_are_refused(kwargs, match):

@@ -200,8 +200,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG (restored on resume) untouched
     )
-    steps_per_epoch = len(dataset) // (batch_size * accelerator.num_processes) // args.gradient_accumulation_steps
-    if steps_per_epoch < 1:
+    batches = len(dataset) // (batch_size * accelerator.num_processes)  # per process and epoch
+    if batches < args.gradient_accumulation_steps:
         per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
         flag = "--train_batch_size" if batch_size == args.train_batch_size else "--large_batch_size"
@@ -212,7 +212,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
             f"images; {f'give {flag} {most} or less, ' if most >= 1 else ''}use fewer processes or accumulation "
             "steps, or add images"
         )
-    return dataloader, steps_per_epoch
+    # accelerate also steps the optimizer on the last batches of an epoch when they are fewer than an accumulation
+    return dataloader, math.ceil(batches / args.gradient_accumulation_steps)
 
 
 def create_unet(args, unet_config):
@@ -246,8 +247,11 @@ def create_ema(args, accelerator, unet):
 
     # accelerate checkpoints only what it prepares; the EMA weights ride along through these hooks
     def save_ema(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        # EMAModel.save_pretrained builds a UNet, whose initialisation draws from the global generator before
+        # accelerate saves it: forked, so that a checkpoint neither shifts the run's noise nor records a shifted state
+        with torch.random.fork_rng(devices=[]):
+            if accelerator.is_main_process:
+                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_ema(models, input_dir):
         loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
@@ -353,7 +357,11 @@ def main(argv=None, loss=None):
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
         if global_step >= args.max_train_steps:  # a finished run resumed: `resume` said so
             break
-        data.sampler.set_epoch(epoch)  # the same order and augmentations on every process and after a resume
+        # The same order and augmentations on every process and after a resume. The order through the prepared
+        # loader: it keeps its own epoch counter and hands it to the sampler whenever it is iterated (a resumed
+        # process counting from 0 would replay epoch 0's order); the dataset's augmentations directly (accelerate
+        # passes the epoch to a dataset only on one process)
+        train_dataloader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and global_step % steps_per_epoch != 0:
