@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 from .data import (
     GRAYSCALE_MODES,
@@ -33,6 +32,8 @@ from .data import (
     collate,
     list_image_files,
     load_hub_dataset,
+    open_image,
+    pixel_value_problem,
 )
 from .validation import check_integer, check_number
 
@@ -155,16 +156,17 @@ def load_paired_folders(train_data_dir: str, conditioning_data_dir: str) -> Pair
     differ in aspect ratio is a ValueError (one crop must fit both)."""
     import datasets
 
-    readable, corrupt, mismatched = [], [], []
+    readable, corrupt, mismatched, bad_values = [], [], [], []
     channels = ([], [])
     for pair in match_paired_folders(train_data_dir, conditioning_data_dir):
         try:
             sizes = []
             for side, path in enumerate(pair):
-                with Image.open(path) as image:
-                    image.load()
-                    sizes.append(image.size)
-                    channels[side].append(1 if image.mode in GRAYSCALE_MODES else 3)
+                image = open_image({"path": path, "bytes": None})  # as training reads it (16-bit gray+alpha: gray)
+                sizes.append(image.size)
+                channels[side].append(1 if image.mode in GRAYSCALE_MODES else 3)
+                if (problem := pixel_value_problem(image)) is not None:
+                    bad_values.append(f"{path} ({problem})")
         except (OSError, SyntaxError, ValueError) as error:
             corrupt.append(f"{pair} ({error})")
             continue
@@ -172,6 +174,11 @@ def load_paired_folders(train_data_dir: str, conditioning_data_dir: str) -> Pair
         if width * cond_height != height * cond_width:
             mismatched.append(f"{pair[0]} {width}x{height} vs {pair[1]} {cond_width}x{cond_height}")
         readable.append(pair)
+    if bad_values:
+        raise ValueError(
+            f"the paired folders {train_data_dir!r} and {conditioning_data_dir!r}: {len(bad_values)} image(s) hold "
+            f"pixel values that cannot be trained on: {bad_values[:MAX_LISTED]}"
+        )
     if mismatched:
         raise ValueError(
             "a target and its condition must have one aspect ratio (both are resized to --resolution and cropped "

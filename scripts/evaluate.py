@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 import pfgm_diffusers
 from pfgm_diffusers import PFGMPipeline, scheduling_pfgm
-from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder
+from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder, open_image, undecoded
 from pfgm_diffusers.evaluation import DigitsMetrics, FidelityMetrics, FidelityUnavailableError, SampleMetric
 from pfgm_diffusers.files import atomic_write_json, check_output_file
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
@@ -179,7 +179,8 @@ def load_reference(args, resolution, num_channels):
     if args.num_reference is not None:
         dataset = dataset.select(range(min(args.num_reference, len(dataset))))
     transform = ImageTransform(resolution, num_channels, center_crop=True)
-    images = [transform(example["image"]) for example in dataset]  # (C, H, W) in [-1, 1]
+    # decoded as the trainer decodes them (open_image: a 16-bit gray+alpha PNG is 16-bit gray, not 8-bit RGBA)
+    images = [transform(open_image(example["image"])) for example in undecoded(dataset)]  # (C, H, W) in [-1, 1]
     pixels = torch.stack(images).permute(0, 2, 3, 1)  # (M, H, W, C)
     return ((pixels + 1) * 127.5).round().to(torch.uint8).numpy()
 
