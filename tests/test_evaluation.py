@@ -277,7 +277,9 @@ def test_evaluate_script_writes_the_results_offline(digits_pipeline, tmp_path, c
 
 def test_evaluate_script_solver_choices_follow_the_scheduler(digits_pipeline, monkeypatch):
     script = load_script()
-    assert set(script.solver_choices()) == {"rk45", *scheduling_pfgm.SOLVERS} >= {"heun", "euler", "dpmpp_2m"}
+    assert set(script.solver_choices()) == {"rk45", "restart", *scheduling_pfgm.SOLVERS} >= {"heun", "dpmpp_2m"}
+    blocks = script.parse_args(["--model", digits_pipeline, "--restart_blocks", '{"0": [2, 1, 0.1, 0.2]}'])
+    assert blocks.restart_blocks == {"0": [2, 1, 0.1, 0.2]}
     assert script.parse_args(["--model", digits_pipeline]).solver is None  # the saved scheduler's own
     monkeypatch.setattr(scheduling_pfgm, "SOLVERS", (*scheduling_pfgm.SOLVERS, "unipc"))
     assert script.parse_args(["--model", digits_pipeline, "--solver", "unipc"]).solver == "unipc"
