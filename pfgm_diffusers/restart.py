@@ -7,6 +7,7 @@ Gaussian of variance t_max^2 - t_min^2; for finite D the augmented point (x, z),
 along a random direction of R^{N+D} until |z| = r_max = t_max sqrt(D) (math.md §1: r = sigma sqrt(D)).
 """
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -54,6 +55,18 @@ def restart_jump(x: torch.Tensor, sigma_from: float, sigma_to: float, aug_dim: i
     dot = r_from * w_1 / w_norm  # (B,) = u_z . z with |u_z| = 1
     move = -dot - torch.sqrt(dot**2 + (r_to**2 - r_from**2))  # (B,), the official code's root
     return (x + (move / w_norm).reshape(view) * g).to(x.dtype)  # x + m u_x, u_x = g / |w|
+
+
+def blocks_from_json(text: str) -> dict:
+    """Restart blocks written as JSON (a command line's), e.g. '{"0": [3, 2, 0.14, 0.30]}'; their values are checked
+    against the schedule where they are used."""
+    try:
+        blocks = json.loads(text)
+    except json.JSONDecodeError:
+        blocks = None
+    if not isinstance(blocks, dict):
+        raise ValueError(f"restart blocks are a JSON object of [N_restart, K, t_min, t_max] lists, got {text!r}")
+    return blocks
 
 
 def restart_schedule(sigmas, restart_blocks: Mapping, rho: float = 7.0):

@@ -11,8 +11,8 @@ evaluated with the digits metric in pixel space (scripts/evaluate.py --reference
 shipped classifier's features, the confident share, the class coverage) on the same number of samples, and a sample
 grid of each is saved side by side (latent left, pixel right).
 
-    python scripts/demo_latent_digits.py --output_dir outputs/latent-demo --train_seconds 600 --num_images 500 \\
-        --grid docs/images/latent_demo_digits.png
+    python scripts/demo_latent_digits.py --output_dir outputs/latent-demo --train_seconds 900 --num_images 500 \\
+        --grid docs/latent_demo_digits.png          # docs/training.md's figures (with PYTHONPATH=. OMP_NUM_THREADS=1)
 
 A VAE already in <output_dir>/vae (with vae.json) is reused, and so is the latent cache. Prints a markdown table and
 writes <output_dir>/results.json, with the 1-minute load average sampled during the runs.
@@ -140,7 +140,8 @@ def trained_steps(output_dir, log):
 
 
 def save_grid(models, path, seed, rows=6):
-    """rows x rows samples of each pipeline (seeds seed..), the grids side by side with a gap, upscaled 3x."""
+    """rows x rows samples of each pipeline (seeds seed..), each framed by a 1-pixel grey line (the digits fill their
+    tiles' height), the grids side by side with a white gap, upscaled 3x."""
     from PIL import Image
 
     from pfgm_diffusers import PFGMPipeline
@@ -152,9 +153,10 @@ def save_grid(models, path, seed, rows=6):
         generators = [torch.Generator().manual_seed(seed + i) for i in range(rows * rows)]
         images = pipe(batch_size=rows * rows, generator=generators, num_inference_steps=18, output_type="np").images
         images = (images[..., 0] * 255).round().clip(0, 255).astype(np.uint8)  # (n, 16, 16)
+        images = np.pad(images, ((0, 0), (1, 0), (1, 0)), constant_values=96)  # a line above and left of each
         size = images.shape[1]
         tiles.append(images.reshape(rows, rows, size, size).transpose(0, 2, 1, 3).reshape(rows * size, rows * size))
-    gap = np.full((tiles[0].shape[0], 4), 255, dtype=np.uint8)
+    gap = np.full((tiles[0].shape[0], 6), 255, dtype=np.uint8)
     grid = np.concatenate([tiles[0], gap, *tiles[1:]], axis=1)
     image = Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -166,7 +168,7 @@ def parse_args():
     parser.add_argument("--output_dir", default="outputs/latent-demo")
     parser.add_argument("--vae_steps", type=int, default=1000)
     parser.add_argument("--vae_batch_size", type=int, default=64)
-    parser.add_argument("--train_seconds", type=float, default=600, help="Each run's training wall-clock budget.")
+    parser.add_argument("--train_seconds", type=float, default=900, help="Each run's training wall-clock budget.")
     parser.add_argument("--num_images", type=int, default=500, help="Samples per evaluation.")
     parser.add_argument("--grid", default=None, help="Where to save the side-by-side sample grid (PNG).")
     parser.add_argument("--seed", type=int, default=0)

@@ -255,6 +255,23 @@ def test_resume_from_latest_equals_an_uninterrupted_run(tmp_path, image_folder, 
     assert all(torch.equal(a[k], b[k]) for k in a), "EMA weights differ"
 
 
+def test_two_processes_resumed_mid_epoch_equal_an_uninterrupted_run_through_later_epochs(
+    tmp_path, image_folder, unet_config
+):
+    # 2 processes x 8 of 32 images = 2 steps per epoch: resumed at step 1, it goes on through epochs 1 and 2, where
+    # each process's shard of the order must be the uninterrupted run's (tests/test_checkpoints.py: one process)
+    common = dict(lr_scheduler="constant", train_batch_size=8, random_flip=True, dataloader_num_workers=0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(tmp_path, tiny_args(image_folder, unet_config, straight, max_train_steps=5, **common), 2)
+    run_training(tmp_path, tiny_args(image_folder, unet_config, resumed, max_train_steps=1, **common), 2)
+    args = tiny_args(image_folder, unet_config, resumed, max_train_steps=5, resume_from_checkpoint="latest", **common)
+    assert "checkpoint-1 at step 1" in run_training(tmp_path, args, 2)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(folder / "checkpoint-5" / "model.safetensors") for folder in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "trained weights differ"
+
+
 def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(tmp_path, image_folder, unet_config):
     out = tmp_path / "out"
     args = tiny_args(image_folder, unet_config, out, max_train_steps=100_000, checkpointing_steps=1)

@@ -79,9 +79,12 @@ def test_two_processes_encode_once_train_on_latents_and_save_a_latent_pipeline(t
     assert {name: os.stat(cache / name).st_mtime_ns for name in shards} == shards
 
 
-def test_the_field_objective_trains_on_latents(tmp_path, folders):
+def test_the_field_objective_trains_on_latents_sized_from_the_data(tmp_path, folders):
     out = tmp_path / "out"
-    log = run_training(tmp_path, latent_args(folders, out, objective="poisson_field", large_batch_size=8))
+    sizes = dict(resolution=None, model_config_name_or_path=None)  # from the 12x10 images and the VAE's factor 2
+    log = run_training(tmp_path, latent_args(folders, out, objective="poisson_field", large_batch_size=8, **sizes))
+    assert "From the data (its first image is 12x10; latents 1/2 of it, the VAE's downsampling factor): " in log
+    assert "--resolution 8, --model_config_name_or_path " in log and "unet_digits_8px.json (<= 8 px of latents)" in log
     assert "latents 4x4x4" in log
     pipe = PFGMPipeline.from_pretrained(out)
     assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (4, 5)  # C + 1 for the field
@@ -140,10 +143,22 @@ def test_the_latent_preset_measures_its_noise_settings_unless_given(tmp_path, fo
         assert train_pfgm.parse_args(["--output_dir", "pixels"]).latent_cache_dir is None
 
 
-def test_a_latent_run_on_your_own_data_names_the_sizes_it_needs(tmp_path, folders):
+@pytest.mark.parametrize(
+    "size, given, resolution, config",
+    [
+        ((256, 256), {}, 256, "unet_32px.json"),  # 32 x 32 latents with an f = 8 VAE
+        ((300, 200), {}, 192, "unet_32px.json"),  # 25 latents down to the UNet's factor 4: 24, times f
+        ((1024, 1024), {}, 512, "unet_64px.json"),  # 128 latents capped at the table's largest UNet, 64
+        ((20, 20), {}, 16, "unet_digits_8px.json"),  # 2 latents: the smallest UNet's factor
+        ((256, 256), {"resolution": 128}, 128, "unet_digits.json"),  # a given resolution: its 16 latents pick
+    ],
+)
+def test_a_latent_run_on_your_own_data_sizes_its_unet_for_the_latents(tmp_path, size, given, resolution, config):
+    argv = ["--train_data_dir", "photos", "--pretrained_vae_model_name_or_path", "vae"]
+    argv += [f"--{key}={value}" for key, value in given.items()]
     with in_process(tmp_path) as train_pfgm:
-        argv = ["--train_data_dir", str(folders["images"]), "--pretrained_vae_model_name_or_path", "vae"]
-        with pytest.raises(ValueError, match="needs --resolution and --model_config_name_or_path: the sizes chosen"):
-            train_pfgm.parse_args(argv)
-        with pytest.raises(ValueError, match="needs --model_config_name_or_path"):
-            train_pfgm.parse_args(argv + ["--resolution", "8"])
+        args = train_pfgm.parse_args(argv)  # no --resolution, no UNet: both from the data and the VAE's factor
+        line = train_pfgm.fill_from_the_data(args, *size, vae_factor=8)
+    assert (args.resolution, os.path.basename(args.model_config_name_or_path)) == (resolution, config)
+    assert line.startswith(f"From the data (its first image is {size[0]}x{size[1]}; latents 1/8 of it, the VAE's")
+    assert "px of latents)" in line and (f"--resolution {resolution}" in line) == ("resolution" not in given)

@@ -67,7 +67,7 @@ from pfgm_diffusers.training.arguments import (
     parse_args,
     public_arguments,
 )
-from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype, vae_scale_factor
+from pfgm_diffusers.vae import latent_shape, load_vae, load_vae_config, vae_dtype, vae_scale_factor
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -139,7 +139,11 @@ def load_images(args):
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
     if args.resolution is None or args.model_config_name_or_path is None:  # your own data, no --preset
-        logger.info(fill_from_the_data(args, width, height))
+        vae_factor = None  # a latent run sizes its UNet for the latents: the VAE's factor from its config
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae = args.pretrained_vae_model_name_or_path
+            vae_factor = vae_scale_factor(load_vae_config(vae, args.vae_subfolder, cache_dir=args.cache_dir))
+        logger.info(fill_from_the_data(args, width, height, vae_factor))
     if (width, height) != (args.resolution, args.resolution):
         logger.info(
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
@@ -196,8 +200,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG (restored on resume) untouched
     )
-    steps_per_epoch = len(dataset) // (batch_size * accelerator.num_processes) // args.gradient_accumulation_steps
-    if steps_per_epoch < 1:
+    batches = len(dataset) // (batch_size * accelerator.num_processes)  # per process and epoch
+    if batches < args.gradient_accumulation_steps:
         per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
         flag = "--train_batch_size" if batch_size == args.train_batch_size else "--large_batch_size"
@@ -208,7 +212,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
             f"images; {f'give {flag} {most} or less, ' if most >= 1 else ''}use fewer processes or accumulation "
             "steps, or add images"
         )
-    return dataloader, steps_per_epoch
+    # accelerate also steps the optimizer on the last batches of an epoch when they are fewer than an accumulation
+    return dataloader, math.ceil(batches / args.gradient_accumulation_steps)
 
 
 def create_unet(args, unet_config):
@@ -242,8 +247,11 @@ def create_ema(args, accelerator, unet):
 
     # accelerate checkpoints only what it prepares; the EMA weights ride along through these hooks
     def save_ema(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        # EMAModel.save_pretrained builds a UNet, whose initialisation draws from the global generator before
+        # accelerate saves it: forked, so that a checkpoint neither shifts the run's noise nor records a shifted state
+        with torch.random.fork_rng(devices=[]):
+            if accelerator.is_main_process:
+                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_ema(models, input_dir):
         loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
@@ -349,7 +357,11 @@ def main(argv=None, loss=None):
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
         if global_step >= args.max_train_steps:  # a finished run resumed: `resume` said so
             break
-        data.sampler.set_epoch(epoch)  # the same order and augmentations on every process and after a resume
+        # The same order and augmentations on every process and after a resume. The order through the prepared
+        # loader: it keeps its own epoch counter and hands it to the sampler whenever it is iterated (a resumed
+        # process counting from 0 would replay epoch 0's order); the dataset's augmentations directly (accelerate
+        # passes the epoch to a dataset only on one process)
+        train_dataloader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and global_step % steps_per_epoch != 0:
