@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch 2.13 lies on this project's machines; elsewhere pick the build you need.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test train lint format bench evidence evidence-reduced evidence-quick sweep
+.PHONY: install test train lint format bench evidence evidence-reduced evidence-quick evidence-img2img sweep
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -45,6 +45,7 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_trainer.py --skip_trainer
 	$(PY) benchmarks/bench_pipeline_ode.py
 	$(PY) benchmarks/bench_latent.py --json latent.json
+	$(PY) benchmarks/recipe_timing.py
 
 # Choose D for your data: PFGM++ at several D trained and compared with error bars (scripts/sweep_aug_dim.py --help);
 # without SWEEP_ARGS, the embedded digits at D = 8, 128, 2048, inf with two seeds (~40 min on 2 idle cores). Report
@@ -71,3 +72,13 @@ evidence-reduced: $(VENV)/.installed
 evidence-quick: $(VENV)/.installed
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/evidence/run.py --quick
+
+# Does a small D help image-to-image? PPFM's claim on the digits' denoising task (benchmarks/img2img_evidence.py):
+# D = 64, 128, inf, 2 seeds, 4000 steps each, two training jobs (~2 h on 2 shared cores; trained models are cached in
+# outputs/img2img_evidence/models and resumed, so a rerun only evaluates, ~10 min). Rewrites its section of
+# docs/benchmarks.md and docs/img2img_*.png.
+IMG2IMG_ARGS ?= --steps 4000 --seeds 2 --jobs 2
+evidence-img2img: $(VENV)/.installed
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
+	$(PY) benchmarks/img2img_evidence.py $(IMG2IMG_ARGS) --output outputs/img2img_evidence/results.json \
+		--docs docs/benchmarks.md --plots_dir docs

@@ -7,24 +7,30 @@ network evaluation where the diffusion model (D = infinity) fails. Here, for the
 (`paired.Degradation("denoise", sigma_y)`):
 
 - models at D in {64, 128, inf} (`--aug_dims`), each trained with `--seeds` seeds by the library's own pieces
-  (`losses.pfgmpp_loss` of `conditioning.with_condition(unet, y)` on `paired.PairedTrainingDataset`);
+  (`losses.pfgmpp_loss` of `conditioning.with_condition(unet, y)` on `paired.PairedTrainingDataset`); every
+  checkpoint (`--checkpoints`, `--steps`) is cached under `--cache_dir` with its training state, so a rerun loads
+  the models, an interrupted or longer run resumes bit for bit, and `--jobs` trains the seeds in parallel processes;
+  each checkpoint records the plateau figures (training loss, PSNR at NFE 1 and from the prior);
 - restorations of the held-out digits from the measurement y: Euler in sigma on a Karras grid from sigma_start to
   sigma_min, then to 0 (NFE = `--nfes`), with sigma_start = sigma_y (matched) and 0.5x, 2x sigma_y (mismatched: a
   user rarely knows the noise level of a measurement), the state starting at y itself (the hijack); and from the
   prior with the pipeline's Heun, 18 steps = 35 NFE;
 - scored by PSNR, SSIM and the shipped classifier's label accuracy (`restoration.evaluate_restoration`'s metrics),
-  mean +- standard error over the seeds (each seed's figure is the mean over `--num_images` digits).
+  with the D sweep's error bars (`img2img_report`: ± half the range over seeds + the standard error over images).
 
-    python benchmarks/img2img_evidence.py --output img2img.json               # the full run (hours on 2 cores)
-    python benchmarks/img2img_evidence.py --reduced --output img2img.json     # a machinery check, not evidence
+    make evidence-img2img                                                      # the full run; rewrites the docs
+    python benchmarks/img2img_evidence.py --jobs 2 --output img2img.json       # the same, docs untouched
+    python benchmarks/img2img_evidence.py --reduced --output img2img.json      # a machinery check, not evidence
 
-The output is a JSON of every figure and a markdown table on stdout.
+The output is a JSON of every figure (`--output`), the verdicts and the PSNR table on stdout, and with `--docs` the
+section of docs/benchmarks.md between its markers and two plots in `--plots_dir`.
 """
 
 import argparse
 import json
-import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -39,7 +45,11 @@ from pfgm_diffusers.losses import pfgmpp_loss
 from pfgm_diffusers.paired import Degradation, PairedImages, PairedTrainingDataset, paired_collate
 from pfgm_diffusers.restoration import degraded_digits, evaluate_restoration
 
-UNET_CONFIG = os.path.join(os.path.dirname(__file__), "..", "training", "configs", "unet_digits_8px.json")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))  # aug_dim_sweep
+
+UNET_CONFIG = os.path.join(
+    os.path.dirname(__file__), "..", "pfgm_diffusers", "training", "configs", "unet_digits_8px.json"
+)
 REDUCED = dict(steps=150, seeds=2, num_images=64, nfes=(1, 2, 3, 5, 11))
 
 
@@ -56,6 +66,21 @@ def parse_args(argv=None):
     parser.add_argument("--start_factors", type=float, nargs="+", default=[1.0, 0.5, 2.0])
     parser.add_argument("--reduced", action="store_true", help=f"A machinery check: {REDUCED}.")
     parser.add_argument("--output", default=None, help="The JSON of every figure.")
+    parser.add_argument("--warmup_steps", type=int, default=200, help="Linear learning-rate warm-up (the main job's).")
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        nargs="+",
+        default=[500, 1000, 2000, 3000, 4000],
+        help="Steps where the plateau is measured.",
+    )
+    parser.add_argument("--cache_dir", default="outputs/img2img_evidence/models", help="Cached checkpoints.")
+    parser.add_argument("--train_seeds", type=int, nargs="+", default=None, help="Train only these seeds, then exit.")
+    parser.add_argument("--jobs", type=int, default=1, help="Training processes in parallel (seeds shared out).")
+    parser.add_argument("--docs", default=None, help="Rewrite this file's image-to-image evidence section.")
+    parser.add_argument("--plots_dir", default="docs", help="Where --docs puts its PNG plots.")
+    parser.add_argument("--command", default=None, help="The command the docs name (make evidence-img2img).")
+    parser.add_argument("--report", default=None, help="Only write --docs from this results JSON (no training).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more than free cores crawl).")
     args = parser.parse_args(argv)
     if args.reduced:
@@ -64,42 +89,128 @@ def parse_args(argv=None):
     return args
 
 
-def train(aug_dim, seed, args, degradation):
-    """A conditional PFGM++ model of the digits: the library's loss on the library's paired data; EMA weights."""
-    torch.manual_seed(seed)
+def model_folder(args, aug_dim, seed):
+    """Where one model's checkpoints are cached: every setting that changes the weights is in the name."""
+    d = "inf" if aug_dim is None else aug_dim
+    name = (
+        f"denoise{args.sigma_y:g}_D{d}_seed{seed}_bs{args.batch_size}_lr{args.learning_rate:g}_warm{args.warmup_steps}"
+    )
+    return os.path.join(args.cache_dir, name)
+
+
+def checkpoint_steps(args):
+    """Where a model is saved and its plateau figures measured: the `--checkpoints` below `--steps`, and `--steps`."""
+    return sorted({step for step in args.checkpoints if 0 < step < args.steps} | {args.steps})
+
+
+def cached_step(folder, args):
+    """The largest cached checkpoint at most `--steps` (0 if none)."""
+    done = [s for s in checkpoint_steps(args) if os.path.exists(os.path.join(folder, f"step{s}", "metrics.json"))]
+    return max(done, default=0)
+
+
+def build_unet():
     with open(UNET_CONFIG) as f:
         config = {key: value for key, value in json.load(f).items() if not key.startswith("_")}
-    unet = UNet2DModel(sample_size=8, in_channels=2, out_channels=1, **config)
+    return UNet2DModel(sample_size=8, in_channels=2, out_channels=1, **config)
+
+
+def plateau_figures(pipe, degradation, args, seed, classify, losses):
+    """A checkpoint's figures: the mean training loss since the previous one, the hijack at NFE 1 (matched start)
+    and the prior's Heun 35."""
+    figures = dict(loss=float(np.mean(losses)))
+    figures["hijack_nfe1"] = hijack(pipe, degradation, 1, args.sigma_y, args, seed, classify)
+    figures["prior_heun"] = evaluate_restoration(pipe, degradation, args.num_images, seed=seed, classify=classify)
+    return figures
+
+
+def train(aug_dim, seed, args, degradation, classify):
+    """A conditional PFGM++ model of the digits: the library's loss on the library's paired data; EMA weights. Each
+    checkpoint (`checkpoint_steps`) is cached under `model_folder` with the training state, so a rerun loads the
+    model and an interrupted run resumes from its last checkpoint. Returns the EMA pipeline and the plateau figures
+    {step: figures}."""
+    folder = model_folder(args, aug_dim, seed)
+    done = cached_step(folder, args)
+    plateau = {}
+    for s in checkpoint_steps(args):
+        if s <= done:
+            with open(os.path.join(folder, f"step{s}", "metrics.json")) as f:
+                plateau[s] = json.load(f)
+    if done == args.steps:
+        pipe = PFGMPipeline.from_pretrained(os.path.join(folder, f"step{done}"))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, plateau
+    torch.manual_seed(seed)
+    unet = build_unet()
     ema = UNet2DModel.from_config(unet.config)
     ema.load_state_dict(unet.state_dict())
     scheduler = PFGMScheduler(aug_dim=aug_dim)
     dataset = PairedTrainingDataset(PairedImages(load_digits_dataset(False), degradation=degradation), 8, seed=seed)
     sampler = EpochSampler(len(dataset), seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=paired_collate, drop_last=True
+        dataset,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        collate_fn=paired_collate,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),  # its base seed: not drawn from the global RNG
     )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
-    step, epoch = 0, 0
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    step, epoch, skip = 0, 0, 0
+    if done:  # resume: the weights, optimizer, RNG and the position in the epoch
+        state = torch.load(os.path.join(folder, f"step{done}", "state.pt"), weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        warmup.load_state_dict(state["warmup"])
+        torch.set_rng_state(state["rng"])
+        step, epoch, skip = state["step"], state["epoch"], state["batch"]
+    losses, began = [], time.perf_counter()
     while step < args.steps:
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
-        for batch in loader:
+        for index, batch in enumerate(loader):
+            if index < skip:
+                continue
             network = with_condition(unet, batch["conditioning_pixel_values"])
             loss = pfgmpp_loss(network, scheduler, batch["pixel_values"])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            warmup.step()
+            losses.append(loss.item())
             decay = min(0.999, (1 + step) / (10 + step))  # EMA with warm-up
             with torch.no_grad():
                 for averaged, current in zip(ema.parameters(), unet.parameters(), strict=True):
                     averaged.lerp_(current, 1 - decay)
             step += 1
+            if step in checkpoint_steps(args):
+                pipe = PFGMPipeline(ema.eval(), scheduler, conditioning_channels=1)
+                pipe.set_progress_bar_config(disable=True)
+                target = os.path.join(folder, f"step{step}")
+                pipe.save_pretrained(target)
+                state = dict(
+                    unet=unet.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                    warmup=warmup.state_dict(), rng=torch.get_rng_state(), step=step, epoch=epoch, batch=index + 1,
+                )  # fmt: skip
+                torch.save(state, os.path.join(target, "state.pt"))
+                with torch.random.fork_rng():  # the evaluation leaves the training's RNG as it was
+                    plateau[step] = plateau_figures(pipe, degradation, args, seed, classify, losses)
+                plateau[step]["train_seconds"] = time.perf_counter() - began
+                with open(os.path.join(target, "metrics.json"), "w") as f:  # written last: marks the step done
+                    json.dump(plateau[step], f, indent=2)
+                print(
+                    f"D={aug_dim} seed={seed} step {step}: loss {plateau[step]['loss']:.4f}, NFE-1 PSNR "
+                    f"{plateau[step]['hijack_nfe1']['psnr']:.2f}, {time.perf_counter() - began:.0f} s",
+                    flush=True,
+                )
+                losses, began = [], time.perf_counter()
+                ema.train()
             if step == args.steps:
                 break
-        epoch += 1
-    pipe = PFGMPipeline(ema.eval(), scheduler, conditioning_channels=1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+        epoch, skip = epoch + 1, 0
+    return pipe, plateau
 
 
 @torch.no_grad()
@@ -115,81 +226,78 @@ def hijack(pipe, degradation, nfe, sigma_start, args, seed, classify):
     return metrics.compute()
 
 
-def summarize(values):
-    values = np.asarray(values, dtype=float)
-    sem = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return {"mean": float(values.mean()), "sem": float(sem), "per_seed": values.tolist()}
-
-
 def main(argv=None):
     args = parse_args(argv)
+    if args.report is not None:  # re-render the docs from a finished run
+        with open(args.report) as f:
+            results = json.load(f)
+        if args.docs is None:
+            raise ValueError("--report renders the docs: give --docs (e.g. docs/benchmarks.md)")
+        write_docs(results, args)
+        return results
     torch.set_num_threads(args.threads)
     degradation = Degradation("denoise", sigma_y=args.sigma_y)
     classify = digit_classifier()
     runs = []  # one row per (D, seed, sampler, start level, NFE)
-    began = time.perf_counter()
+    if args.train_seeds is not None:  # a training job: fill the cache for these seeds, nothing else
+        for aug_dim in args.aug_dims:
+            for seed in args.train_seeds:
+                train(aug_dim, seed, args, degradation, classify)
+        return None
+    if args.jobs > 1:  # training jobs in parallel, one per share of the seeds; they fill the cache
+        shares = [list(range(args.seeds))[i :: args.jobs] for i in range(min(args.jobs, args.seeds))]
+        argv = sys.argv[1:] if argv is None else list(argv)
+        jobs = [subprocess.Popen([sys.executable, __file__, *argv, "--train_seeds", *map(str, s)]) for s in shares]
+        if any(job.wait() for job in jobs):
+            raise SystemExit("a training job failed; rerun to resume from the cached checkpoints")
+    began = time.perf_counter()  # the evaluation's wall time (with any training not done by the jobs)
+    plateaus = []
     for aug_dim in args.aug_dims:
         for seed in range(args.seeds):
-            pipe = train(aug_dim, seed, args, degradation)
+            pipe, plateau = train(aug_dim, seed, args, degradation, classify)
+            plateaus.append(dict(aug_dim=aug_dim, seed=seed, steps=plateau))
             for factor in args.start_factors:
                 for nfe in args.nfes:
                     result = hijack(pipe, degradation, nfe, factor * args.sigma_y, args, seed, classify)
                     runs.append(dict(aug_dim=aug_dim, seed=seed, sampler="hijack", start=factor, nfe=nfe, **result))
             result = evaluate_restoration(pipe, degradation, args.num_images, seed=seed, classify=classify)
             runs.append(dict(aug_dim=aug_dim, seed=seed, sampler="prior_heun", start=None, **result))
-    table = {}
-    for run in runs:
-        key = (run["aug_dim"], run["sampler"], run["start"], run["nfe"])
-        table.setdefault(key, []).append(run)
-    rows = []
-    for (aug_dim, sampler, start, nfe), group in table.items():
-        row = dict(aug_dim=aug_dim, sampler=sampler, start=start, nfe=nfe)
-        for name in ("psnr", "ssim", "accuracy", "degraded_psnr", "degraded_accuracy"):
-            row[name] = summarize([run[name] for run in group])
-        rows.append(row)
     results = dict(
         settings={**vars(args), "aug_dims": [("inf" if d is None else d) for d in args.aug_dims]},
         reduced=args.reduced,
         seconds=time.perf_counter() - began,
-        rows=rows,
         runs=runs,
+        plateaus=plateaus,
     )
-    print(markdown(results))
+    seconds = [f["train_seconds"] for p in plateaus for f in p["steps"].values()]
+    results["train_minutes"] = sum(seconds) / 60 / max(1, len(plateaus))
+    print(summary(results))
     if args.output is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
+    if args.docs is not None:
+        write_docs(results, args)
     return results
 
 
-def markdown(results):
-    settings = results["settings"]
-    lines = []
-    if results["reduced"]:
-        lines.append(
-            "**Machinery check at reduced settings, not evidence**: "
-            f"{settings['steps']} training steps, {settings['seeds']} seeds, {settings['num_images']} digits."
-        )
-    lines.append(
-        f"Denoising sigma_y = {settings['sigma_y']}; mean +- standard error over {settings['seeds']} seeds "
-        f"({settings['steps']} steps each); measurement: PSNR "
-        f"{results['rows'][0]['degraded_psnr']['mean']:.2f} dB, label accuracy "
-        f"{100 * results['rows'][0]['degraded_accuracy']['mean']:.0f} %."
-    )
-    lines += [
-        "",
-        "| D | sampler | start / sigma_y | NFE | PSNR (dB) | SSIM | label accuracy (%) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in results["rows"]:
-        d = "inf" if row["aug_dim"] is None else row["aug_dim"]
-        start = "-" if row["start"] is None else f"{row['start']:g}"
-        nfe = 35 if row["sampler"] == "prior_heun" else row["nfe"]
-        cells = [
-            f"{row[k]['mean'] * s:.3g} +- {row[k]['sem'] * s:.2g}"
-            for k, s in (("psnr", 1), ("ssim", 1), ("accuracy", 100))
-        ]
-        lines.append(f"| {d} | {row['sampler']} | {start} | {nfe} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def summary(results) -> str:
+    """The verdicts and the PSNR table, for the console."""
+    import img2img_report
+
+    return "\n".join([*img2img_report.verdict_lines(results), "", *img2img_report.nfe_table(results, "psnr")])
+
+
+def write_docs(results, args):
+    """The plots into `--plots_dir` and this evidence's section of `--docs` (docs/benchmarks.md)."""
+    import img2img_report
+
+    plots = img2img_report.plot_all(results, args.plots_dir)
+    relative = os.path.relpath(args.plots_dir, os.path.dirname(os.path.abspath(args.docs)))
+    plots = {kind: name if relative == "." else f"{relative}/{name}" for kind, name in plots.items()}
+    command = "make evidence-img2img" if args.command is None else args.command
+    img2img_report.rewrite_docs(args.docs, img2img_report.section(results, plots, command))
+    print(f"wrote the section of {args.docs} and {sorted(plots.values())}")
 
 
 if __name__ == "__main__":

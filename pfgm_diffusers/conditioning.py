@@ -9,7 +9,62 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["ConditionedUNet", "concat_condition", "with_condition"]
+from .image_processing import preprocess
+from .validation import check_number, is_integer
+
+__all__ = [
+    "ConditionedUNet",
+    "check_conditioning",
+    "concat_condition",
+    "prepare_conditioning_image",
+    "with_condition",
+]
+
+
+def check_conditioning(in_channels: int, conditioning_channels, conditioning_dropout_prob) -> None:
+    """A pipeline's condition settings: C_cond in [1, in_channels - 1] or None; the dropout share in [0, 1], only with
+    a condition."""
+    if conditioning_channels is not None and (
+        not is_integer(conditioning_channels) or not 1 <= conditioning_channels < in_channels
+    ):
+        raise ValueError(
+            f"conditioning_channels must be None or an integer in [1, {in_channels - 1}] (the UNet's in_channels "
+            f"{in_channels} = C + C_cond with C >= 1), got {conditioning_channels!r}."
+        )
+    if conditioning_dropout_prob is None:
+        return
+    if conditioning_channels is None:
+        raise ValueError("conditioning_dropout_prob is set but the model has no condition (conditioning_channels).")
+    check_number("conditioning_dropout_prob", conditioning_dropout_prob)
+    if not 0 <= conditioning_dropout_prob <= 1:
+        raise ValueError(f"conditioning_dropout_prob must be in [0, 1], got {conditioning_dropout_prob!r}.")
+
+
+def prepare_conditioning_image(conditioning_image, channels, size, batch_size=None, do_normalize=True):
+    """The condition of an image-conditional model (`channels` = C_cond, None for a model without one) as a float32
+    (B, C_cond, H, W) tensor in model space, `size` = (H, W); None without a condition. Missing, unexpected or
+    mis-shaped conditions are a ValueError; `batch_size` None accepts any batch."""
+    if channels is None:
+        if conditioning_image is not None:
+            raise ValueError(
+                "A conditioning_image was given but this model takes no condition (conditioning_channels=None): "
+                "it was trained without one. For image-to-image with any model, pass `image=` and `strength=`."
+            )
+        return None
+    if conditioning_image is None:
+        raise ValueError(
+            f"This model is image-conditional (conditioning_channels={channels}): pass `conditioning_image`, "
+            f"{channels}-channel images of {tuple(size)} pixels."
+        )
+    condition = preprocess(conditioning_image, channels, do_normalize)
+    if tuple(condition.shape[2:]) != tuple(size):
+        raise ValueError(
+            f"conditioning_image must be {size[0]}x{size[1]} pixels (the UNet's sample_size), got "
+            f"{tuple(condition.shape[2:])}."
+        )
+    if batch_size is not None and condition.shape[0] != batch_size:
+        raise ValueError(f"Got {condition.shape[0]} conditioning images for a batch of {batch_size}.")
+    return condition
 
 
 def concat_condition(model_input: torch.Tensor, conditioning_image: torch.Tensor | None) -> torch.Tensor:

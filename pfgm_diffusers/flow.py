@@ -9,13 +9,15 @@ from diffusers import EDMEulerScheduler
 from tqdm.auto import tqdm
 
 from . import ode
-from .scheduling_common import PoissonFlowScheduler
+from .scheduling_common import NO_RESTART_FIELD, PoissonFlowScheduler
 from .scheduling_pfgm_field import PFGMFieldScheduler
 
 # The schedulers a pipeline runs: PFGM++ (any D), the original PFGM, and diffusers' EDM (D = infinity).
 SCHEDULERS = (PoissonFlowScheduler, EDMEulerScheduler)
 # Solvers that integrate from a start and an end only, choosing their own steps.
 ADAPTIVE = ("rk45",)
+# Solvers with no scheduler step (no entry in `ode.STEPPERS`): the pipeline runs their pure sampler.
+SAMPLER_ONLY = tuple(name for name in ode.SAMPLERS if name not in ode.STEPPERS)
 
 
 def check_scheduler(scheduler) -> None:
@@ -57,6 +59,12 @@ def noise_levels(scheduler, num_inference_steps: int) -> list[float]:
     return torch.unique_consecutive(scheduler.sigmas).tolist()
 
 
+def data_end(scheduler, levels) -> float:
+    """Where a sampling run along the grid `levels` (`noise_levels`) lands on the data, whose step `ode.sample_heun`
+    takes with Euler (`data_end=`): the field model's z_min, its grid's last level; 0 for PFGM++ and EDM."""
+    return float(levels[-1]) if is_field_model(scheduler) else 0.0
+
+
 def check_solver(solver) -> None:
     if solver is not None and solver not in ode.SAMPLERS:
         raise ValueError(
@@ -82,6 +90,71 @@ def loop_scheduler(scheduler, solver):
             "pipe.scheduler.config, aug_dim=None)` (the same EDM model)."
         )
     return type(scheduler).from_config(scheduler.config, solver=solver)
+
+
+def restart_aug_dim(scheduler) -> int | None:
+    """D for Restart's forward jumps (None = EDM, also for an `EDMEulerScheduler`); the field model has none."""
+    if isinstance(scheduler, PFGMFieldScheduler):
+        raise ValueError(NO_RESTART_FIELD)
+    return scheduler.config.get("aug_dim")
+
+
+def check_solver_options(scheduler, name: str, max_evaluations=None, restart_blocks=None) -> None:
+    """Each option for its solver only: `max_evaluations` for the adaptive solvers, `restart_blocks` for Restart,
+    which the field model has not (checked before any network call)."""
+    if max_evaluations is not None and name not in ADAPTIVE:
+        raise ValueError(f"`max_evaluations` bounds the adaptive solvers {ADAPTIVE}, got solver={name!r}.")
+    if restart_blocks is not None and name != "restart":
+        raise ValueError(f"`restart_blocks` are the blocks of solver='restart', got solver={name!r}.")
+    if name == "restart":
+        restart_aug_dim(scheduler)
+
+
+def sample_without_steps(name: str, scheduler, denoise, latents, num_inference_steps: int, **options):
+    """A pipeline run of a solver with no scheduler step (`SAMPLER_ONLY`) from standard Gaussian `latents`:
+    `"rk45"` from sigma_max to sigma_min (`rtol`, `atol`, `max_evaluations`), then EDM's last Euler step
+    x = D(x, sigma_min) when the scheduler's grid ends at 0; `"restart"` along the grid of `num_inference_steps`
+    (`restart_blocks`, `generator`)."""
+    x = prior_from_noise(scheduler, latents)
+    levels = noise_levels(scheduler, num_inference_steps)
+    if name == "restart":
+        blocks, generator = options.get("restart_blocks"), options.get("generator")
+        return ode.SAMPLERS[name](denoise, x, levels, blocks, aug_dim=restart_aug_dim(scheduler), generator=generator)
+    sigma_min, sigma_max = sigma_range(scheduler)
+    rk45 = {key: options[key] for key in ("rtol", "atol", "max_evaluations") if key in options}
+    x = ode.SAMPLERS[name](denoise, x, [sigma_max, sigma_min], carry_sigma=is_field_model(scheduler), **rk45)
+    return denoise(x, sigma_min) if levels[-1] == 0 else x  # EDM's last Euler step to 0
+
+
+def check_img2img(image, strength, solver) -> float | None:
+    """The `strength` of an img2img call (0.8 by default with `image`): refused without `image`, outside (0, 1], or
+    with a solver that walks no scheduler grid (`SAMPLER_ONLY`)."""
+    if image is None:
+        if strength is not None:
+            raise ValueError(
+                f"strength={strength!r} was given without `image`: it sets how far down to start from it."
+            )
+        return None
+    strength = 0.8 if strength is None else strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}.")
+    if solver in SAMPLER_ONLY:
+        name = {"rk45": "RK45", "restart": "Restart"}.get(solver, solver)
+        raise ValueError(
+            f"`image` with solver={solver!r}: strength selects a step of the scheduler's grid, and {name} has none; "
+            "pass a grid solver (None, 'heun', 'euler', ...)."
+        )
+    return strength
+
+
+def img2img_start(scheduler, image: torch.Tensor, noise: torch.Tensor, num_inference_steps: int, strength: float):
+    """diffusers' img2img start on a scheduler whose timesteps are set: the last int(n * strength) of the n steps run
+    (`set_begin_index`), from `image` noised to the first of their levels by `add_noise` (a kernel draw with the
+    standard Gaussian `noise`)."""
+    t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    scheduler.set_begin_index(t_start * scheduler.order)
+    start = scheduler.timesteps[t_start * scheduler.order :][:1].repeat(image.shape[0])
+    return scheduler.add_noise(image.to(noise.device), noise, start)
 
 
 def prior_from_noise(scheduler, latents: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["combine_guidance", "drop_conditions", "guided_denoiser"]
+from .validation import check_number
+
+__all__ = ["check_guidance", "combine_guidance", "drop_conditions", "guided_denoiser", "null_conditions"]
 
 
 def combine_guidance(d_null: torch.Tensor, d_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -19,11 +21,43 @@ def combine_guidance(d_null: torch.Tensor, d_cond: torch.Tensor, guidance_scale:
     return d_null + guidance_scale * (d_cond - d_null)
 
 
-def _check_scale(guidance_scale):
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise ValueError(f"`guidance_scale` must be a real number, got {guidance_scale!r}.")
-    if not torch.isfinite(torch.tensor(float(guidance_scale))):
-        raise ValueError(f"`guidance_scale` must be finite, got {guidance_scale!r}.")
+def check_guidance(
+    guidance_scale: float, class_conditional: bool, null_class: int | None, image_conditional: bool, dropout
+) -> None:
+    """Refuse a `guidance_scale` a model cannot apply: not a finite number, or other than 1 for a model with no
+    condition it learnt to do without (a null class from `--class_dropout_prob`, a zero image from
+    `--conditioning_dropout_prob` > 0, `dropout`). The null branch drops every such condition; the others stay."""
+    check_number("guidance_scale", guidance_scale)
+    if guidance_scale == 1 or (class_conditional and null_class is not None) or (image_conditional and dropout):
+        return
+    if not class_conditional and not image_conditional:
+        raise ValueError(
+            f"guidance_scale={guidance_scale} needs a conditional model, but the UNet has no class embedding "
+            "(unet.config.num_class_embeds is None) and no condition was given: pass guidance_scale=1."
+        )
+    if not class_conditional:
+        raise ValueError(
+            f"guidance_scale={guidance_scale}: this model was trained without conditioning dropout "
+            "(conditioning_dropout_prob is not > 0; train_pfgm.py --conditioning_dropout_prob, e.g. 0.1), so it "
+            "has no zero-condition branch: pass guidance_scale=1."
+        )
+    raise ValueError(
+        f"guidance_scale={guidance_scale} needs a model trained with a null class (train_pfgm.py "
+        "--class_dropout_prob, e.g. 0.1), but this pipeline has none (null_class_label is None): pass "
+        "guidance_scale=1."
+    )
+
+
+def null_conditions(conditions: Mapping[str, torch.Tensor], null_class: int | None, dropout) -> dict:
+    """The null branch's conditions: every condition the model learnt to do without is dropped (class labels -> the
+    null class `null_class`; a conditioning image -> zeros when trained with conditioning `dropout` > 0); the others
+    stay."""
+    null = dict(conditions)
+    if "class_labels" in conditions and null_class is not None:
+        null["class_labels"] = torch.full_like(conditions["class_labels"], null_class)
+    if "conditioning_image" in conditions and dropout:
+        null["conditioning_image"] = torch.zeros_like(conditions["conditioning_image"])  # conditioning dropout
+    return null
 
 
 def guided_denoiser(
@@ -53,7 +87,7 @@ def guided_denoiser(
     Returns:
         `Callable`: `(x, sigma) -> D(x, sigma)` with the shape of `x`.
     """
-    _check_scale(guidance_scale)
+    check_number("guidance_scale", guidance_scale)
     if set(conditions) != set(null_conditions):
         raise ValueError(
             f"The conditions {sorted(conditions)} and the null conditions {sorted(null_conditions)} must have the "
@@ -98,7 +132,8 @@ def drop_conditions(
     Returns:
         `dict[str, torch.Tensor]`: the conditions with the dropped images' entries replaced.
     """
-    if isinstance(drop_prob, bool) or not isinstance(drop_prob, (int, float)) or not 0 <= drop_prob <= 1:
+    check_number("drop_prob", drop_prob)
+    if not 0 <= drop_prob <= 1:
         raise ValueError(f"`drop_prob` must be a number in [0, 1], got {drop_prob!r}.")
     if drop_prob == 0 or not conditions:
         return dict(conditions)

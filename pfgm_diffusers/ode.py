@@ -6,6 +6,8 @@ In field mode sigma is z and D = x - z v_x / v_z. Two tables name the solvers, o
   (float32 tensors in and out, `sigma` a Python float) and of the noise levels to visit, k-diffusion style: the order
   of `sigmas` is the direction of integration, descending to sample, ascending to invert. `"rk45"` visits only the
   ends, `sigmas[0]` and `sigmas[-1]`, adaptively (scipy's RK45 in t = ln sigma, the original PFGM's sampler).
+  `"restart"` is Restart sampling (`restart.py`): Heun along descending `sigmas` with forward jumps drawn from
+  `generator`, for PFGM++ of any `aug_dim`; it has no stepper (docs/scheduler.md says why).
 - `STEPPERS`: one model call of a scheduler's run, `stepper.call(x, denoised, sigma, sigma_next, state, last)`
   returning `(x_next, state)`; `state` is what the solver carries to the next call (None at a run's first), `last`
   whether this is the run's last call. `PFGMScheduler.step` is diffusers bookkeeping around it.
@@ -45,16 +47,20 @@ def sample_euler(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor:
     return x
 
 
-def sample_heun(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor:
+def sample_heun(denoise, x: torch.Tensor, sigmas, data_end: float = 0.0, **options) -> torch.Tensor:
     """EDM's deterministic Heun sampler (Algorithm 1, no churn) along `sigmas`, either direction.
 
-    Two denoiser calls per step, one for a final step to sigma = 0, which is Euler (x = D(x, sigma)): 2 (n - 1) calls
-    for n levels > 0, 2n - 1 with a trailing 0.
+    One rule for every mode: two denoiser calls per step, one for the step that ends at `data_end`, the level where a
+    sampling run lands on the data, which is Euler (no D is evaluated there): sigma = 0 for PFGM++ and EDM (EDM's
+    final step, x = D(x, sigma)), z_min for the field model (`flow.data_end`; the official PFGM's Heun, 2n - 1 calls).
+    The schedulers' Heun (`heun_call`) is the same rule: their runs end at that level, and their last call is Euler.
+    2 (n - 1) calls along n levels none of which ends a step at `data_end` (an inversion, which starts there), 2n - 1
+    with a trailing `data_end`.
     """
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
         d = to_d(x, denoise(x, sigma), sigma)
         x_next = euler_step(x, d, sigma, sigma_next)
-        if sigma_next != 0:
+        if sigma_next != data_end:
             d_next = to_d(x_next, denoise(x_next, sigma_next), sigma_next)
             x_next = heun_step(x, d, d_next, sigma, sigma_next)
         x = x_next
@@ -202,6 +208,15 @@ def sample_dpmpp_2m(denoise, x: torch.Tensor, sigmas, **options) -> torch.Tensor
     return x
 
 
+def sample_restart(denoise, x: torch.Tensor, sigmas, restart_blocks=None, aug_dim=None, generator=None, **options):
+    """Restart sampling (Xu et al. 2023; `restart.sample_restart`) along descending `sigmas` ending at 0: EDM's Heun
+    with the blocks `restart_blocks` (default `restart.RESTART_CIFAR10`), the jumps for `aug_dim` (None = EDM) drawn
+    from `generator`. 2n - 1 calls for n levels > 0, plus 2 K (N_restart - 1) per block."""
+    from . import restart  # restart.py builds on sample_heun: imported at the call, not at this module's load
+
+    return restart.sample_restart(denoise, x, sigmas, restart_blocks, aug_dim, generator)
+
+
 # The scheduler's steps: one model call each (diffusers' layout).
 
 
@@ -212,7 +227,8 @@ def euler_call(x, denoised, sigma, sigma_next, state, last):
 
 def heun_call(x, denoised, sigma, sigma_next, state, last):
     """Half of a Heun step, in `HeunDiscreteScheduler`'s layout: the predictor (an Euler step, whose start the state
-    keeps unless this is the run's last call, EDM's final Euler step) or, with a state, the corrector at `sigma`."""
+    keeps unless this is the run's last call, the step onto the data: `sample_heun`'s rule) or, with a state, the
+    corrector at `sigma`."""
     d = to_d(x, denoised, sigma)  # dx/dsigma (dx/dz in field mode)
     if state is None:
         return euler_step(x, d, sigma, sigma_next), None if last else (x, d, sigma)
@@ -245,4 +261,5 @@ SAMPLERS = {
     "euler": sample_euler,
     "dpmpp_2m": sample_dpmpp_2m,
     "rk45": sample_rk45,
+    "restart": sample_restart,
 }

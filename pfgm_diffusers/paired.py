@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 from .data import (
     GRAYSCALE_MODES,
@@ -33,7 +32,10 @@ from .data import (
     collate,
     list_image_files,
     load_hub_dataset,
+    open_image,
+    pixel_value_problem,
 )
+from .validation import check_integer, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +76,12 @@ class Degradation:
     def __post_init__(self):
         if self.task not in PAIRED_TASKS:
             raise ValueError(f"unknown paired task {self.task!r}: choose one of {PAIRED_TASKS}")
-        if isinstance(self.sigma_y, bool) or not isinstance(self.sigma_y, (int, float)) or not self.sigma_y >= 0:
-            raise ValueError(f"sigma_y must be a number >= 0, got {self.sigma_y!r}")
-        if not np.isfinite(self.sigma_y):
-            raise ValueError(f"sigma_y must be finite, got {self.sigma_y!r}")
+        check_number("sigma_y", self.sigma_y)
+        if self.sigma_y < 0:
+            raise ValueError(f"`sigma_y` must be a number >= 0, got {self.sigma_y!r}.")
         if self.task == "denoise" and self.sigma_y == 0:
             raise ValueError("the denoise task needs a noise level sigma_y > 0 (e.g. --paired_sigma_y 0.2)")
-        if isinstance(self.factor, bool) or not isinstance(self.factor, int) or self.factor < 2:
-            raise ValueError(f"factor must be an integer >= 2, got {self.factor!r}")
+        check_integer("factor", self.factor, minimum=2)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The measurement of `x` (`(..., C, H, W)`, model space), of the same shape; noise from `generator`."""
@@ -156,16 +156,17 @@ def load_paired_folders(train_data_dir: str, conditioning_data_dir: str) -> Pair
     differ in aspect ratio is a ValueError (one crop must fit both)."""
     import datasets
 
-    readable, corrupt, mismatched = [], [], []
+    readable, corrupt, mismatched, bad_values = [], [], [], []
     channels = ([], [])
     for pair in match_paired_folders(train_data_dir, conditioning_data_dir):
         try:
             sizes = []
             for side, path in enumerate(pair):
-                with Image.open(path) as image:
-                    image.load()
-                    sizes.append(image.size)
-                    channels[side].append(1 if image.mode in GRAYSCALE_MODES else 3)
+                image = open_image({"path": path, "bytes": None})  # as training reads it (16-bit gray+alpha: gray)
+                sizes.append(image.size)
+                channels[side].append(1 if image.mode in GRAYSCALE_MODES else 3)
+                if (problem := pixel_value_problem(image)) is not None:
+                    bad_values.append(f"{path} ({problem})")
         except (OSError, SyntaxError, ValueError) as error:
             corrupt.append(f"{pair} ({error})")
             continue
@@ -173,6 +174,11 @@ def load_paired_folders(train_data_dir: str, conditioning_data_dir: str) -> Pair
         if width * cond_height != height * cond_width:
             mismatched.append(f"{pair[0]} {width}x{height} vs {pair[1]} {cond_width}x{cond_height}")
         readable.append(pair)
+    if bad_values:
+        raise ValueError(
+            f"the paired folders {train_data_dir!r} and {conditioning_data_dir!r}: {len(bad_values)} image(s) hold "
+            f"pixel values that cannot be trained on: {bad_values[:MAX_LISTED]}"
+        )
     if mismatched:
         raise ValueError(
             "a target and its condition must have one aspect ratio (both are resized to --resolution and cropped "

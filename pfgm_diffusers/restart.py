@@ -7,6 +7,7 @@ Gaussian of variance t_max^2 - t_min^2; for finite D the augmented point (x, z),
 along a random direction of R^{N+D} until |z| = r_max = t_max sqrt(D) (math.md §1: r = sigma sqrt(D)).
 """
 
+import json
 import math
 from collections.abc import Mapping
 
@@ -56,25 +57,39 @@ def restart_jump(x: torch.Tensor, sigma_from: float, sigma_to: float, aug_dim: i
     return (x + (move / w_norm).reshape(view) * g).to(x.dtype)  # x + m u_x, u_x = g / |w|
 
 
-def restart_schedule(sigmas, restart: Mapping, rho: float = 7.0):
+def blocks_from_json(text: str) -> dict:
+    """Restart blocks written as JSON (a command line's), e.g. '{"0": [3, 2, 0.14, 0.30]}'; their values are checked
+    against the schedule where they are used."""
+    try:
+        blocks = json.loads(text)
+    except json.JSONDecodeError:
+        blocks = None
+    if not isinstance(blocks, dict):
+        raise ValueError(f"restart blocks are a JSON object of [N_restart, K, t_min, t_max] lists, got {text!r}")
+    return blocks
+
+
+def restart_schedule(sigmas, restart_blocks: Mapping, rho: float = 7.0):
     """The restart blocks placed on the main schedule `sigmas` (descending, usually ending at 0), checked.
 
-    Each block [N_restart, K, t_min, t_max] (the official format; the keys are only labels) restarts after the main
-    step that ends at the level nearest to t_min (the official code snaps t_min so), K times, each a jump to t_max and
-    N_restart - 1 Heun steps back on EDM's rho-schedule from t_max to that level.
+    Each block of `restart_blocks`, [N_restart, K, t_min, t_max] (the official format; the keys are only labels),
+    restarts after the main step that ends at the level nearest to t_min (the official code snaps t_min so), K times,
+    each a jump to t_max and N_restart - 1 Heun steps back on EDM's rho-schedule from t_max to that level.
 
     Returns:
         `dict[int, tuple[int, torch.Tensor]]`: for each index i of `sigmas` where a block restarts, (K, its N_restart
         levels in float64, from t_max down to sigmas[i]).
     """
-    if not isinstance(restart, Mapping):
-        raise ValueError(f"`restart` must be a dict of blocks [N_restart, K, t_min, t_max], got {restart!r}.")
+    if not isinstance(restart_blocks, Mapping):
+        raise ValueError(
+            f"`restart_blocks` must be a dict of blocks [N_restart, K, t_min, t_max], got {restart_blocks!r}."
+        )
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
     positive = sigmas[sigmas > 0]
     if len(sigmas) < 2 or not bool((sigmas[1:] < sigmas[:-1]).all()) or len(positive) < 2:
         raise ValueError(f"Restart needs a descending schedule with at least two levels > 0, got {sigmas.tolist()}.")
     blocks = {}
-    for name, block in restart.items():
+    for name, block in restart_blocks.items():
         steps, repeats, t_min, t_max = _check_block(name, block)
         if not positive[-1] <= t_min < t_max <= sigmas[0]:
             raise ValueError(
@@ -117,15 +132,17 @@ def _check_block(name, block):
     return steps, repeats, t_min, t_max
 
 
-def sample_restart(denoise, x: torch.Tensor, sigmas, restart=None, aug_dim=None, generator=None, rho: float = 7.0):
+def sample_restart(
+    denoise, x: torch.Tensor, sigmas, restart_blocks=None, aug_dim=None, generator=None, rho: float = 7.0
+):
     """Restart sampling along the main schedule `sigmas` (descending, ending at 0): EDM's Heun (`ode.sample_heun`,
-    last step Euler), with the restart blocks of `restart` (default `RESTART_CIFAR10`) for `aug_dim` (None = EDM).
+    last step Euler), with the blocks of `restart_blocks` (default `RESTART_CIFAR10`) for `aug_dim` (None = EDM).
 
     Network evaluations: 2n - 1 for the main n levels > 0 with a trailing 0, plus 2 K (N_restart - 1) per block; 43 for
     18 steps with the default block. `generator` drives the jumps (one generator, or one per sample).
     """
     check_aug_dim(aug_dim)
-    blocks = restart_schedule(sigmas, RESTART_CIFAR10 if restart is None else restart, rho)
+    blocks = restart_schedule(sigmas, RESTART_CIFAR10 if restart_blocks is None else restart_blocks, rho)
     start = 0
     for index in sorted(blocks):
         x = ode.sample_heun(denoise, x, sigmas[start : index + 1])

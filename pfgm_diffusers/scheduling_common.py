@@ -41,6 +41,22 @@ class PFGMSchedulerOutput(BaseOutput):
 SCHEDULES = ("karras", "exponential")
 
 
+# Why the schedulers refuse solver="restart" (a pipeline solver, ode.SAMPLERS only; docs/scheduler.md).
+NO_RESTART_STEP = (
+    "solver='restart' has no scheduler step: Restart jumps from t_min back up to t_max with fresh noise K times per "
+    "block, so its noise levels rise and repeat inside a run, which diffusers' `step` contract cannot carry "
+    "(`timesteps` passed once in descending order, `order` calls per step, `set_begin_index` and img2img's strength "
+    "indexing that sequence, no generator required by `step`). Use `PFGMPipeline(...)(solver='restart', "
+    "restart_blocks=...)` or `ode.SAMPLERS['restart']`; docs/scheduler.md."
+)
+NO_RESTART_FIELD = (
+    "solver='restart' is for PFGM++ models: its forward jump follows the PFGM++ perturbation kernel at t_max, but the "
+    "original PFGM's field model is trained with the perturbation of its Algorithm 2 (`pfgm_perturb`), which defines "
+    "no kernel at a given z for a jump to follow (the official Restart code has no branch for it). Use 'heun', "
+    "'euler', 'dpmpp_2m' or 'rk45'."
+)
+
+
 def check_grid_config(sigma_min, sigma_max, sigma_schedule, num_train_timesteps, rho, solver) -> None:
     """The config keys both schedulers share: finite numbers, 0 < sigma_min < sigma_max, the names."""
     for name, value in dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho).items():

@@ -13,7 +13,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils import logging
 
 from . import ode, preconditioning
-from .scheduling_common import PFGMSchedulerOutput, PoissonFlowScheduler, check_grid_config
+from .scheduling_common import NO_RESTART_STEP, PFGMSchedulerOutput, PoissonFlowScheduler, check_grid_config
 from .validation import check_aug_dim, check_choice, check_number
 
 __all__ = ["SOLVERS", "PFGMScheduler", "PFGMSchedulerOutput"]
@@ -118,6 +118,8 @@ class PFGMScheduler(PoissonFlowScheduler, metaclass=_ReadsV01Arguments):
         solver: str = "heun",
     ):
         check_aug_dim(aug_dim)
+        if solver == "restart":
+            raise ValueError(NO_RESTART_STEP)
         check_grid_config(sigma_min, sigma_max, sigma_schedule, num_train_timesteps, rho, solver)
         check_number("sigma_data", sigma_data)
         if sigma_data <= 0:

@@ -12,7 +12,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from .field import field_dx_dz
-from .scheduling_common import PoissonFlowScheduler, check_grid_config
+from .scheduling_common import NO_RESTART_FIELD, PoissonFlowScheduler, check_grid_config
 from .validation import check_number
 
 __all__ = ["PFGMFieldScheduler"]
@@ -68,6 +68,8 @@ class PFGMFieldScheduler(PoissonFlowScheduler):
         prediction_type: str = "poisson_field",
         aug_dim: int = 1,
     ):
+        if solver == "restart":
+            raise ValueError(NO_RESTART_FIELD)
         check_grid_config(sigma_min, sigma_max, sigma_schedule, num_train_timesteps, rho, solver)
         for name, value in dict(gamma=gamma, vz_eps=vz_eps).items():
             check_number(name, value)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
+from .validation import check_integer, is_integer
+
 VAE_CLASS_NAME = "AutoencoderKL"
 VAE_CONFIG_NAME = "config.json"
 
@@ -134,8 +136,8 @@ def latent_shape(config, resolution: int) -> tuple[int, int, int]:
     """(latent_channels, resolution / f, resolution / f) of images `resolution` pixels square; a ValueError when the
     resolution is not divisible by f (the decoder would return another size)."""
     factor = vae_scale_factor(config)
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1 or resolution % factor:
-        below = resolution // factor * factor if isinstance(resolution, int) else 0
+    if not is_integer(resolution) or resolution < 1 or resolution % factor:
+        below = resolution // factor * factor if is_integer(resolution) else 0
         nearest = f"{below} or {below + factor}" if below > 0 else str(factor)
         raise ValueError(
             f"resolution {resolution!r} is not a positive multiple of {factor}, the VAE's downsampling factor "
@@ -244,10 +246,8 @@ def decode_latents(
 ) -> torch.Tensor:
     """Model latents (B, C, h, w) -> images (B, C_img, H, W) in [-1, 1] (not clipped), float32; `decode_batch_size`
     images at a time (decoding is the memory peak of sampling), all at once for None."""
-    if decode_batch_size is not None and (
-        isinstance(decode_batch_size, bool) or not isinstance(decode_batch_size, int) or decode_batch_size < 1
-    ):
-        raise ValueError(f"`decode_batch_size` must be None or an integer >= 1, got {decode_batch_size!r}.")
+    if decode_batch_size is not None:
+        check_integer("decode_batch_size", decode_batch_size)
     z = scaling.to_vae(latents.float())
     step = z.shape[0] if decode_batch_size is None else decode_batch_size
     images = [vae.decode(chunk.to(vae.device, vae.dtype)).sample.float() for chunk in z.split(max(step, 1))]

@@ -44,3 +44,26 @@ def check_choice(name: str, value, choices) -> None:
     """Refuse a name that is not one of `choices`."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}, got {value!r}.")
+
+
+def check_generators(generator, batch_size: int) -> None:
+    """A list of generators has one per image (image i from generator i); a single generator or None serves all."""
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(
+            f"You passed a list of {len(generator)} generators for a batch of {batch_size}: pass one generator "
+            "per image (or a single generator)."
+        )
+
+
+def batch_size_of(batch_size: int, sources: dict) -> int:
+    """The batch of a call: that of every given tensor in `sources` (which must agree), with `batch_size` 1 or equal
+    to it; `batch_size` itself when no tensor is given."""
+    sizes = {name: value.shape[0] for name, value in sources.items() if value is not None and value.ndim > 0}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"The batch sizes of {', '.join(f'{k} ({v})' for k, v in sizes.items())} must be equal.")
+    if not sizes:
+        return batch_size
+    (name, size), *_ = sizes.items()
+    if batch_size not in (1, size):
+        raise ValueError(f"batch_size={batch_size} does not match {name} of batch {size}.")
+    return size

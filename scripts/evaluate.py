@@ -40,19 +40,29 @@ import torch
 from tqdm.auto import tqdm
 
 import pfgm_diffusers
-from pfgm_diffusers import PFGMPipeline, scheduling_pfgm
-from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder
+from pfgm_diffusers import PFGMPipeline, flow, scheduling_pfgm
+from pfgm_diffusers.data import ImageTransform, load_hub_dataset, load_image_folder, open_image, undecoded
 from pfgm_diffusers.evaluation import DigitsMetrics, FidelityMetrics, FidelityUnavailableError, SampleMetric
 from pfgm_diffusers.files import atomic_write_json, check_output_file
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
+from pfgm_diffusers.restart import blocks_from_json
 from pfgm_diffusers.restoration import evaluate_restoration
 
 DIGITS_REFERENCE = "digits"
 
 
 def solver_choices():
-    """'rk45' and every solver the scheduler knows today (read at run time: a new solver needs no change here)."""
-    return ("rk45", *scheduling_pfgm.SOLVERS)
+    """The pipeline-only solvers ('rk45', 'restart') and every solver the scheduler knows today (read at run time: a
+    new solver needs no change here)."""
+    return (*flow.SAMPLER_ONLY, *scheduling_pfgm.SOLVERS)
+
+
+def restart_blocks(value: str) -> dict:
+    """--restart_blocks: Restart's blocks as JSON (the pipeline checks their values against the schedule)."""
+    try:
+        return blocks_from_json(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv=None):
@@ -64,7 +74,14 @@ def parse_args(argv=None):
         "--solver",
         choices=solver_choices(),
         default=None,
-        help="The ODE solver; default: the saved scheduler's own. 'rk45': adaptive RK45 (--rtol, --atol).",
+        help="The ODE solver; default: the saved scheduler's own. 'rk45': adaptive RK45 (--rtol, --atol); "
+        "'restart': Restart sampling (--restart_blocks).",
+    )
+    parser.add_argument(
+        "--restart_blocks",
+        type=restart_blocks,
+        default=None,
+        help="Restart's blocks, JSON {name: [N_restart, K, t_min, t_max]}; default: the official CIFAR-10 block.",
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
@@ -141,6 +158,7 @@ def generate(pipe, generators, args):
         rtol=args.rtol,
         atol=args.atol,
         guidance_scale=args.guidance_scale,
+        restart_blocks=args.restart_blocks,
     )
     return output.images, output.nfe  # the batch shares its steps: its NFE is the NFE of each image
 
@@ -179,7 +197,8 @@ def load_reference(args, resolution, num_channels):
     if args.num_reference is not None:
         dataset = dataset.select(range(min(args.num_reference, len(dataset))))
     transform = ImageTransform(resolution, num_channels, center_crop=True)
-    images = [transform(example["image"]) for example in dataset]  # (C, H, W) in [-1, 1]
+    # decoded as the trainer decodes them (open_image: a 16-bit gray+alpha PNG is 16-bit gray, not 8-bit RGBA)
+    images = [transform(open_image(example["image"])) for example in undecoded(dataset)]  # (C, H, W) in [-1, 1]
     pixels = torch.stack(images).permute(0, 2, 3, 1)  # (M, H, W, C)
     return ((pixels + 1) * 127.5).round().to(torch.uint8).numpy()
 

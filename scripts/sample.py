@@ -22,8 +22,9 @@ import os
 import PIL.Image
 import torch
 
-from pfgm_diffusers import PFGMPipeline, PFGMScheduler, image_grid
+from pfgm_diffusers import PFGMPipeline, PFGMScheduler, flow, image_grid
 from pfgm_diffusers.files import check_output_file, check_output_folder
+from pfgm_diffusers.restart import blocks_from_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Grid tiles are drawn at least this many pixels wide, as training/train_pfgm.py draws its sample grids.
@@ -31,13 +32,22 @@ GRID_TILE_PIXELS = 32
 
 
 def solver_name(value: str) -> str:
-    """--solver: "rk45" or a solver the scheduler accepts (it checks the name: a new solver needs no change here)."""
-    if value != "rk45":
+    """--solver: a pipeline-only solver ("rk45", "restart") or one the scheduler accepts (it checks the name: a new
+    solver needs no change here)."""
+    if value not in flow.SAMPLER_ONLY:
         try:
             PFGMScheduler(solver=value)
         except ValueError as error:
-            raise argparse.ArgumentTypeError(f"{error} Or 'rk45'.") from None
+            raise argparse.ArgumentTypeError(f"{error} Or one of {flow.SAMPLER_ONLY}.") from None
     return value
+
+
+def restart_blocks(value: str) -> dict:
+    """--restart_blocks: Restart's blocks as JSON (the pipeline checks their values against the schedule)."""
+    try:
+        return blocks_from_json(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def parse_args(argv=None):
@@ -51,7 +61,15 @@ def parse_args(argv=None):
         "--solver",
         type=solver_name,
         default=None,
-        help="The ODE solver; default: the saved scheduler's own. 'rk45': adaptive RK45 (--rtol, --atol).",
+        help="The ODE solver; default: the saved scheduler's own. 'rk45': adaptive RK45 (--rtol, --atol); "
+        "'restart': Restart sampling (--restart_blocks).",
+    )
+    parser.add_argument(
+        "--restart_blocks",
+        type=restart_blocks,
+        default=None,
+        help="Restart's blocks, JSON {name: [N_restart, K, t_min, t_max]}; default: the official CIFAR-10 block "
+        '{"0": [3, 2, 0.14, 0.30]}.',
     )
     parser.add_argument("--rtol", type=float, default=1e-4, help="RK45 relative tolerance.")
     parser.add_argument("--atol", type=float, default=1e-4, help="RK45 absolute tolerance.")
@@ -205,6 +223,7 @@ def sample(pipe, args):
             rtol=args.rtol,
             atol=args.atol,
             guidance_scale=args.guidance_scale,
+            restart_blocks=args.restart_blocks,
             **inputs,
         )
         images += output.images

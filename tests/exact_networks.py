@@ -1,7 +1,8 @@
-"""Exact stand-ins for a trained network, for scheduler tests: the ideal denoiser of a few points (math.md §1),
-returned in the form each `prediction_type` expects, so that `precondition_outputs` gives D* back."""
+"""Exact stand-ins for a trained network, for scheduler and pipeline tests: the ideal denoiser of a few points
+(math.md §1), returned in the form each `prediction_type` expects, so that `precondition_outputs` gives D* back."""
 
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -64,3 +65,51 @@ def landed(x, data, tol=1e-3):
     """(bool (B,) whether each sample ends within `tol` of a data point, index (B,) of the nearest point)."""
     dist = torch.cdist(x.reshape(len(x), -1).double(), data.reshape(len(data), -1).double())
     return dist.min(1).values < tol, dist.argmin(1)
+
+
+SIGMA_DATA = 0.5
+
+
+class ExactUNet(torch.nn.Module):
+    """Stands in for a UNet2DModel whose output the scheduler turns into a known denoiser D(x, sigma).
+
+    `mode="sample"` (prediction_type="sample": the output IS D) and `mode="epsilon"` (EDM's F-preconditioning, the
+    default of PFGMScheduler and EDMEulerScheduler: F = (D - c_skip x) / c_out) undo the input scaling c_in x and the
+    timestep ln(sigma)/4 first. Field mode (the network sees x and the raw z) returns v_x = -(x - D)/z and v_z = -1,
+    so that x - z v_x / v_z is D again (up to the official 1e-5 added to v_z).
+    """
+
+    def __init__(self, denoiser, shape, mode="sample"):
+        super().__init__()
+        self.denoiser, self.mode = denoiser, mode
+        channels, size = shape[0], shape[1]
+        out_channels = channels + 1 if mode == "field" else channels
+        self.config = SimpleNamespace(
+            in_channels=channels, out_channels=out_channels, sample_size=size, num_class_embeds=None
+        )
+        self.register_buffer("anchor", torch.zeros(()))
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    def forward(self, sample, timestep, class_labels=None):
+        timestep = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(sample.shape[0])
+        view = (-1,) + (1,) * (sample.ndim - 1)
+        if self.mode == "field":
+            z = timestep.to(sample.dtype).reshape(view)
+            v_x = -(sample - self.denoiser(sample, timestep)) / z
+            return SimpleNamespace(sample=torch.cat([v_x, -torch.ones_like(sample[:, :1])], dim=1))
+        sigma = torch.exp(4 * timestep)  # (B,) float64
+        sigma_view = sigma.reshape(view)
+        x = (sample * torch.sqrt(sigma_view**2 + SIGMA_DATA**2)).to(sample.dtype)
+        denoised = self.denoiser(x, sigma)
+        if self.mode == "sample":
+            return SimpleNamespace(sample=denoised)
+        c_skip = SIGMA_DATA**2 / (sigma_view**2 + SIGMA_DATA**2)
+        c_out = sigma_view * SIGMA_DATA / torch.sqrt(sigma_view**2 + SIGMA_DATA**2)
+        return SimpleNamespace(sample=((denoised - c_skip * x) / c_out).to(sample.dtype))

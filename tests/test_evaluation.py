@@ -277,7 +277,9 @@ def test_evaluate_script_writes_the_results_offline(digits_pipeline, tmp_path, c
 
 def test_evaluate_script_solver_choices_follow_the_scheduler(digits_pipeline, monkeypatch):
     script = load_script()
-    assert set(script.solver_choices()) == {"rk45", *scheduling_pfgm.SOLVERS} >= {"heun", "euler", "dpmpp_2m"}
+    assert set(script.solver_choices()) == {"rk45", "restart", *scheduling_pfgm.SOLVERS} >= {"heun", "dpmpp_2m"}
+    blocks = script.parse_args(["--model", digits_pipeline, "--restart_blocks", '{"0": [2, 1, 0.1, 0.2]}'])
+    assert blocks.restart_blocks == {"0": [2, 1, 0.1, 0.2]}
     assert script.parse_args(["--model", digits_pipeline]).solver is None  # the saved scheduler's own
     monkeypatch.setattr(scheduling_pfgm, "SOLVERS", (*scheduling_pfgm.SOLVERS, "unipc"))
     assert script.parse_args(["--model", digits_pipeline, "--solver", "unipc"]).solver == "unipc"
@@ -526,3 +528,17 @@ def test_evaluate_script_measures_fid_through_the_same_interface(digits_pipeline
     assert len(inputs[0]["input1"]) == 3 and len(inputs[0]["input2"]) == 4
     assert inputs[0]["input2"][0].shape == (3, 16, 16)  # resized to the model's 16x16 like the trainer's data
     assert "FID 7.000" in capsys.readouterr().out
+
+
+def test_evaluate_script_reads_16_bit_gray_alpha_references_as_the_trainer_does(tmp_path):
+    from test_train_data import write_png_gray_alpha_16
+
+    ramp = np.linspace(1000, 60000, 64).reshape(8, 8).astype(np.uint16)  # 16-bit steps an 8-bit read would merge
+    (tmp_path / "reference").mkdir()
+    write_png_gray_alpha_16(tmp_path / "reference" / "a.png", ramp, np.full_like(ramp, 65535))
+    args = types.SimpleNamespace(reference=str(tmp_path / "reference"), num_reference=None, dataset_config_name=None)
+    reference = load_script().load_reference(args, 8, 1)
+    expected = np.round(ramp.astype(np.float64) / 65535 * 255).astype(np.uint8)  # 16 bits rounded once to 8
+    assert reference.shape == (1, 8, 8, 1) and reference.dtype == np.uint8
+    np.testing.assert_array_equal(reference[0, :, :, 0], expected)
+    assert (expected != (ramp >> 8)).any()  # an 8-bit read (Pillow's RGBA) would differ

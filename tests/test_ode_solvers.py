@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from exact_networks import exact_network, run_loop
 
-from pfgm_diffusers import ode, scheduling_pfgm
+from pfgm_diffusers import PFGMFieldScheduler, flow, ode, scheduling_pfgm
 from pfgm_diffusers.field import ideal_denoiser
 from pfgm_diffusers.scheduling_pfgm import PFGMScheduler
 
@@ -97,15 +98,43 @@ def test_pure_samplers_equal_the_scheduler_loop(aug_dim, solver):
     torch.testing.assert_close(pure, sample, atol=1e-5, rtol=1e-5)
 
 
+FIELD_GRID = dict(sigma_min=1e-3, sigma_max=40.0, sigma_schedule="exponential")
+
+
+@pytest.mark.parametrize("field", [False, True], ids=["pfgmpp", "field"])
+def test_heun_makes_the_same_calls_in_the_scheduler_and_the_pure_sampler(field):
+    """One rule: the step that lands on the data (sigma = 0; z_min for the field model) is Euler, so n steps cost
+    2n - 1 calls in the scheduler's loop and in `ode.sample_heun` (`data_end=flow.data_end(...)`) alike, on the same
+    path; an inversion, which starts at the data and ends at sigma_max, makes Heun steps only."""
+    data = torch.rand(4, 1, 2, 2, generator=torch.Generator().manual_seed(4)) * 1.8 - 0.9
+    scheduler = PFGMFieldScheduler(**FIELD_GRID) if field else PFGMScheduler(aug_dim=128, prediction_type="sample")
+    scheduler.set_timesteps(8)
+    x_T = scheduler.sample_prior((3, 1, 2, 2), generator=torch.Generator().manual_seed(5)).double()
+    seen = []
+    scheduler.set_begin_index(0)
+    looped = run_loop(scheduler, x_T, exact_network(scheduler, data, record=seen))
+    levels = flow.noise_levels(scheduler, 8)
+    denoise, calls = counting(lambda x, sigma: ideal_denoiser(x, sigma, data.double(), scheduler.config.aug_dim))
+    pure = ode.SAMPLERS["heun"](denoise, x_T, levels, data_end=flow.data_end(scheduler, levels))
+    assert len(seen) == len(calls) == 2 * 8 - 1  # field: 9 levels from z_max to z_min; PFGM++: 8 and the final 0
+    assert calls[-1] == levels[-2]  # the step onto the data evaluates D only at its start
+    torch.testing.assert_close(pure, looped, atol=1e-6, rtol=1e-6)
+    calls.clear()
+    ode.SAMPLERS["heun"](denoise, looped, [sigma for sigma in levels if sigma > 0][::-1])  # as `invert` walks it
+    assert len(calls) == 2 * (8 if field else 7)
+
+
 def test_every_scheduler_solver_has_a_pure_sampler_and_a_stepper():
     """One table entry per name: `invert` runs the scheduler's solver as `ode.SAMPLERS[name]`, `step` as
     `ode.STEPPERS[name]`; the scheduler accepts exactly the steppers' names."""
     assert scheduling_pfgm.SOLVERS == tuple(ode.STEPPERS) == ("heun", "euler", "dpmpp_2m")
-    assert set(ode.SAMPLERS) == {*ode.STEPPERS, "rk45"}
+    assert set(ode.SAMPLERS) == {*ode.STEPPERS, "rk45", "restart"}
     for name in ode.STEPPERS:
         assert PFGMScheduler(solver=name).order == ode.STEPPERS[name].order
     with pytest.raises(ValueError, match="solver"):
         PFGMScheduler(solver="rk45")  # adaptive: no per-call step
+    with pytest.raises(ValueError, match="solver='restart' has no scheduler step"):
+        PFGMScheduler(solver="restart")  # its levels rise inside a run (docs/scheduler.md)
 
 
 @pytest.mark.parametrize("carry_sigma", [False, True])

@@ -43,8 +43,10 @@ def test_denoise_adds_gaussian_noise_of_sigma_y_from_the_generator():
     [
         ({"task": "deblur"}, "unknown paired task"),
         ({"task": "denoise"}, "sigma_y > 0"),
-        ({"task": "denoise", "sigma_y": -0.1}, "sigma_y must be"),
-        ({"task": "superres", "factor": 1}, "factor must be"),
+        ({"task": "denoise", "sigma_y": -0.1}, "`sigma_y` must be a number >= 0, got -0.1"),
+        ({"task": "superres", "factor": 1}, "`factor` must be an integer >= 2, got 1"),
+        ({"task": "denoise", "sigma_y": float("nan")}, "`sigma_y` must be a finite number, got nan"),
+        ({"task": "superres", "factor": True}, "`factor` must be an integer >= 2, got True"),
     ],
 )
 def test_bad_degradations_are_refused(kwargs, match):
@@ -161,3 +163,19 @@ def test_a_dataset_with_a_conditioning_image_column(tmp_path):
         load_paired_dataset(str(tmp_path / "saved"), "nope")
     with pytest.raises(ValueError, match="also the --image_column"):
         load_paired_dataset(str(tmp_path / "saved"), "image", image_column="image")
+
+
+def test_paired_folders_of_16_bit_gray_alpha_pngs_are_grayscale_at_16_bits(tmp_path):
+    from test_train_data import write_png_gray_alpha_16
+
+    ramp = np.linspace(1000, 60000, 64).reshape(8, 8).astype(np.uint16)  # 16-bit steps an 8-bit read would merge
+    for folder in ("target", "condition"):
+        (tmp_path / folder).mkdir()
+        write_png_gray_alpha_16(tmp_path / folder / "a.png", ramp, np.full_like(ramp, 65535))
+    assert Image.open(tmp_path / "target" / "a.png").mode == "RGBA"  # how Pillow alone reads it
+    paired = load_paired_folders(str(tmp_path / "target"), str(tmp_path / "condition"))
+    assert paired.target.num_channels == paired.condition.num_channels == 1  # was 3: a colour model of gray pairs
+    example = PairedTrainingDataset(paired, 8, center_crop=True)[0]
+    expected = torch.from_numpy(ramp.astype(np.float64) / 65535 * 2 - 1).float()[None]
+    torch.testing.assert_close(example["pixel_values"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(example["conditioning_pixel_values"], expected, rtol=0, atol=1e-6)

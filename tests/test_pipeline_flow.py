@@ -1,64 +1,17 @@
 """The pipeline as an invertible flow, checked with exact denoisers: invert, slerp and log_likelihood."""
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import EDMEulerScheduler
+from exact_networks import ExactUNet
 from scipy import stats
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, flow
 from pfgm_diffusers.field import ideal_denoiser
 from pfgm_diffusers.perturbation import prior_log_prob
-
-SIGMA_DATA = 0.5
-
-
-class ExactUNet(torch.nn.Module):
-    """Stands in for a UNet2DModel whose output the scheduler turns into a known denoiser D(x, sigma).
-
-    `mode="sample"` (prediction_type="sample": the output IS D) and `mode="epsilon"` (EDM's F-preconditioning, the
-    default of PFGMScheduler and EDMEulerScheduler: F = (D - c_skip x) / c_out) undo the input scaling c_in x and the
-    timestep ln(sigma)/4 first. Field mode (the network sees x and the raw z) returns v_x = -(x - D)/z and v_z = -1,
-    so that x - z v_x / v_z is D again (up to the official 1e-5 added to v_z).
-    """
-
-    def __init__(self, denoiser, shape, mode="sample"):
-        super().__init__()
-        self.denoiser, self.mode = denoiser, mode
-        channels, size = shape[0], shape[1]
-        out_channels = channels + 1 if mode == "field" else channels
-        self.config = SimpleNamespace(
-            in_channels=channels, out_channels=out_channels, sample_size=size, num_class_embeds=None
-        )
-        self.register_buffer("anchor", torch.zeros(()))
-
-    @property
-    def dtype(self):
-        return self.anchor.dtype
-
-    @property
-    def device(self):
-        return self.anchor.device
-
-    def forward(self, sample, timestep, class_labels=None):
-        timestep = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).expand(sample.shape[0])
-        view = (-1,) + (1,) * (sample.ndim - 1)
-        if self.mode == "field":
-            z = timestep.to(sample.dtype).reshape(view)
-            v_x = -(sample - self.denoiser(sample, timestep)) / z
-            return SimpleNamespace(sample=torch.cat([v_x, -torch.ones_like(sample[:, :1])], dim=1))
-        sigma = torch.exp(4 * timestep)  # (B,) float64
-        sigma_view = sigma.reshape(view)
-        x = (sample * torch.sqrt(sigma_view**2 + SIGMA_DATA**2)).to(sample.dtype)
-        denoised = self.denoiser(x, sigma)
-        if self.mode == "sample":
-            return SimpleNamespace(sample=denoised)
-        c_skip = SIGMA_DATA**2 / (sigma_view**2 + SIGMA_DATA**2)
-        c_out = sigma_view * SIGMA_DATA / torch.sqrt(sigma_view**2 + SIGMA_DATA**2)
-        return SimpleNamespace(sample=((denoised - c_skip * x) / c_out).to(sample.dtype))
 
 
 def charges_denoiser(data, aug_dim):

@@ -95,9 +95,22 @@ def test_strength_one_is_the_full_run_and_a_small_strength_stays_near_the_image(
 def test_every_model_takes_an_image(scheduler, out_channels, calls):
     pipe = make_pipe(tiny_unet(out_channels=out_channels), scheduler)
     inputs = record_inputs(pipe.unet)
-    out = pipe(image=images(), strength=0.5, num_inference_steps=10, generator=seeded(0), output_type="pt")
+    x, latents = images(), randn_tensor((2, 3, 8, 8), generator=seeded(1))
+    out = pipe(image=x, strength=0.5, latents=latents, num_inference_steps=10, output_type="pt")
     assert out.nfe == len(inputs) == calls
-    assert torch.isfinite(out.images).all()
+    # diffusers' img2img recipe, written out with a fresh scheduler of the same config: the last int(10 * 0.5) steps
+    # of the grid, from the image in [-1, 1] noised by the scheduler's own add_noise at the first of them
+    fresh = type(scheduler).from_config(scheduler.config)
+    fresh.set_timesteps(10)
+    begin = (10 - 5) * fresh.order
+    fresh.set_begin_index(begin)
+    sample = fresh.add_noise(x * 2 - 1, latents, fresh.timesteps[begin:][:1].repeat(2))
+    with torch.no_grad():
+        for t in fresh.timesteps[begin:]:
+            sample = fresh.step(pipe.unet(fresh.scale_model_input(sample, t), t).sample, t, sample).prev_sample
+    torch.testing.assert_close(out.images, (sample / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-6)
+    other = pipe(image=images(seed=5), strength=0.5, latents=latents, num_inference_steps=10, output_type="pt")
+    assert (other.images - out.images).abs().max() > 1e-3  # the image decides the result
 
 
 @pytest.mark.parametrize("strength", [0, -0.5, 1.5, True, "0.5", float("nan")])

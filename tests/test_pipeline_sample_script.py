@@ -105,6 +105,12 @@ def test_solvers_report_their_evaluations(saved_pipeline, tmp_path, capsys):
     assert nfe == 4
     _, nfe = sample.main(argv + ["--solver", "rk45", "--rtol", "1e-3", "--atol", "1e-3", "--dtype", "bf16"])
     assert nfe > 6 and "(rk45)" in capsys.readouterr().out
+    # Restart: 2n - 1 Heun calls plus 2 K (N_restart - 1) per block
+    _, nfe = sample.main(argv + ["--solver", "restart", "--num_inference_steps", "18"])
+    assert nfe == 35 + 2 * 2 * 2 and "(restart)" in capsys.readouterr().out  # the official CIFAR-10 block
+    blocks = ["--restart_blocks", '{"a": [4, 1, 0.14, 0.30]}']
+    _, nfe = sample.main(argv + ["--solver", "restart", "--num_inference_steps", "18", *blocks])
+    assert nfe == 35 + 2 * 1 * 3
 
 
 @pytest.mark.parametrize(
@@ -116,6 +122,7 @@ def test_solvers_report_their_evaluations(saved_pipeline, tmp_path, capsys):
         (["--output", "x.png", "--dtype", "fp16", "--device", "cpu"], "fp16 runs on a GPU only"),
         (["--output", "x.png", "--solver", "dpm"], "argument --solver: .*'dpm'"),
         (["--output", "x.png", "--num_images", "two"], "argument --num_images: invalid int value: 'two'"),
+        (["--output", "x.png", "--restart_blocks", "[3, 2]"], r"--restart_blocks: .*JSON object.*'\[3, 2\]'"),
     ],
 )
 def test_bad_flags_exit_with_their_own_message(saved_pipeline, extra, message, capsys):

@@ -156,7 +156,7 @@ def test_bad_restart_blocks_are_refused_naming_the_value():
         ({"0": [3.0, 2, 0.14, 0.3]}, r"N_restart \(integer >= 2\)"),
         ({"0": [3, 2, 0.14]}, r"must be \[N_restart"),
         ({"0": "3 2 0.14 0.3"}, r"must be \[N_restart"),
-        ([[3, 2, 0.14, 0.3]], r"`restart` must be a dict of blocks"),
+        ([[3, 2, 0.14, 0.3]], r"`restart_blocks` must be a dict of blocks"),
     ]
     for restart, message in cases:
         with pytest.raises(ValueError, match=message):

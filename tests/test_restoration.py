@@ -39,13 +39,29 @@ def test_a_start_near_zero_noise_returns_the_measurement_and_scores_like_it():
     assert result["psnr"] == pytest.approx(result["degraded_psnr"], abs=0.3)
     assert result["accuracy"] == pytest.approx(result["degraded_accuracy"], abs=0.05)
     clean, degraded, _ = degraded_digits(degradation, 40, resolution=8)
-    assert result["degraded_psnr"] == pytest.approx(psnr((degraded + 1) / 2, (clean + 1) / 2).mean().item())
+    measurement = ((degraded + 1) / 2).clamp(0, 1)  # as an image shows it
+    assert result["degraded_psnr"] == pytest.approx(psnr(measurement, (clean + 1) / 2).mean().item(), rel=1e-6)
     assert 0.5 < result["degraded_accuracy"] <= 1  # 4x4 digits are still mostly legible to the classifier
 
 
 def test_a_conditional_model_restores_from_its_condition():
-    result = evaluate_restoration(make_pipe(True), Degradation("denoise", 0.3), num_images=8, num_inference_steps=3)
+    pipe, degradation = make_pipe(True), Degradation("denoise", 0.3)
+    result = evaluate_restoration(pipe, degradation, num_images=8, num_inference_steps=3, batch_size=4)
     assert result["nfe"] == 5 and {"psnr_sem", "ssim", "degraded_ssim", "accuracy_sem"} <= set(result)
+    # the scores are those of the pipeline's restorations from each measurement (image i's noise seeded i)
+    clean, degraded, _ = degraded_digits(degradation, 8, resolution=8)
+
+    def restore(condition):
+        generators = [torch.Generator().manual_seed(i) for i in range(8)]
+        return pipe(batch_size=8, generator=generators, num_inference_steps=3, output_type="pt",
+                    do_normalize=False, conditioning_image=condition).images  # fmt: skip
+
+    restored = restore(degraded)
+    assert result["psnr"] == pytest.approx(psnr(restored, (clean + 1) / 2).mean().item(), rel=1e-6)
+    measurement = ((degraded + 1) / 2).clamp(0, 1)  # as an image shows it
+    assert result["degraded_psnr"] == pytest.approx(psnr(measurement, (clean + 1) / 2).mean().item(), rel=1e-6)
+    other = psnr(restore(degraded.roll(1, 0)), (clean + 1) / 2).mean().item()
+    assert abs(other - result["psnr"]) > 1e-3  # the measurement decides the restoration
     with pytest.raises(ValueError, match="give a strength"):
         evaluate_restoration(make_pipe(False), Degradation("superres"), num_images=4)
 
@@ -64,7 +80,8 @@ def load_script(name):
 def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, capsys):
     import json
 
-    make_pipe(True).save_pretrained(tmp_path / "model")
+    pipe = make_pipe(True)
+    pipe.save_pretrained(tmp_path / "model")
     args = ["--model", str(tmp_path / "model"), "--paired_task", "denoise", "--paired_sigma_y", "0.2"]
     args += ["--num_images", "6", "--num_inference_steps", "2", "--output", str(tmp_path / "r.json")]
     load_script("evaluate").main(args)
@@ -74,6 +91,12 @@ def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, ca
     results = json.loads((tmp_path / "r.json").read_text())
     assert results["num_images"] == 6 and results["settings"]["paired_sigma_y"] == 0.2
     assert {"psnr", "degraded_psnr", "ssim", "degraded_ssim", "accuracy", "degraded_accuracy"} <= set(results)
+    # the figures are evaluate_restoration's for the flags given (the measurement noise 0.2, seed 0)
+    expected = evaluate_restoration(pipe, Degradation("denoise", 0.2), num_images=6, num_inference_steps=2)
+    for name, value in expected.items():
+        assert results[name] == pytest.approx(value, rel=1e-6), name
+    assert f"psnr {expected['psnr']:.3g} dB +- " in printed
+    assert f"(measurement: {expected['degraded_psnr']:.3g} dB)" in printed
     with pytest.raises(SystemExit):
         load_script("evaluate").parse_args(["--model", "m", "--strength", "0.5"])  # no --paired_task
 

@@ -123,20 +123,24 @@ def test_save_load_round_trip(tmp_path):
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_order_counts_model_calls_per_step(solver):
     """`order` is what diffusers' pipelines read: n steps take order * n - (order - 1) model calls (Heun's last step
-    is a plain Euler step), one per entry of `timesteps`; `step_index` counts the calls."""
+    is a plain Euler step), one per entry of `timesteps`; `step_index` counts the calls. The denoiser D = 0 makes the
+    ODE dx/dσ = (x - D)/σ (math.md §1) solvable by hand, x(σ) = x_T σ/σ_max, and every solver follows it exactly:
+    call k's output is that at the level after it, sigmas[k + 1], ending at 0 (to float32 rounding)."""
     scheduler = PFGMScheduler(solver=solver, prediction_type="sample")
     assert len(scheduler) == 1000 == scheduler.config.num_train_timesteps
     for n in (1, 4, 9):
         scheduler.set_timesteps(n)
         calls = scheduler.order * n - (scheduler.order - 1)
         assert len(scheduler.timesteps) == calls and scheduler.num_inference_steps == n
-        x = scheduler.sample_prior((1, 1, 2, 2), generator=torch.Generator().manual_seed(n))
+        x_T = scheduler.sample_prior((1, 1, 2, 2), generator=torch.Generator().manual_seed(n)).double()
+        sigmas, x = scheduler.sigmas.double(), x_T
         scheduler.set_begin_index(0)
         for k, t in enumerate(scheduler.timesteps):
             scheduler.scale_model_input(x, t)
             x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
             assert scheduler.step_index == k + 1
-        assert torch.isfinite(x).all()
+            torch.testing.assert_close(x, x_T * sigmas[k + 1] / sigmas[0], rtol=1e-6, atol=1e-6 * x_T.abs().max())
+        assert x.abs().max() <= 1e-6 * x_T.abs().max()  # at sigma = 0: the denoiser's 0
     assert {PFGMScheduler(solver=name).order for name in SOLVERS} == {1, 2}
 
 

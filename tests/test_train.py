@@ -255,6 +255,23 @@ def test_resume_from_latest_equals_an_uninterrupted_run(tmp_path, image_folder, 
     assert all(torch.equal(a[k], b[k]) for k in a), "EMA weights differ"
 
 
+def test_two_processes_resumed_mid_epoch_equal_an_uninterrupted_run_through_later_epochs(
+    tmp_path, image_folder, unet_config
+):
+    # 2 processes x 8 of 32 images = 2 steps per epoch: resumed at step 1, it goes on through epochs 1 and 2, where
+    # each process's shard of the order must be the uninterrupted run's (tests/test_checkpoints.py: one process)
+    common = dict(lr_scheduler="constant", train_batch_size=8, random_flip=True, dataloader_num_workers=0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(tmp_path, tiny_args(image_folder, unet_config, straight, max_train_steps=5, **common), 2)
+    run_training(tmp_path, tiny_args(image_folder, unet_config, resumed, max_train_steps=1, **common), 2)
+    args = tiny_args(image_folder, unet_config, resumed, max_train_steps=5, resume_from_checkpoint="latest", **common)
+    assert "checkpoint-1 at step 1" in run_training(tmp_path, args, 2)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(folder / "checkpoint-5" / "model.safetensors") for folder in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "trained weights differ"
+
+
 def test_sigkill_mid_training_resumes_from_the_last_complete_checkpoint(tmp_path, image_folder, unet_config):
     out = tmp_path / "out"
     args = tiny_args(image_folder, unet_config, out, max_train_steps=100_000, checkpointing_steps=1)
@@ -525,6 +542,7 @@ def fail_if_called(*args, **kwargs):
         (dict(adam_beta2=1.0), "--adam_beta2 must lie in [0, 1), got 1.0"),
         (dict(ema_max_decay=1.5), "--ema_max_decay must lie in [0, 1], got 1.5"),
         (dict(max_grad_norm=-1), "--max_grad_norm must lie in (0, inf), got -1.0"),
+        (dict(max_train_seconds=-1), "--max_train_seconds must lie in [0, inf), got -1.0"),
         (dict(objective="poisson_field", tau=0), "--tau must lie in (0, inf), got 0.0"),
         (dict(sigma_min=100.0), "Need 0 < sigma_min < sigma_max, got sigma_min=100.0, sigma_max=80.0"),
         (dict(aug_dim=0), "`aug_dim` must be an integer >= 1 or None (D = infinity), got 0"),
@@ -742,6 +760,25 @@ def test_a_non_finite_loss_stops_the_run_with_its_step(tmp_path, image_folder, u
         with pytest.raises(RuntimeError, match="loss became nan within the 2 steps before step 2"):
             train_pfgm.main([str(arg) for arg in args], loss=lambda *a, **kw: pfgmpp_loss(*a, **kw) * float("nan"))
     assert not (out / "model_index.json").exists()  # no pipeline saved from a diverged run
+
+
+def test_max_train_seconds_ends_the_run_at_the_step_that_spends_it(tmp_path, image_folder, unet_config):
+    from pfgm_diffusers.losses import pfgmpp_loss
+
+    calls = []
+
+    def slow_loss(*args, **kwargs):  # 0.25 s a step: a 1 s budget ends within steps 1 to 4, long before 50
+        calls.append(1)
+        time.sleep(0.25)
+        return pfgmpp_loss(*args, **kwargs)
+
+    out = tmp_path / "out"
+    args = tiny_args(image_folder, unet_config, out, max_train_steps=50, max_train_seconds=1, checkpointing_steps=100)
+    with in_process(tmp_path) as train_pfgm:
+        train_pfgm.main([str(arg) for arg in args], loss=slow_loss)
+    assert 1 <= len(calls) <= 4
+    assert checkpoint_steps(out) == [len(calls)]  # the last step's checkpoint, as at --max_train_steps
+    assert (out / "model_index.json").exists() and (out / "samples.png").exists()
 
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

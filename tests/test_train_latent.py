@@ -3,10 +3,12 @@ saved by the test."""
 
 import json
 import os
+import re
 import subprocess
 
 import pytest
 from test_train import TINY_UNET, in_process, launch_command, launch_env, make_image_folder, run_training, tiny_args
+from tiny_models import tiny_unet
 from tiny_vae import tiny_vae
 
 from pfgm_diffusers import PFGMPipeline
@@ -17,9 +19,14 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     tiny_vae(scaling_factor=0.5).save_pretrained(root / "model" / "vae")  # factor 2, 4 latent channels
     tiny_vae(latent_channels=2).save_pretrained(root / "vae2")
+    tiny_unet().save_pretrained(root / "not_a_vae")
     (root / "unet.json").write_text(json.dumps(TINY_UNET))
     return dict(
-        images=make_image_folder(root / "images"), vae=root / "model", vae2=root / "vae2", unet=root / "unet.json"
+        images=make_image_folder(root / "images"),
+        vae=root / "model",
+        vae2=root / "vae2",
+        not_a_vae=root / "not_a_vae",
+        unet=root / "unet.json",
     )
 
 
@@ -40,7 +47,8 @@ def failed_run(tmp_path, args):
         timeout=300,
     )
     assert result.returncode != 0
-    assert "steps/s" not in result.stdout and "Training throughput" not in result.stdout  # no step ran
+    # No training step: the training bar (in it/s; the encoding bar counts img) never moved
+    assert not re.search(r"\b[1-9]\d*/\d+ \[[^\]]*(it/s|s/it)\]", result.stdout), result.stdout[-3000:]
     return result.stdout
 
 
@@ -71,9 +79,12 @@ def test_two_processes_encode_once_train_on_latents_and_save_a_latent_pipeline(t
     assert {name: os.stat(cache / name).st_mtime_ns for name in shards} == shards
 
 
-def test_the_field_objective_trains_on_latents(tmp_path, folders):
+def test_the_field_objective_trains_on_latents_sized_from_the_data(tmp_path, folders):
     out = tmp_path / "out"
-    log = run_training(tmp_path, latent_args(folders, out, objective="poisson_field", large_batch_size=8))
+    sizes = dict(resolution=None, model_config_name_or_path=None)  # from the 12x10 images and the VAE's factor 2
+    log = run_training(tmp_path, latent_args(folders, out, objective="poisson_field", large_batch_size=8, **sizes))
+    assert "From the data (its first image is 12x10; latents 1/2 of it, the VAE's downsampling factor): " in log
+    assert "--resolution 8, --model_config_name_or_path " in log and "unet_digits_8px.json (<= 8 px of latents)" in log
     assert "latents 4x4x4" in log
     pipe = PFGMPipeline.from_pretrained(out)
     assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (4, 5)  # C + 1 for the field
@@ -89,19 +100,33 @@ def test_the_field_objective_trains_on_latents(tmp_path, folders):
         (dict(center_crop=None), r"image 0 is 12x10: its random crop to 8x8 changes every epoch.*--center_crop"),
         (dict(preset="cifar10", model_config_name_or_path=None), "--preset cifar10 sizes its UNet for pixels"),
         (dict(pretrained_vae_model_name_or_path=None), "--vae_subfolder is an option of latent training"),
+        (dict(pretrained_vae_model_name_or_path="not_a_vae", vae_subfolder=None), "UNet2DModel, not an AutoencoderKL"),
     ],
 )
 def test_bad_latent_input_fails_before_training(tmp_path, folders, overrides, message):
+    named = {name: folders[value] for name, value in overrides.items() if isinstance(value, str) and value in folders}
+    overrides = {**overrides, **named}  # a fixture folder by its name
     log = failed_run(tmp_path, latent_args(folders, tmp_path / "out", **overrides))
-    assert pytest.importorskip("re").search(message, log), log[-3000:]
+    assert re.search(message, log), log[-3000:]
 
 
 def test_a_cache_or_checkpoint_from_another_vae_is_refused(tmp_path, folders):
     out, cache = tmp_path / "out", tmp_path / "cache"
-    run_training(tmp_path, latent_args(folders, out, latent_cache_dir=cache, max_train_steps=2, checkpointing_steps=1))
+    # No preset: the noise settings given win over the measured ones, which the log still names
+    flags = dict(latent_cache_dir=cache, max_train_steps=2, checkpointing_steps=1, sigma_data=0.7, aug_dim=128)
+    log = run_training(tmp_path, latent_args(folders, out, **flags))
+    assert "--sigma_data 0.7 as given (the latents suggest " in log and "--aug_dim 128 as given (the latents" in log
+    assert "--sigma_max " in log and ": largest distance between two cached latents" in log  # measured
+    assert "The UNet's channels 4 (in; out +1 for the field objective) and sample_size 4: the VAE's" in log
+    manifest = json.loads((cache / "manifest.json").read_text())
+    saved = json.loads((out / "training_args.json").read_text())
+    assert saved["sigma_data"] == 0.7 and saved["aug_dim"] == 128
+    assert manifest["statistics"]["max_pairwise_distance"] <= saved["sigma_max"] != 80  # not the pixel default
     other = dict(pretrained_vae_model_name_or_path=folders["vae2"], vae_subfolder=None)
     log = failed_run(tmp_path, latent_args(folders, tmp_path / "out2", latent_cache_dir=cache, **other))
     assert "was made from other settings" in log and "vae_config.latent_channels: 4 -> 2" in log
+    log = failed_run(tmp_path, latent_args(folders, tmp_path / "out3", latent_cache_dir=cache, resolution=16))
+    assert "was made from other settings" in log and "resolution: 8 -> 16" in log
     log = failed_run(tmp_path, latent_args(folders, out, resume_from_checkpoint="latest", **other))
     assert "the VAE's latent_channels=2 disagree with the UNet of" in log and "in_channels=4" in log
 
@@ -118,10 +143,22 @@ def test_the_latent_preset_measures_its_noise_settings_unless_given(tmp_path, fo
         assert train_pfgm.parse_args(["--output_dir", "pixels"]).latent_cache_dir is None
 
 
-def test_a_latent_run_on_your_own_data_names_the_sizes_it_needs(tmp_path, folders):
+@pytest.mark.parametrize(
+    "size, given, resolution, config",
+    [
+        ((256, 256), {}, 256, "unet_32px.json"),  # 32 x 32 latents with an f = 8 VAE
+        ((300, 200), {}, 192, "unet_32px.json"),  # 25 latents down to the UNet's factor 4: 24, times f
+        ((1024, 1024), {}, 512, "unet_64px.json"),  # 128 latents capped at the table's largest UNet, 64
+        ((20, 20), {}, 16, "unet_digits_8px.json"),  # 2 latents: the smallest UNet's factor
+        ((256, 256), {"resolution": 128}, 128, "unet_digits.json"),  # a given resolution: its 16 latents pick
+    ],
+)
+def test_a_latent_run_on_your_own_data_sizes_its_unet_for_the_latents(tmp_path, size, given, resolution, config):
+    argv = ["--train_data_dir", "photos", "--pretrained_vae_model_name_or_path", "vae"]
+    argv += [f"--{key}={value}" for key, value in given.items()]
     with in_process(tmp_path) as train_pfgm:
-        argv = ["--train_data_dir", str(folders["images"]), "--pretrained_vae_model_name_or_path", "vae"]
-        with pytest.raises(ValueError, match="needs --resolution and --model_config_name_or_path: the sizes chosen"):
-            train_pfgm.parse_args(argv)
-        with pytest.raises(ValueError, match="needs --model_config_name_or_path"):
-            train_pfgm.parse_args(argv + ["--resolution", "8"])
+        args = train_pfgm.parse_args(argv)  # no --resolution, no UNet: both from the data and the VAE's factor
+        line = train_pfgm.fill_from_the_data(args, *size, vae_factor=8)
+    assert (args.resolution, os.path.basename(args.model_config_name_or_path)) == (resolution, config)
+    assert line.startswith(f"From the data (its first image is {size[0]}x{size[1]}; latents 1/8 of it, the VAE's")
+    assert "px of latents)" in line and (f"--resolution {resolution}" in line) == ("resolution" not in given)

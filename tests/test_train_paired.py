@@ -117,7 +117,7 @@ def test_a_conditioning_image_column(tmp_path, unet_config):
     "overrides, message",
     [
         (dict(paired_task="denoise"), "the denoise task needs a noise level sigma_y > 0"),
-        (dict(paired_task="superres", paired_factor=1), "factor must be an integer >= 2"),
+        (dict(paired_task="superres", paired_factor=1), "`factor` must be an integer >= 2, got 1"),
         (dict(paired_sigma_y=0.1), "--paired_sigma_y is an option of --paired_task"),
         (dict(conditioning_dropout_prob=0.1), "--conditioning_dropout_prob needs paired data"),
         (dict(paired_task="superres", conditioning_dropout_prob=1.5), "must lie in [0, 1], got 1.5"),

@@ -72,8 +72,8 @@ def test_reference_batch_is_every_process_batch_with_the_training_batch_first(
 
 
 def test_resume_from_latest_equals_an_uninterrupted_run(tmp_path, image_folder, unet_config):
-    # 32 images / reference batches of 8 = 4 steps per epoch: the resume at step 2 lands mid-epoch. (A resume whose
-    # run then crosses into the next epoch differs from an uninterrupted run for every objective: a trainer issue.)
+    # 32 images / reference batches of 8 = 4 steps per epoch: the resume at step 2 lands mid-epoch (resumes across
+    # epochs: tests/test_checkpoints.py)
     common = dict(lr_scheduler="constant", checkpointing_steps=2, dataloader_num_workers=0, **STF)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_training(tmp_path, tiny_args(image_folder, unet_config, straight, max_train_steps=4, **common))

@@ -114,8 +114,15 @@ def test_the_vae_stays_float32_under_fp16_unless_its_config_allows_it():
 def test_decoding_in_batches_equals_decoding_at_once():
     vae = tiny_vae()
     scaling = LatentScaling.from_config(vae.config)
-    mean, std = encode_moments(vae, torch.rand(5, 3, 8, 8) * 2 - 1)
-    assert mean.shape == std.shape == (5, 4, 4, 4) and (std > 0).all()
+    pixels = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = encode_moments(vae, pixels)
+    # the VAE's own posterior: the mean and the standard deviation (not the variance or log-variance) of its encoding
+    moments = vae.quant_conv(vae.encoder(pixels))  # (B, 2C, h, w): mean, then log-variance clamped to [-30, 20]
+    expected_mean, logvar = moments.chunk(2, dim=1)
+    assert mean.shape == std.shape == (5, 4, 4, 4) and mean.dtype == std.dtype == torch.float32
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(std, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)))
+    assert (std.pow(2) - std).abs().max() > 1e-3  # the standard deviation and the variance differ here
     latents = scaling.to_model(mean)
     at_once = decode_latents(vae, latents, scaling)
     torch.testing.assert_close(decode_latents(vae, latents, scaling, decode_batch_size=2), at_once)

@@ -23,6 +23,7 @@ import math
 import os
 import re
 import sys
+import time
 import warnings
 
 import datasets
@@ -32,7 +33,7 @@ import PIL.Image
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -66,7 +67,7 @@ from pfgm_diffusers.training.arguments import (
     parse_args,
     public_arguments,
 )
-from pfgm_diffusers.vae import latent_shape, load_vae, vae_dtype
+from pfgm_diffusers.vae import latent_shape, load_vae, load_vae_config, vae_dtype, vae_scale_factor
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -138,7 +139,11 @@ def load_images(args):
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")
     width, height = images.dataset[0]["image"].size
     if args.resolution is None or args.model_config_name_or_path is None:  # your own data, no --preset
-        logger.info(fill_from_the_data(args, width, height))
+        vae_factor = None  # a latent run sizes its UNet for the latents: the VAE's factor from its config
+        if args.pretrained_vae_model_name_or_path is not None:
+            vae = args.pretrained_vae_model_name_or_path
+            vae_factor = vae_scale_factor(load_vae_config(vae, args.vae_subfolder, cache_dir=args.cache_dir))
+        logger.info(fill_from_the_data(args, width, height, vae_factor))
     if (width, height) != (args.resolution, args.resolution):
         logger.info(
             f"Images are resized (shorter side, bilinear) and cropped from {width}x{height} (the first image) to "
@@ -153,6 +158,10 @@ def encode_latents_once(args, accelerator, images):
     transform) and its `LatentDataset`. The PFGM++ noise settings no flag gave are measured from the latents."""
     vae = load_vae(args.pretrained_vae_model_name_or_path, args.vae_subfolder, cache_dir=args.cache_dir)
     shape = latent_shape(vae.config, args.resolution)  # (C, h, w); a resolution the VAE cannot take fails here
+    logger.info(
+        f"The UNet's channels {shape[0]} (in; out +1 for the field objective) and sample_size {shape[1]}: the VAE's "
+        f"latent_channels and --resolution {args.resolution} / its downsampling factor {vae_scale_factor(vae.config)}"
+    )
     dtype = vae_dtype(vae.config, accelerator.mixed_precision)
     if accelerator.mixed_precision == "fp16" and dtype == torch.float32:
         logger.info("The VAE runs in float32 under fp16: its config has force_upcast (its activations overflow fp16)")
@@ -191,8 +200,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
         num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG (restored on resume) untouched
     )
-    steps_per_epoch = len(dataset) // (batch_size * accelerator.num_processes) // args.gradient_accumulation_steps
-    if steps_per_epoch < 1:
+    batches = len(dataset) // (batch_size * accelerator.num_processes)  # per process and epoch
+    if batches < args.gradient_accumulation_steps:
         per_step = batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         most = len(dataset) // (accelerator.num_processes * args.gradient_accumulation_steps)
         flag = "--train_batch_size" if batch_size == args.train_batch_size else "--large_batch_size"
@@ -203,7 +212,8 @@ def create_dataloader(args, dataset, sampler, batch_size, accelerator):
             f"images; {f'give {flag} {most} or less, ' if most >= 1 else ''}use fewer processes or accumulation "
             "steps, or add images"
         )
-    return dataloader, steps_per_epoch
+    # accelerate also steps the optimizer on the last batches of an epoch when they are fewer than an accumulation
+    return dataloader, math.ceil(batches / args.gradient_accumulation_steps)
 
 
 def create_unet(args, unet_config):
@@ -237,8 +247,11 @@ def create_ema(args, accelerator, unet):
 
     # accelerate checkpoints only what it prepares; the EMA weights ride along through these hooks
     def save_ema(models, weights, output_dir):
-        if accelerator.is_main_process:
-            ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        # EMAModel.save_pretrained builds a UNet, whose initialisation draws from the global generator before
+        # accelerate saves it: forked, so that a checkpoint neither shifts the run's noise nor records a shifted state
+        with torch.random.fork_rng(devices=[]):
+            if accelerator.is_main_process:
+                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
 
     def load_ema(models, input_dir):
         loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DModel)
@@ -340,10 +353,15 @@ def main(argv=None, loss=None):
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process)
     first_epoch = global_step // steps_per_epoch
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # summed on the device: no per-step sync
+    began = time.monotonic(), time.process_time()  # --max_train_seconds counts from here (after the data and a resume)
     for epoch in range(first_epoch, math.ceil(args.max_train_steps / steps_per_epoch)):
         if global_step >= args.max_train_steps:  # a finished run resumed: `resume` said so
             break
-        data.sampler.set_epoch(epoch)  # the same order and augmentations on every process and after a resume
+        # The same order and augmentations on every process and after a resume. The order through the prepared
+        # loader: it keeps its own epoch counter and hands it to the sampler whenever it is iterated (a resumed
+        # process counting from 0 would replay epoch 0's order); the dataset's augmentations directly (accelerate
+        # passes the epoch to a dataset only on one process)
+        train_dataloader.set_epoch(epoch)
         dataset.set_epoch(epoch)
         batches = train_dataloader
         if epoch == first_epoch and global_step % steps_per_epoch != 0:
@@ -370,6 +388,8 @@ def main(argv=None, loss=None):
                 ema_model.step(unet.parameters())
             global_step += 1
             progress_bar.update(1)
+            if out_of_time(args, accelerator, began):
+                args.max_train_steps = global_step  # this step is the last: checkpoint, grid and card say so
             last_step = global_step == args.max_train_steps
             if global_step % args.logging_steps == 0 or last_step:
                 logs = {"loss": (loss_sum / loss_count).item(), "lr": lr_scheduler.get_last_lr()[0]}
@@ -571,6 +591,21 @@ def record_arguments(args, accelerator):
     atomic_write_json(arguments_file, public_arguments(args), folder=args.output_dir)
     if args.report_to != "none":
         accelerator.init_trackers("train_pfgm", {k: v for k, v in public_arguments(args).items() if v is not None})
+
+
+def out_of_time(args, accelerator, began):
+    """Whether `--max_train_seconds` is spent; the main process's clock decides for all (one broadcast a step)."""
+    if args.max_train_seconds is None:
+        return False
+    seconds = time.monotonic() - began[0]
+    spent = torch.tensor(float(seconds >= args.max_train_seconds), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        spent = broadcast(spent)
+    if spent.item():
+        cpu = time.process_time() - began[1]
+        logger.info(f"--max_train_seconds {args.max_train_seconds:g} spent after {seconds:.1f} s ({cpu:.1f} CPU s)")
+        return True
+    return False
 
 
 def log_progress(args, accelerator, progress_bar, global_step, logs, ema_model):

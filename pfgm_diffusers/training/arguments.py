@@ -162,6 +162,8 @@ def build_parser():
     add("--train_batch_size", type=int, help="Per process.")
     add("--num_epochs", type=int, help="Used when --max_train_steps is not given. Default: none.")
     add("--max_train_steps", type=int, help="Default: 6000 (or the preset's), unless --num_epochs is given.")
+    add("--max_train_seconds", type=float, help="A wall-clock budget for the training loop (from its first step): "
+        "the step that spends it is the last, saved as such. Default: none (--max_train_steps only).")  # fmt: skip
     add("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     add("--learning_rate", type=float, help="AdamW's.")
     lr_schedulers = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -243,14 +245,6 @@ def parse_args(argv=None):
     if args.target == "stf" and args.reference_batch_size is None:
         args.reference_batch_size = STF_REFERENCE_BATCH_SIZE
     check_args(args)
-    missing = [name for name in FROM_THE_DATA if getattr(args, name) is None]
-    if args.pretrained_vae_model_name_or_path is not None and missing:
-        raise ValueError(
-            f"a latent run on your own data needs --{' and --'.join(missing)}: the sizes chosen from the data are "
-            "for pixels, not for a VAE's latents (e.g. --resolution 256 --model_config_name_or_path "
-            "pfgm_diffusers/training/configs/unet_ddpmpp_32.json for an f = 8 VAE's 32x32 latents, or --preset "
-            "ffhq256-latent)"
-        )
     if (
         args.pretrained_vae_model_name_or_path is not None
         and args.preset is not None
@@ -337,6 +331,8 @@ def check_args(args):
     }
     if args.max_grad_norm is not None:
         ranges["max_grad_norm"] = (0, math.inf, "(", ")")
+    if args.max_train_seconds is not None:
+        ranges["max_train_seconds"] = (0, math.inf, "[", ")")
     for name, (lowest, highest, left, right) in ranges.items():
         value = getattr(args, name)
         above = value >= lowest if left == "[" else value > lowest
@@ -471,34 +467,38 @@ def build_scheduler(args, num_channels=None, N=None):
     )
 
 
-def fill_from_the_data(args, width, height):
+def fill_from_the_data(args, width, height, vae_factor=None):
     """--resolution and --model_config_name_or_path where `parse_args` left them to the data (None): the image size
     (`width` x `height`, the first image's) capped at the largest UNet of configs/unet_by_resolution.json and rounded
-    down to a multiple of its UNet's downsampling factor, and that table's UNet for the resolution. Returns the log
-    line that says so."""
+    down to a multiple of its UNet's downsampling factor, and that table's UNet for the resolution. A latent run
+    (`vae_factor`: the VAE's downsampling factor f) does the same with the latent size, image size / f: the UNet is
+    the table's for the latents and --resolution is f times the latent size. Returns the log line that says so."""
     with open(UNET_BY_RESOLUTION) as f:
         rows = json.load(f)["unets"]
-    filled = []
-    resolution = args.resolution if args.resolution is not None else min(width, height, rows[-1]["max_resolution"])
+    filled, scale = [], vae_factor or 1
+    if args.resolution is not None:
+        size = args.resolution // scale  # what the UNet sees: pixels, or latents
+    else:
+        size = min(width // scale, height // scale, rows[-1]["max_resolution"])
     if args.model_config_name_or_path is None:
-        row = next((row for row in rows if row["max_resolution"] >= resolution), None)
+        row = next((row for row in rows if row["max_resolution"] >= size), None)
         if row is None:
             raise ValueError(
-                f"--resolution {resolution}: {UNET_BY_RESOLUTION} has UNets up to {rows[-1]['max_resolution']} px "
-                "only; give --model_config_name_or_path (e.g. "
+                f"--resolution {args.resolution}: {UNET_BY_RESOLUTION} has UNets up to {rows[-1]['max_resolution']} "
+                f"px{' of latents' if vae_factor else ''} only; give --model_config_name_or_path (e.g. "
                 f"{os.path.join(CONFIG_DIR, 'unet_ddpmpp_64.json')}, for a GPU)"
             )
         args.model_config_name_or_path = os.path.join(CONFIG_DIR, row["config"])
-        filled.append(f"--model_config_name_or_path {args.model_config_name_or_path} (<= {row['max_resolution']} px)")
+        latents = " of latents" if vae_factor else ""
+        path, most = args.model_config_name_or_path, row["max_resolution"]
+        filled.append(f"--model_config_name_or_path {path} (<= {most} px{latents})")
     if args.resolution is None:
         factor = downsampling_factor(read_unet_config(args.model_config_name_or_path))
-        args.resolution = max(factor, resolution // factor * factor)
+        args.resolution = max(factor, size // factor * factor) * scale
         filled.insert(0, f"--resolution {args.resolution}")
-    return (
-        f"From the data (its first image is {width}x{height}): "
-        + ", ".join(filled)
-        + f"; --output_dir {args.output_dir}"
-    )
+    vae = f"; latents 1/{scale} of it, the VAE's downsampling factor" if vae_factor else ""
+    data = f"From the data (its first image is {width}x{height}{vae}): "
+    return data + ", ".join(filled) + f"; --output_dir {args.output_dir}"
 
 
 def read_unet_config(model_config_name_or_path):

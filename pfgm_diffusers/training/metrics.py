@@ -96,8 +96,14 @@ def evaluate(pipeline, args, accelerator, reference, global_step):
     metric.update(images.float().cpu().numpy())
     figures = metric.compute()
     record = {"step": global_step, "num_images": int(images.shape[0]), "metric": type(metric).__name__}
-    record.update({key: float(value) for key, value in figures.items() if _is_number(value)})
+    # the metric's figures besides these three; counts stay integers (the model card prints "6 images")
+    numbers = {key: value for key, value in figures.items() if _is_number(value) and key not in record}
+    record.update({key: _json_number(value) for key, value in numbers.items()})
     return record
+
+
+def _json_number(value):
+    return int(value) if isinstance(value, (int, np.integer)) else float(value)
 
 
 def _is_number(value) -> bool:

@@ -1,0 +1,375 @@
+"""The image-to-image evidence's report: tables, verdicts and plots from `img2img_evidence.py`'s results, and the
+rewrite of its section of docs/benchmarks.md between its markers.
+
+Error bars are the D sweep's (`aug_dim_sweep.statistics.Estimate`): a figure is the mean over seeds ± (half the range
+over the seeds + the standard error over the images of the seed mean); a difference counts only when it is larger
+than the sum of both error bars.
+"""
+
+import os
+import re
+
+from aug_dim_sweep import plots as sweep_plots
+from aug_dim_sweep.statistics import Estimate
+
+START_MARKER = "<!-- img2img-evidence:start -->"
+END_MARKER = "<!-- img2img-evidence:end -->"
+# metric: (label, scale, format)
+METRICS = {
+    "psnr": ("PSNR (dB)", 1.0, "{:.2f}"),
+    "ssim": ("SSIM", 1.0, "{:.3f}"),
+    "accuracy": ("label acc. (%)", 100.0, "{:.1f}"),
+}
+PRIOR_NFE = 35
+
+
+def dim_name(aug_dim) -> str:
+    return "∞" if aug_dim in (None, "inf") else str(aug_dim)
+
+
+def estimate(runs, metric, scale=1.0) -> Estimate:
+    """The seeds' `metric` as an Estimate (each run's standard error over its images is `metric + "_sem"`)."""
+    return Estimate.of([scale * r[metric] for r in runs], [scale * r[f"{metric}_sem"] for r in runs])
+
+
+def show(value: Estimate, metric) -> str:
+    fmt = METRICS[metric][2]
+    return f"{fmt.format(value.mean)} ± {fmt.format(value.error)}"
+
+
+def select(results, aug_dim, sampler="hijack", start=None, nfe=None) -> list:
+    """The per-seed runs of one model and sampling setting, ordered by seed."""
+    runs = [
+        r
+        for r in results["runs"]
+        if r["aug_dim"] == aug_dim
+        and r["sampler"] == sampler
+        and (sampler != "hijack" or (r["start"], r["nfe"]) == (start, nfe))
+    ]
+    if not runs:
+        raise ValueError(f"no runs for D={dim_name(aug_dim)}, {sampler}, start={start}, nfe={nfe}")
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def dims_of(results) -> list:
+    return list(dict.fromkeys(r["aug_dim"] for r in results["runs"]))
+
+
+def measurement_line(results) -> str:
+    """The degraded input's own figures (the same digits and noise for every model of a seed)."""
+    runs = [r for r in results["runs"] if r["aug_dim"] == dims_of(results)[0] and r["sampler"] == "prior_heun"]
+    parts = [f"{METRICS[m][0]} {show(estimate(runs, 'degraded_' + m, METRICS[m][1]), m)}" for m in METRICS]
+    return "The measurement y itself: " + ", ".join(parts) + "."
+
+
+def nfe_table(results, metric) -> list[str]:
+    """Rows D × start level, columns NFE (hijack) and the prior's Heun 35."""
+    settings = results["settings"]
+    nfes, scale = settings["nfes"], METRICS[metric][1]
+    lines = [
+        f"| D | start / σ_y | {' | '.join(f'NFE {n}' for n in nfes)} | prior, Heun {PRIOR_NFE} |",
+        "|---|---|" + "---|" * (len(nfes) + 1),
+    ]
+    for aug_dim in dims_of(results):
+        prior = show(estimate(select(results, aug_dim, "prior_heun"), metric, scale), metric)
+        for factor in settings["start_factors"]:
+            cells = [
+                show(estimate(select(results, aug_dim, start=factor, nfe=n), metric, scale), metric) for n in nfes
+            ]
+            last = prior if factor == 1.0 else ""
+            lines.append(f"| {dim_name(aug_dim)} | {factor:g} | " + " | ".join(cells) + f" | {last} |")
+    return lines
+
+
+def comparisons(results) -> list[dict]:
+    """Each finite D against D = ∞ for every metric, start level and NFE, and from the prior: which is better, by
+    more than the error bars (higher is better for all three metrics)."""
+    dims = dims_of(results)
+    if None not in dims and "inf" not in dims:
+        return []
+    infinite = None if None in dims else "inf"
+    settings, found = results["settings"], []
+    cases = [("hijack", f, n) for f in settings["start_factors"] for n in settings["nfes"]] + [
+        ("prior_heun", None, None)
+    ]
+    for aug_dim in [d for d in dims if d != infinite]:
+        for metric, (_, scale, _) in METRICS.items():
+            for sampler, factor, nfe in cases:
+                finite = estimate(select(results, aug_dim, sampler, factor, nfe), metric, scale)
+                diffusion = estimate(select(results, infinite, sampler, factor, nfe), metric, scale)
+                outcome = "finite" if diffusion.less_than(finite) else "inf" if finite.less_than(diffusion) else "none"
+                found.append(
+                    dict(
+                        aug_dim=aug_dim,
+                        metric=metric,
+                        sampler=sampler,
+                        start=factor,
+                        nfe=nfe,
+                        finite=finite,
+                        diffusion=diffusion,
+                        outcome=outcome,
+                    )
+                )
+    return found
+
+
+def verdict_lines(results) -> list[str]:
+    """Words for the two PPFM claims, decided by `comparisons`."""
+    found = comparisons(results)
+    if not found:
+        return ["No D = ∞ model in this run: the claims compare a finite D with diffusion, nothing decided."]
+
+    def outcome_text(case):
+        what = {"finite": "finite D better", "inf": "D = ∞ better (the opposite)", "none": "not resolved"}
+        metric = case["metric"]
+        figures = (
+            f"D={dim_name(case['aug_dim'])} {show(case['finite'], metric)} vs ∞ {show(case['diffusion'], metric)}"
+        )
+        return f"{what[case['outcome']]} ({figures})"
+
+    lines = [
+        "**Claim 1 (PPFM): at one network evaluation from the measurement at its true noise level, a finite D is "
+        "better than diffusion.**"
+    ]
+    for case in found:
+        if case["sampler"] == "hijack" and case["start"] == 1.0 and case["nfe"] == 1:
+            lines.append(f"- D = {dim_name(case['aug_dim'])}, {METRICS[case['metric']][0]}: {outcome_text(case)}")
+    lines += [
+        "",
+        "**Claim 2: a heavy-tailed kernel (finite D) tolerates a start level that does not match the "
+        "measurement's noise (0.5× and 2× σ_y) better than diffusion.**",
+    ]
+    for case in found:
+        if case["sampler"] == "hijack" and case["start"] != 1.0 and case["nfe"] == 1:
+            lines.append(
+                f"- D = {dim_name(case['aug_dim'])}, start {case['start']:g}× σ_y, NFE 1, "
+                f"{METRICS[case['metric']][0]}: {outcome_text(case)}"
+            )
+    counts = {key: sum(c["outcome"] == key for c in found) for key in ("finite", "inf", "none")}
+    lines += [
+        "",
+        f"Over all {len(found)} comparisons of a finite D with D = ∞ (every metric, start level and NFE, and the "
+        f"prior's Heun {PRIOR_NFE}): finite D better by more than the error bars in {counts['finite']}, D = ∞ better "
+        f"in {counts['inf']}, not resolved in {counts['none']}.",
+    ]
+    opposite = [c for c in found if c["outcome"] == "inf"]
+    if opposite:
+        lines.append("Where D = ∞ was better: " + "; ".join(describe(c) for c in opposite) + ".")
+    better = [c for c in found if c["outcome"] == "finite"]
+    if better:
+        lines.append("Where a finite D was better: " + "; ".join(describe(c) for c in better) + ".")
+    return lines
+
+
+def relation(a: Estimate, b: Estimate) -> str:
+    """'above', 'below' or 'within the error bars of' (a against b, by more than the sum of both error bars)."""
+    return "above" if b.less_than(a) else "below" if a.less_than(b) else "within the error bars of"
+
+
+def observation_lines(results) -> list[str]:
+    """PSNR, per D: the measurement against one evaluation from it, one evaluation against the most (more steps from
+    y sample the posterior instead of its mean), and the prior's Heun 35 against one evaluation from y."""
+    settings = results["settings"]
+    last = max(settings["nfes"])
+    lines = ["**Other observations (PSNR, matched start):**"]
+    for aug_dim in dims_of(results):
+        one = estimate(select(results, aug_dim, start=1.0, nfe=1), "psnr")
+        many = estimate(select(results, aug_dim, start=1.0, nfe=last), "psnr")
+        prior_runs = select(results, aug_dim, "prior_heun")
+        prior, measured = estimate(prior_runs, "psnr"), estimate(prior_runs, "degraded_psnr")
+        lines.append(
+            f"- D = {dim_name(aug_dim)}: NFE 1 {one:.2f} is {relation(one, measured)} the measurement "
+            f"{measured:.2f}; NFE {last} {many:.2f} is {relation(many, one)} NFE 1; the prior's Heun "
+            f"{PRIOR_NFE} {prior:.2f} is {relation(prior, one)} NFE 1 from y."
+        )
+    return lines
+
+
+def describe(case) -> str:
+    where = (
+        f"prior Heun {PRIOR_NFE}"
+        if case["sampler"] == "prior_heun"
+        else f"start {case['start']:g}×, NFE {case['nfe']}"
+    )
+    return f"D={dim_name(case['aug_dim'])} {METRICS[case['metric']][0]} at {where}"
+
+
+def plateau_lines(results) -> list[str]:
+    """The training plateau: mean training loss and the NFE-1 (matched) and prior figures at each checkpoint."""
+    plateaus = results.get("plateaus") or []
+    if not plateaus:
+        return []
+    lines = [
+        "| D | step | training loss | PSNR, NFE 1 from y (dB) | PSNR, prior Heun 35 (dB) |",
+        "|---|---|---|---|---|",
+    ]
+    for aug_dim in dims_of(results):
+        models = [p for p in plateaus if p["aug_dim"] == aug_dim]
+        for step in sorted({int(s) for p in models for s in p["steps"]}):
+            figures = [p["steps"].get(str(step), p["steps"].get(step)) for p in models]
+            figures = [f for f in figures if f is not None]
+            loss = Estimate.of([f["loss"] for f in figures])
+            hijack = Estimate.of(
+                [f["hijack_nfe1"]["psnr"] for f in figures], [f["hijack_nfe1"]["psnr_sem"] for f in figures]
+            )
+            prior = Estimate.of(
+                [f["prior_heun"]["psnr"] for f in figures], [f["prior_heun"]["psnr_sem"] for f in figures]
+            )
+            lines.append(f"| {dim_name(aug_dim)} | {step} | {loss:.4f} | {hijack:.2f} | {prior:.2f} |")
+    return lines
+
+
+def plot_nfe(results, folder, name, metric="psnr") -> str:
+    """`metric` against NFE from the measurement, one panel per start level, one line per D; the prior's Heun 35
+    as a marker at the right and the measurement dotted."""
+    settings = results["settings"]
+    factors, nfes, scale = settings["start_factors"], settings["nfes"], METRICS[metric][1]
+    dims = dims_of(results)
+    colours = sweep_plots.colours([dim_name(d) for d in dims])
+    fig, axes = sweep_plots.pyplot().subplots(1, len(factors), figsize=(3.2 * len(factors), 3.0), sharey=True)
+    axes = list(axes) if len(factors) > 1 else [axes]
+    measured = estimate(
+        [r for r in results["runs"] if r["aug_dim"] == dims[0] and r["sampler"] == "prior_heun"],
+        "degraded_" + metric,
+        scale,
+    )
+    for ax, factor in zip(axes, factors, strict=True):
+        for i, aug_dim in enumerate(dims):
+            values = [estimate(select(results, aug_dim, start=factor, nfe=n), metric, scale) for n in nfes]
+            x = [n * (1 + 0.03 * (i - 1)) for n in nfes]
+            sweep_plots.errorbar(
+                ax,
+                x,
+                values,
+                marker="o",
+                markersize=3,
+                color=colours[dim_name(aug_dim)],
+                label=f"D={dim_name(aug_dim)}",
+            )
+            prior = estimate(select(results, aug_dim, "prior_heun"), metric, scale)
+            sweep_plots.errorbar(
+                ax,
+                [PRIOR_NFE * (1 + 0.03 * (i - 1))],
+                [prior],
+                marker="s",
+                markersize=3,
+                color=colours[dim_name(aug_dim)],
+            )
+        ax.axhline(measured.mean, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        sweep_plots.log_axis(ax.xaxis)
+        ax.set_title(f"start at {factor:g}× σ_y (squares: prior, Heun 35)", fontsize=8)
+        ax.set_xlabel("network evaluations")
+    axes[0].set_ylabel(METRICS[metric][0] + " (dotted: y)")
+    axes[0].legend(fontsize=7)
+    return sweep_plots.save(fig, folder, name)
+
+
+def plot_start(results, folder, name) -> str:
+    """Every metric at NFE 1 against the start level (in units of the true σ_y), one line per D."""
+    settings = results["settings"]
+    factors = sorted(settings["start_factors"])
+    dims = dims_of(results)
+    colours = sweep_plots.colours([dim_name(d) for d in dims])
+    fig, axes = sweep_plots.pyplot().subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.0))
+    for ax, (metric, (label, scale, _)) in zip(axes, METRICS.items(), strict=True):
+        for i, aug_dim in enumerate(dims):
+            values = [estimate(select(results, aug_dim, start=f, nfe=1), metric, scale) for f in factors]
+            x = [f * (1 + 0.03 * (i - 1)) for f in factors]
+            sweep_plots.errorbar(
+                ax,
+                x,
+                values,
+                marker="o",
+                markersize=3,
+                color=colours[dim_name(aug_dim)],
+                label=f"D={dim_name(aug_dim)}",
+            )
+        ax.set_xscale("log")
+        sweep_plots.log_axis(ax.xaxis)
+        ax.set_xlabel("start level / true σ_y")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("One network evaluation from the measurement, against the start level", fontsize=9)
+    return sweep_plots.save(fig, folder, name)
+
+
+def plot_all(results, folder, prefix="img2img_") -> dict:
+    return {
+        "nfe": plot_nfe(results, folder, f"{prefix}nfe.png"),
+        "start": plot_start(results, folder, f"{prefix}start.png"),
+    }
+
+
+def section(results, plots, command) -> str:
+    """The markdown section (between the markers) from `results`, the plots' file names and the command."""
+    settings = results["settings"]
+    lines = [START_MARKER, "", "## Evidence: does a small D help image-to-image? (PPFM at CPU scale)", ""]
+    if results.get("reduced"):
+        lines += ["**Machinery check at reduced settings, not evidence.**", ""]
+    dims = ", ".join(dim_name(d) for d in settings["aug_dims"])
+    lines += [
+        "**Setup.** The built-in denoising task on the embedded 8×8 digits: y = x + σ_y·n with "
+        f"σ_y = {settings['sigma_y']:g} in model units ([-1, 1]). Conditional PFGM++ (y concatenated to the "
+        "network's input, PPFM's model) at "
+        f"D ∈ {{{dims}}}, the D sweep's UNet (`unet_digits_8px.json`), trained by the library's loss with batch "
+        f"{settings['batch_size']}, learning rate {settings['learning_rate']:g} ({settings['warmup_steps']} warm-up "
+        f"steps), EMA 0.999, {settings['steps']} steps, seeds 0–{settings['seeds'] - 1}. Restorations of the "
+        f"{settings['num_images']} held-out digits (the shipped classifier never saw them): PPFM's hijack (the state "
+        "starts at y itself at σ_start, Euler on a Karras grid to σ_min, then to 0) with σ_start = σ_y (matched), "
+        "0.5 σ_y and 2 σ_y (mismatched), at NFE " + ", ".join(str(n) for n in settings["nfes"]) + "; and from the "
+        f"prior with the pipeline's Heun, 18 steps = {PRIOR_NFE} NFE. Scores: PSNR and SSIM against the clean digit "
+        "(in [0, 1]), and the share of restorations the shipped classifier labels as the clean digit. Error bars: ± "
+        "half the range over the seeds + the standard error over the images of the seed mean; a difference counts "
+        "only when it exceeds the sum of both error bars. The original PFGM (D = 1, field objective) is left out: "
+        "its training target is the field of the whole unconditional batch, so a condition reaches it only through "
+        "the input and it does not learn the conditional field that the hijack follows (docs/img2img.md).",
+        "",
+        f"Reproduce: `{command}`: {results.get('train_minutes', float('nan')):.0f} min of wall time per model "
+        "to train (cached under outputs/img2img_evidence/models, so a rerun only evaluates), "
+        f"{results['seconds'] / 60:.0f} min for this evaluation.",
+        "",
+        measurement_line(results),
+        "",
+        "### What reproduced, what did not, what was opposite",
+        "",
+        *verdict_lines(results),
+        "",
+        *observation_lines(results),
+        "",
+        "### PSNR, SSIM and label accuracy against NFE",
+        "",
+        f"![{METRICS['psnr'][0]} against NFE]({plots['nfe']})",
+        f"![NFE 1 against the start level]({plots['start']})",
+        "",
+    ]
+    for metric, (label, _, _) in METRICS.items():
+        lines += [f"{label}:", "", *nfe_table(results, metric), ""]
+    plateau = plateau_lines(results)
+    if plateau:
+        lines += [
+            "### Training to a plateau",
+            "",
+            "Mean training loss since the previous checkpoint (± half range "
+            "over seeds) and PSNR at each checkpoint (same error bars as above):",
+            "",
+            *plateau,
+            "",
+        ]
+    return "\n".join([*lines, END_MARKER]) + "\n"
+
+
+def rewrite_docs(path, text):
+    """Replace the part of `path` between this section's markers by `text` (appended if absent); the rest of the
+    file is kept byte for byte, and the file is replaced atomically."""
+    with open(path, encoding="utf-8") as file:
+        old = file.read()
+    pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER) + r"\n?", re.DOTALL)
+    matches = pattern.findall(old)
+    if len(matches) > 1:
+        raise ValueError(f"{path} holds {len(matches)} image-to-image evidence sections; expected at most one")
+    new = pattern.sub(lambda _: text, old) if matches else old.rstrip("\n") + "\n\n" + text
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(new)
+    os.replace(temporary, path)
