@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import torch
 
-from pfgm_diffusers import PFGMPipeline, flow, ode, restart, scheduling_pfgm
+from pfgm_diffusers import PFGMPipeline, flow, ode, scheduling_pfgm
 from pfgm_diffusers.denoiser import make_denoiser
 from pfgm_diffusers.image_processing import postprocess
 
@@ -142,9 +142,10 @@ def sample_images(
 
 
 def sample_restart(denoise, x, sigmas, pipe, generator, restart_blocks=None):
-    """Restart (the library's sampler) along `sigmas` from `x` for the D of `pipe`'s scheduler."""
-    sampler = ode.SAMPLERS.get("restart", restart.sample_restart)
-    return sampler(denoise, x, sigmas, restart_blocks, pipe.scheduler.config.get("aug_dim"), generator)
+    """Restart (`ode.SAMPLERS["restart"]`) along `sigmas` from `x` for the D of `pipe`'s scheduler."""
+    aug_dim = flow.restart_aug_dim(pipe.scheduler)  # refuses the field model
+    options = dict(restart_blocks=restart_blocks, aug_dim=aug_dim, generator=generator)
+    return ode.SAMPLERS["restart"](denoise, x, sigmas, **options)
 
 
 def heun_nfe(pipe, num_inference_steps: int) -> int:
