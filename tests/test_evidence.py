@@ -776,7 +776,8 @@ def test_sweep_script_refuses_bad_arguments(argv, message, capsys):
     "argv, message",
     [(["--solvers", "heun", "rk4"], "unknown solver(s) ['rk4']"), (["--solvers", "euler"], "keep 'heun'"),
      (["--num_images", "5"], "--num_images must be >= 6"),
-     (["--solvers", "heun", "restart", "--restart_steps", "3"], "--restart_steps 3: Restart block '0': t_min 0.14"),
+     (["--solvers", "heun", "restart", "--restart_blocks", '{"0": [3, 2, 0.14, 100]}'],
+      "--restart_steps 18: Restart block '0': t_min 0.14 and t_max 100.0 must satisfy"),
      (["--solvers", "heun", "restart", "--restart_blocks", '{"0": [3, 2, 0.3, 0.14]}'], "need 0 < t_min < t_max")],
 )  # fmt: skip
 def test_sweep_script_refuses_what_it_cannot_measure_before_training(argv, message, tmp_path):
