@@ -57,7 +57,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--aug_dims", nargs="+", default=["64", "128", "inf"], help="D values; 'inf' = EDM.")
     parser.add_argument("--sigma_y", type=float, default=0.5, help="The measurement noise (model units).")
-    parser.add_argument("--steps", type=int, default=6000, help="Training steps per model (the main job's).")
+    parser.add_argument("--steps", type=int, default=10000, help="Training steps per model.")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -71,7 +71,7 @@ def parse_args(argv=None):
         "--checkpoints",
         type=int,
         nargs="+",
-        default=[500, 1000, 2000, 3000, 4000],
+        default=[500, 1000, 2000, 3000, 4000, 6000, 8000],
         help="Steps where the plateau is measured.",
     )
     parser.add_argument("--cache_dir", default="outputs/img2img_evidence/models", help="Cached checkpoints.")

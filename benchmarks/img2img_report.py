@@ -326,7 +326,8 @@ def section(results, plots, command) -> str:
         "the input and it does not learn the conditional field that the hijack follows (docs/img2img.md).",
         "",
         f"Reproduce: `{command}`: {results.get('train_minutes', float('nan')):.0f} min of wall time per model "
-        "to train (cached under outputs/img2img_evidence/models, so a rerun only evaluates), "
+        "to train, summed over the runs that trained it at whatever load the machine had (cached under "
+        "outputs/img2img_evidence/models, so a longer run resumes and a rerun only evaluates), "
         f"{results['seconds'] / 60:.0f} min for this evaluation.",
         "",
         measurement_line(results),
