@@ -34,7 +34,8 @@ format: $(VENV)/.installed
 	$(PY) -m ruff check --fix .
 
 # Every speed ratio of docs/benchmarks.md, docs/training.md and docs/pipeline.md, each printed with the CPU, threads,
-# load and spread (about 10 minutes on 2 idle cores). On a GPU: python benchmarks/gpu_check.py.
+# load and spread (about 10 minutes on 2 idle cores, and 3 more for recipe_timing.py).
+# On a GPU: python benchmarks/gpu_check.py.
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_field_target.py --threads 1 --json field_target_1thread.json
 	OMP_WAIT_POLICY=PASSIVE $(PY) benchmarks/bench_field_target.py --threads 2 --no-official --json field_target_2threads.json

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The per-step cost table of docs/training.md's "train on your own image folder" recipe, measured as written.
 
-    python benchmarks/recipe_timing.py            # every row (about 5 min on 2 idle cores)
+    python benchmarks/recipe_timing.py            # every row (about 3 min on 2 idle cores)
     python benchmarks/recipe_timing.py --rows 8 16
 
 Each row makes a folder of two classes (256 circles, 256 squares, RGB, at the row's size; the 8 px row is the
