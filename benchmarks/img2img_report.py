@@ -6,10 +6,8 @@ over the seeds + the standard error over the images of the seed mean); a differe
 than the sum of both error bars.
 """
 
-import os
-import re
-
 from aug_dim_sweep import plots as sweep_plots
+from aug_dim_sweep.report import rewrite_section
 from aug_dim_sweep.statistics import Estimate
 
 START_MARKER = "<!-- img2img-evidence:start -->"
@@ -361,16 +359,5 @@ def section(results, plots, command) -> str:
 
 
 def rewrite_docs(path, text):
-    """Replace the part of `path` between this section's markers by `text` (appended if absent); the rest of the
-    file is kept byte for byte, and the file is replaced atomically."""
-    with open(path, encoding="utf-8") as file:
-        old = file.read()
-    pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER) + r"\n?", re.DOTALL)
-    matches = pattern.findall(old)
-    if len(matches) > 1:
-        raise ValueError(f"{path} holds {len(matches)} image-to-image evidence sections; expected at most one")
-    new = pattern.sub(lambda _: text, old) if matches else old.rstrip("\n") + "\n\n" + text
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(new)
-    os.replace(temporary, path)
+    """Replace the part of `path` between this section's markers by `text` (`report.rewrite_section`)."""
+    rewrite_section(path, text, START_MARKER, END_MARKER, "image-to-image evidence")

@@ -1,11 +1,8 @@
 """The evidence section of docs/benchmarks.md, written from the sweep's results and the claims' verdicts, and its
 rewrite between the markers."""
 
-import os
-import re
-
 import numpy as np
-from aug_dim_sweep.report import QUICK_BANNER, restart_section, table, target_section
+from aug_dim_sweep.report import QUICK_BANNER, restart_section, rewrite_section, table, target_section
 from aug_dim_sweep.statistics import (
     Estimate,
     estimate,
@@ -323,16 +320,5 @@ def markdown(results, toy, settings, environment, command, plots, quick=False, b
 
 
 def rewrite_docs(path, section):
-    """Replace the part of `path` between the evidence markers by `section` (appended if the markers are absent); the
-    rest of the file is kept byte for byte, and the file is replaced atomically."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    pattern = re.compile(re.escape(START_MARKER) + r".*?" + re.escape(END_MARKER) + r"\n?", re.DOTALL)
-    matches = pattern.findall(text)
-    if len(matches) > 1:
-        raise ValueError(f"{path} holds {len(matches)} evidence sections; expected at most one")
-    text = pattern.sub(lambda _: section, text) if matches else text.rstrip("\n") + "\n\n" + section
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    """Replace the part of `path` between the evidence markers by `section` (`report.rewrite_section`)."""
+    rewrite_section(path, section, START_MARKER, END_MARKER, "evidence")

@@ -1,6 +1,10 @@
 """The sweep's markdown report: which D is best at the reference setting, with error bars, and how each D degrades
 with fewer steps (and, where measured, under injected noise and quantised weights)."""
 
+import re
+
+from pfgm_diffusers.files import atomic_write
+
 from .statistics import (
     Estimate,
     badness,
@@ -21,6 +25,20 @@ QUICK_BANNER = (
     "> **Machinery check, not evidence.** These figures come from toy-sized settings (short training, one seed, few "
     "images): they show that the machinery runs end to end, not how the models compare."
 )
+
+
+def rewrite_section(path, section, start_marker, end_marker, name):
+    """Replace the part of the markdown file `path` between `start_marker` and `end_marker` by `section` (appended if
+    the markers are absent); the rest of the file is kept byte for byte, and the file is replaced atomically. More
+    than one marked `name` section is an error."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    pattern = re.compile(re.escape(start_marker) + r".*?" + re.escape(end_marker) + r"\n?", re.DOTALL)
+    matches = pattern.findall(text)
+    if len(matches) > 1:
+        raise ValueError(f"{path} holds {len(matches)} {name} sections; expected at most one")
+    text = pattern.sub(lambda _: section, text) if matches else text.rstrip("\n") + "\n\n" + section
+    atomic_write(path, text)
 
 
 def table(header, rows) -> str:
