@@ -79,7 +79,7 @@ evidence-quick: $(VENV)/.installed
 # on 2 cores shared with other jobs, 6000-10000 in 12 min on the idle machine, so about 30 min idle from scratch).
 # Trained models are cached in outputs/img2img_evidence/models and resumed, so a rerun only evaluates (1-4 min).
 # Rewrites its section of docs/benchmarks.md and docs/img2img_*.png.
-IMG2IMG_ARGS ?= --steps 10000 --seeds 2 --jobs 2
+IMG2IMG_ARGS ?= --steps 16000 --seeds 2 --jobs 2
 evidence-img2img: $(VENV)/.installed
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/img2img_evidence.py $(IMG2IMG_ARGS) --output outputs/img2img_evidence/results.json \

@@ -28,6 +28,7 @@ section of docs/benchmarks.md between its markers and two plots in `--plots_dir`
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--aug_dims", nargs="+", default=["64", "128", "inf"], help="D values; 'inf' = EDM.")
     parser.add_argument("--sigma_y", type=float, default=0.5, help="The measurement noise (model units).")
-    parser.add_argument("--steps", type=int, default=10000, help="Training steps per model.")
+    parser.add_argument("--steps", type=int, default=16000, help="Training steps per model.")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -68,10 +69,18 @@ def parse_args(argv=None):
     parser.add_argument("--output", default=None, help="The JSON of every figure.")
     parser.add_argument("--warmup_steps", type=int, default=200, help="Linear learning-rate warm-up (the main job's).")
     parser.add_argument(
+        "--decay_steps",
+        type=int,
+        default=None,
+        help="A cosine cool-down of the learning rate to 0 over the last steps (0: constant after warm-up; default: "
+        "the last 3/8 of --steps, 6000 of 16000). At a constant rate the restorations still improved by 0.1 dB per "
+        "1000 steps at 10000 steps; annealing the rate is what lets a model settle on a plateau in a CPU budget.",
+    )
+    parser.add_argument(
         "--checkpoints",
         type=int,
         nargs="+",
-        default=[500, 1000, 2000, 3000, 4000, 6000, 8000],
+        default=[500, 1000, 2000, 4000, 6000, 8000, 10000, 12000, 14000, 15000],
         help="Steps where the plateau is measured.",
     )
     parser.add_argument("--cache_dir", default="outputs/img2img_evidence/models", help="Cached checkpoints.")
@@ -85,6 +94,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.reduced:
         args.steps, args.seeds, args.num_images, args.nfes = REDUCED.values()
+    if args.decay_steps is None:
+        args.decay_steps = round(0.375 * args.steps)
+    if args.decay_steps < 0 or args.decay_steps > max(0, args.steps - args.warmup_steps):
+        if args.reduced:  # the machinery check keeps its own short schedule
+            args.decay_steps = min(args.decay_steps, args.steps // 2)
+        else:
+            raise ValueError(
+                f"--decay_steps={args.decay_steps}: must lie in [0, --steps - --warmup_steps = "
+                f"{max(0, args.steps - args.warmup_steps)}]"
+            )
     args.aug_dims = [None if value == "inf" else int(value) for value in args.aug_dims]
     return args
 
@@ -95,6 +114,8 @@ def model_folder(args, aug_dim, seed):
     name = (
         f"denoise{args.sigma_y:g}_D{d}_seed{seed}_bs{args.batch_size}_lr{args.learning_rate:g}_warm{args.warmup_steps}"
     )
+    if args.decay_steps:  # the cool-down changes every step's rate once it begins: a model of its own
+        name += f"_cos{args.decay_steps}of{args.steps}"
     return os.path.join(args.cache_dir, name)
 
 
@@ -107,6 +128,16 @@ def cached_step(folder, args):
     """The largest cached checkpoint at most `--steps` (0 if none)."""
     done = [s for s in checkpoint_steps(args) if os.path.exists(os.path.join(folder, f"step{s}", "metrics.json"))]
     return max(done, default=0)
+
+
+def learning_rate_factor(step, args):
+    """The rate's multiplier at `step`: a linear warm-up, constant, then a cosine to 0 over the last `--decay_steps`
+    (a warm-up-stable-decay schedule)."""
+    factor = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    into_decay = step - (args.steps - args.decay_steps)
+    if args.decay_steps and into_decay > 0:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(1.0, into_decay / args.decay_steps)))
+    return factor
 
 
 def build_unet():
@@ -156,7 +187,7 @@ def train(aug_dim, seed, args, degradation, classify):
         generator=torch.Generator().manual_seed(seed),  # its base seed: not drawn from the global RNG
     )
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.learning_rate)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, args))
     step, epoch, skip = 0, 0, 0
     if done:  # resume: the weights, optimizer, RNG and the position in the epoch
         state = torch.load(os.path.join(folder, f"step{done}", "state.pt"), weights_only=False)

@@ -6,6 +6,8 @@ over the seeds + the standard error over the images of the seed mean); a differe
 than the sum of both error bars.
 """
 
+import argparse
+
 from aug_dim_sweep import plots as sweep_plots
 from aug_dim_sweep.report import rewrite_section
 from aug_dim_sweep.statistics import Estimate
@@ -192,28 +194,69 @@ def describe(case) -> str:
     return f"D={dim_name(case['aug_dim'])} {METRICS[case['metric']][0]} at {where}"
 
 
+def _checkpoint_figures(results, aug_dim, step) -> list:
+    """Each seed's plateau figures of one model at `step` (the JSON keeps steps as strings)."""
+    models = [p for p in results.get("plateaus") or [] if p["aug_dim"] == aug_dim]
+    figures = [p["steps"].get(str(step), p["steps"].get(step)) for p in models]
+    return [f for f in figures if f is not None]
+
+
+def _nfe1(figures) -> Estimate:
+    return Estimate.of([f["hijack_nfe1"]["psnr"] for f in figures], [f["hijack_nfe1"]["psnr_sem"] for f in figures])
+
+
+def _steps_of(results, aug_dim) -> list:
+    models = [p for p in results.get("plateaus") or [] if p["aug_dim"] == aug_dim]
+    return sorted({int(s) for p in models for s in p["steps"]})
+
+
 def plateau_lines(results) -> list[str]:
-    """The training plateau: mean training loss and the NFE-1 (matched) and prior figures at each checkpoint."""
-    plateaus = results.get("plateaus") or []
-    if not plateaus:
+    """The training plateau: the learning rate, the mean training loss and the NFE-1 (matched) and prior figures at
+    each checkpoint."""
+    from img2img_evidence import learning_rate_factor  # the schedule the models were trained with
+
+    if not results.get("plateaus"):
         return []
+    settings = argparse.Namespace(**{"decay_steps": 0, **results["settings"]})
     lines = [
-        "| D | step | training loss | PSNR, NFE 1 from y (dB) | PSNR, prior Heun 35 (dB) |",
-        "|---|---|---|---|---|",
+        "| D | step | learning rate | training loss | PSNR, NFE 1 from y (dB) | PSNR, prior Heun 35 (dB) |",
+        "|---|---|---|---|---|---|",
     ]
     for aug_dim in dims_of(results):
-        models = [p for p in plateaus if p["aug_dim"] == aug_dim]
-        for step in sorted({int(s) for p in models for s in p["steps"]}):
-            figures = [p["steps"].get(str(step), p["steps"].get(step)) for p in models]
-            figures = [f for f in figures if f is not None]
+        for step in _steps_of(results, aug_dim):
+            figures = _checkpoint_figures(results, aug_dim, step)
+            rate = settings.learning_rate * learning_rate_factor(step - 1, settings)  # the rate of the last step
             loss = Estimate.of([f["loss"] for f in figures])
-            hijack = Estimate.of(
-                [f["hijack_nfe1"]["psnr"] for f in figures], [f["hijack_nfe1"]["psnr_sem"] for f in figures]
-            )
             prior = Estimate.of(
                 [f["prior_heun"]["psnr"] for f in figures], [f["prior_heun"]["psnr_sem"] for f in figures]
             )
-            lines.append(f"| {dim_name(aug_dim)} | {step} | {loss:.4f} | {hijack:.2f} | {prior:.2f} |")
+            lines.append(
+                f"| {dim_name(aug_dim)} | {step} | {rate:.2g} | {loss:.4f} | {_nfe1(figures):.2f} | {prior:.2f} |"
+            )
+    return lines
+
+
+def plateau_verdict_lines(results) -> list[str]:
+    """Whether training reached a plateau: per D, the NFE-1 PSNR's change over the last eighth of training (from
+    the last checkpoint at or before 7/8 of the steps to the end), against the final figure's error bar."""
+    lines = []
+    for aug_dim in dims_of(results):
+        steps = _steps_of(results, aug_dim)
+        if len(steps) < 2:
+            continue
+        end = steps[-1]
+        earlier = max([s for s in steps[:-1] if s <= 7 * end / 8], default=steps[-2])
+        before, after = (
+            _nfe1(_checkpoint_figures(results, aug_dim, earlier)),
+            _nfe1(_checkpoint_figures(results, aug_dim, end)),
+        )
+        change = after.mean - before.mean
+        flat = abs(change) < after.error
+        lines.append(
+            f"- D = {dim_name(aug_dim)}: NFE-1 PSNR {before.mean:.2f} at step {earlier}, {after:.2f} at step {end}: "
+            f"a change of {change:+.2f} dB, {'within' if flat else 'beyond'} the error bar "
+            f"({'plateau' if flat else 'not a plateau'})."
+        )
     return lines
 
 
@@ -306,14 +349,17 @@ def section(results, plots, command) -> str:
     if results.get("reduced"):
         lines += ["**Machinery check at reduced settings, not evidence.**", ""]
     dims = ", ".join(dim_name(d) for d in settings["aug_dims"])
+    decay = settings.get("decay_steps", 0)
+    schedule = f", a cosine cool-down to 0 over the last {decay}" if decay else ", then constant"
     lines += [
         "**Setup.** The built-in denoising task on the embedded 8×8 digits: y = x + σ_y·n with "
         f"σ_y = {settings['sigma_y']:g} in model units ([-1, 1]). Conditional PFGM++ (y concatenated to the "
         "network's input, PPFM's model) at "
         f"D ∈ {{{dims}}}, the D sweep's UNet (`unet_digits_8px.json`), trained by the library's loss with batch "
         f"{settings['batch_size']}, learning rate {settings['learning_rate']:g} ({settings['warmup_steps']} warm-up "
-        f"steps), EMA 0.999, {settings['steps']} steps, seeds 0–{settings['seeds'] - 1}. Restorations of the "
-        f"{settings['num_images']} held-out digits (the shipped classifier never saw them): PPFM's hijack (the state "
+        f"steps{schedule}), EMA 0.999, {settings['steps']} steps, seeds 0–{settings['seeds'] - 1}. Restorations of "
+        f"the {settings['num_images']} held-out digits (the shipped classifier never saw them): PPFM's hijack (the "
+        "state "
         "starts at y itself at σ_start, Euler on a Karras grid to σ_min, then to 0) with σ_start = σ_y (matched), "
         "0.5 σ_y and 2 σ_y (mismatched), at NFE " + ", ".join(str(n) for n in settings["nfes"]) + "; and from the "
         f"prior with the pipeline's Heun, 18 steps = {PRIOR_NFE} NFE. Scores: PSNR and SSIM against the clean digit "
@@ -349,8 +395,10 @@ def section(results, plots, command) -> str:
         lines += [
             "### Training to a plateau",
             "",
-            "Mean training loss since the previous checkpoint (± half range "
-            "over seeds) and PSNR at each checkpoint (same error bars as above):",
+            *plateau_verdict_lines(results),
+            "",
+            "The learning rate of each checkpoint's last step, the mean training loss since the previous checkpoint "
+            "(± half range over seeds) and PSNR at each checkpoint (same error bars as above):",
             "",
             *plateau,
             "",

@@ -89,8 +89,8 @@ def test_the_tables_give_every_nfe_and_start_level_with_error_bars_and_the_plate
     assert "| 64 | 0.5 | 20.00 ± 0.54 | 21.00 ± 0.54 |  |" in table
     assert "| ∞ | 1 | 20.50 ± 0.54 | 21.50 ± 0.54 | 10.00 ± 0.04 |" in table
     plateau = img2img_report.plateau_lines(results)
-    assert "| 64 | 500 | 1.5000 ± 0.5000 | 17.00 ± 0.07 | 17.00 ± 0.07 |" in plateau
-    assert "| ∞ | 1000 | 0.5000 ± 0.0000 | 18.50 ± 0.57 | 18.50 ± 0.57 |" in plateau
+    assert "| 64 | 500 | 0.002 | 1.5000 ± 0.5000 | 17.00 ± 0.07 | 17.00 ± 0.07 |" in plateau  # a JSON without decay
+    assert "| ∞ | 1000 | 0.002 | 0.5000 ± 0.0000 | 18.50 ± 0.57 | 18.50 ± 0.57 |" in plateau
     assert (
         "- D = 64: NFE 1 20.50 ± 0.54 is above the measurement 14.00 ± 0.07; NFE 2 21.50 ± 0.54 is within the error "
         "bars of NFE 1; the prior's Heun 35 10.00 ± 0.04 is below NFE 1 from y."
@@ -130,9 +130,42 @@ def test_the_plots_are_written(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plateau_verdict_compares_the_last_eighth_of_training_with_the_error_bar():
+    results = fake_results(lambda *a: 18.0)
+    results["settings"]["decay_steps"] = 400  # 1000 steps: the rate halves at step 800 and is 0 at the end
+    for model in results["plateaus"]:
+        model["steps"]["800"] = _figures(0.5, 18.2 + model["seed"] if model["aug_dim"] == 64 else 17.0)
+    verdicts = img2img_report.plateau_verdict_lines(results)
+    assert verdicts == [  # D = 64 moved 0.3 dB, under its error bar 0.57; D = inf moved 1.5 dB
+        "- D = 64: NFE-1 PSNR 18.70 at step 800, 18.50 ± 0.57 at step 1000: a change of -0.20 dB, within the error "
+        "bar (plateau).",
+        "- D = ∞: NFE-1 PSNR 17.00 at step 800, 18.50 ± 0.57 at step 1000: a change of +1.50 dB, beyond the error "
+        "bar (not a plateau).",
+    ]
+    rates = [line.split(" | ")[2] for line in img2img_report.plateau_lines(results)[2:5]]
+    assert rates == ["0.002", "0.001", "3.1e-08"]  # the last steps before 500, 800, 1000 of the cosine cool-down
+    assert "a cosine cool-down to 0 over the last 400" in img2img_report.section(
+        results, {"nfe": "a", "start": "b"}, "C"
+    )
+
+
 def test_checkpoint_steps_end_at_the_run_length():
     args = img2img_evidence.parse_args(["--steps", "1000", "--checkpoints", "500", "2000", "1000"])
     assert img2img_evidence.checkpoint_steps(args) == [500, 1000]
+
+
+def test_the_learning_rate_warms_up_holds_then_cools_to_zero_and_names_its_folder():
+    args = img2img_evidence.parse_args(["--steps", "1000", "--warmup_steps", "100", "--decay_steps", "400"])
+    factor = [img2img_evidence.learning_rate_factor(step, args) for step in range(1001)]
+    assert factor[0] == pytest.approx(0.01) and factor[99] == 1.0 and factor[600] == 1.0
+    assert factor[800] == pytest.approx(0.5) and factor[1000] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(factor[600:-1], factor[601:], strict=True))  # never rises again in the cool-down
+    assert img2img_evidence.model_folder(args, 64, 0).endswith("_warm100_cos400of1000")
+    constant = img2img_evidence.parse_args(["--steps", "1000", "--warmup_steps", "100", "--decay_steps", "0"])
+    assert img2img_evidence.model_folder(constant, 64, 0).endswith("_warm100")
+    assert img2img_evidence.learning_rate_factor(1000, constant) == 1.0
+    with pytest.raises(ValueError, match="--decay_steps=950: must lie in \\[0, --steps - --warmup_steps = 900\\]"):
+        img2img_evidence.parse_args(["--steps", "1000", "--warmup_steps", "100", "--decay_steps", "950"])
 
 
 def _state(cache, step):
@@ -142,7 +175,8 @@ def _state(cache, step):
 
 def test_a_resumed_training_equals_an_uninterrupted_one_and_a_finished_model_is_loaded(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main() would set the whole session's threads
-    common = ["--aug_dims", "64", "--batch_size", "4", "--num_images", "2", "--checkpoints", "3", "--train_seeds", "0"]
+    common = ["--aug_dims", "64", "--batch_size", "4", "--num_images", "2", "--decay_steps", "0", "--checkpoints", "3"]
+    common += ["--train_seeds", "0"]
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     img2img_evidence.main([*common, "--steps", "6", "--cache_dir", straight])
     img2img_evidence.main([*common, "--steps", "3", "--cache_dir", resumed])
