@@ -2,19 +2,22 @@
 loop over latents already in memory; the encoding pass's images/s; the peak memory of decoding. A script, not a test.
 
 1. Three training loops of the same small UNet on the latents of the same small AutoencoderKL (random weights: the
-   cost does not depend on them), the PFGM++ loss, AdamW and `accelerate`, `--steps` steps each, the first 5 left out:
+   cost does not depend on them), the PFGM++ loss, AdamW and `accelerate`, `--steps` steps each:
    - cached: a DataLoader over `LatentDataset` (the cache's posterior means, with the trainer's sampler and collate);
    - encoding every step: a DataLoader over the images (`TrainingDataset`), then `vae.encode` and the scaling;
    - bare: a batch indexed from a tensor of latents already in memory.
-   The loops run alternately, `--repeats` times; the ratios cached/bare (target <= 1.10) and encoding/cached are
-   printed per run, then the median and spread, of wall time and of the process's CPU time per step.
+   The loops take turns in blocks of `--block` steps (8: one epoch of the cached loop, its restart included), in a
+   rotating order, after a warm-up block each, so that a slow spell of a shared machine falls on all three alike
+   (three whole loops one after another gave cached / bare 1.02 in one run and 1.29 in the next). Per run: each
+   loop's median ms per step, and per pair the median over rounds of the ratio of the two blocks of a round (wall and
+   the process's CPU time) beside the ratio of total wall times; then the median and spread over `--repeats` runs.
 2. The encoding pass (`build_latent_cache`, a fresh folder): images/s.
 3. Peak memory of decoding `--decode_images` latents at once and with `decode_batch_size=8`: on CUDA
    `torch.cuda.max_memory_allocated`, on the CPU (Linux) the peak resident size above the resident size before the
    decode (the peak reset through /proc/self/clear_refs); each in a fresh process, after a one-image warm-up decode.
 
     python benchmarks/bench_latent.py                     # about 3 minutes on 2 idle cores
-    python benchmarks/bench_latent.py --steps 40 --repeats 1 --num_images 64   # a quick look
+    python benchmarks/bench_latent.py --steps 40 --repeats 1   # a quick look
 """
 
 import argparse
@@ -76,18 +79,24 @@ def images(num_images):
     return datasets.Dataset.from_dict(data, features=datasets.Features({"image": datasets.Image()}))
 
 
-def timed_loop(batches, step, steps):
-    """Wall and CPU seconds per step of `step(batch)` over `steps` batches, the first 5 left out."""
-    times, cpu_times = [], []
-    iterator = iter(batches)
-    for _ in range(steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        step(next(iterator))
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return sum(times[5:]) / (steps - 5), sum(cpu_times[5:]) / (steps - 5)
+def timed_blocks(loops, rounds, block):
+    """Wall and CPU seconds of each block of `block` consecutive steps of every loop {name: (batches, step)}. The
+    loops take turns block by block, in a different order each round, so that a slow spell of the machine (a
+    neighbour, a frequency change) falls on all of them alike; round 0 is a warm-up and left out. Returns {name:
+    [(wall, cpu) per round]}."""
+    times = {name: [] for name in loops}
+    names = list(loops)
+    for round_ in range(rounds + 1):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            batches, step = loops[name]
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                step(next(batches))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if round_:
+                times[name].append((time.perf_counter() - start, time.process_time() - cpu_start))
+    return times
 
 
 def endless(dataloader, sampler, dataset):
@@ -99,8 +108,10 @@ def endless(dataloader, sampler, dataset):
         epoch += 1
 
 
-def training_step_costs(cache, dataset, vae, batch_size, steps, repeat=0):
-    """Seconds (wall, CPU) per step of the three loops."""
+def training_step_costs(cache, dataset, vae, batch_size, steps, block=8):
+    """Per loop, the seconds (wall, CPU) of each block of `block` steps (`timed_blocks`, `steps // block` rounds).
+    A block of the cached loop with `block` = the batches per epoch (256 / 32 = 8 by default) holds one epoch's
+    start, its sampler and its fresh data-loader iterator: that cost is counted, not averaged away."""
     from accelerate import Accelerator
 
     from pfgm_diffusers import PFGMScheduler
@@ -142,13 +153,29 @@ def training_step_costs(cache, dataset, vae, batch_size, steps, repeat=0):
         train(cache.scaling.to_model(encode_moments(vae, batch["pixel_values"])[0]))
 
     loops = dict(
-        cached=lambda: timed_loop(loader(latents), lambda batch: train(batch["pixel_values"]), steps),
-        encoding=lambda: timed_loop(loader(pixels), encoded, steps),
-        bare=lambda: timed_loop(bare_batches(), train, steps),
+        cached=(loader(latents), lambda batch: train(batch["pixel_values"])),
+        encoding=(loader(pixels), encoded),
+        bare=(bare_batches(), train),
     )
-    names = list(loops)
-    names = names[repeat % 3 :] + names[: repeat % 3]  # a different order each repeat: no loop always runs first
-    return {name: loops[name]() for name in names}
+    return timed_blocks(loops, steps // block, block)
+
+
+def summarise(blocks, block):
+    """One run's figures from its blocks: per loop the median seconds per step (wall, CPU); per pair of loops the
+    median over rounds of the ratio of their blocks in one round (wall, CPU) and the ratio of total wall times."""
+    figures = {
+        name: {clock: statistics.median(t[i] for t in times) / block for i, clock in enumerate(("wall", "cpu"))}
+        for name, times in blocks.items()
+    }
+    for top, bottom in (("cached", "bare"), ("encoding", "cached")):
+        figures[f"{top}_over_{bottom}"] = {
+            clock: statistics.median(a[i] / b[i] for a, b in zip(blocks[top], blocks[bottom], strict=True))
+            for i, clock in enumerate(("wall", "cpu"))
+        }
+        figures[f"{top}_over_{bottom}"]["wall_total"] = sum(t[0] for t in blocks[top]) / sum(
+            t[0] for t in blocks[bottom]
+        )
+    return figures
 
 
 def decode_peak_memory(num_images, decode_batch_size):
@@ -179,7 +206,8 @@ def _status_kib(field):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=240, help="Steps per loop per run (after a warm-up block).")
+    parser.add_argument("--block", type=int, default=8, help="Steps per turn of a loop (8 = one epoch of 256 / 32).")
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--num_images", type=int, default=256, help="Images encoded into the cache.")
     parser.add_argument("--repeats", type=int, default=3)
@@ -209,22 +237,26 @@ def main():
               f"{results['encoding_images_per_s']:.0f} images/s (VAE {parameters:.2f}M parameters)")  # fmt: skip
         runs = []
         for repeat in range(args.repeats):
-            costs = training_step_costs(cache, dataset, vae, args.train_batch_size, args.steps, repeat)
-            runs.append(costs)
+            blocks = training_step_costs(cache, dataset, vae, args.train_batch_size, args.steps, args.block)
+            runs.append(summarise(blocks, args.block))
+            ms = {name: [1000 * runs[-1][name][clock] for clock in ("wall", "cpu")] for name in blocks}
             print(
-                f"  run {repeat + 1}: ms per step (wall/CPU) cached {1000 * costs['cached'][0]:.1f}/"
-                f"{1000 * costs['cached'][1]:.1f}, encoding every step {1000 * costs['encoding'][0]:.1f}/"
-                f"{1000 * costs['encoding'][1]:.1f}, bare {1000 * costs['bare'][0]:.1f}/{1000 * costs['bare'][1]:.1f}"
-                f" (load {load_average():.2f})"
+                f"  run {repeat + 1} ({len(blocks['bare'])} rounds of {args.block} steps): median ms per step "
+                f"(wall/CPU) cached {ms['cached'][0]:.1f}/{ms['cached'][1]:.1f}, encoding every step "
+                f"{ms['encoding'][0]:.1f}/{ms['encoding'][1]:.1f}, bare {ms['bare'][0]:.1f}/{ms['bare'][1]:.1f}; "
+                f"cached / bare {runs[-1]['cached_over_bare']['wall']:.3f} (block by block), "
+                f"{runs[-1]['cached_over_bare']['wall_total']:.3f} (total time) (load {load_average():.2f})"
             )
     results["runs"] = runs
-    for name, clock in (("wall", 0), ("cpu", 1)):
-        for label, top, bottom in (("cached / bare", "cached", "bare"), ("encoding / cached", "encoding", "cached")):
-            ratios = [run[top][clock] / run[bottom][clock] for run in runs]
-            results[f"{top}_over_{bottom}_{name}"] = dict(median=statistics.median(ratios), min=min(ratios),
-                                                          max=max(ratios))  # fmt: skip
-            target = " (target <= 1.10)" if top == "cached" else ""
-            print(f"{label}, {name} time per step: median {statistics.median(ratios):.3f}, spread "
+    for pair in ("cached_over_bare", "encoding_over_cached"):
+        for clock in ("wall", "cpu", "wall_total"):
+            ratios = [run[pair][clock] for run in runs]
+            results[f"{pair}_{clock}"] = dict(median=statistics.median(ratios), min=min(ratios), max=max(ratios))
+            target = " (target <= 1.10)" if pair == "cached_over_bare" else ""
+            label = {"wall": "wall time, block by block", "cpu": "CPU time, block by block"}.get(
+                clock, "total wall time"
+            )
+            print(f"{pair.replace('_over_', ' / ')}, {label}: median {statistics.median(ratios):.3f}, spread "
                   f"{min(ratios):.3f}-{max(ratios):.3f} over {len(ratios)} run(s){target}")  # fmt: skip
     results["decode_peak_mib"] = {}
     for decode_batch_size in (0, 8):
