@@ -4,7 +4,8 @@
 PPFM trains conditional PFGM++ (the measurement concatenated to the input) and samples by "hijacking" the ODE: it
 starts from the measurement itself at a noise level near the measurement's, and reports that D = 64 holds up at one
 network evaluation where the diffusion model (D = infinity) fails. Here, for the built-in denoising task
-(`paired.Degradation("denoise", sigma_y)`):
+(`paired.Degradation("denoise", sigma_y)`) or, with `--task superres`, super-resolution (2x2 average pooling,
+upsampled back; its error level sigma_m is the RMS of y - x, `measurement_level`):
 
 - models at D in {64, 128, inf} (`--aug_dims`), each trained with `--seeds` seeds by the library's own pieces
   (`losses.pfgmpp_loss` of `conditioning.with_condition(unet, y)` on `paired.PairedTrainingDataset`); every
@@ -12,13 +13,13 @@ network evaluation where the diffusion model (D = infinity) fails. Here, for the
   the models, an interrupted or longer run resumes bit for bit, and `--jobs` trains the seeds in parallel processes;
   each checkpoint records the plateau figures (training loss, PSNR at NFE 1 and from the prior);
 - restorations of the held-out digits from the measurement y: Euler in sigma on a Karras grid from sigma_start to
-  sigma_min, then to 0 (NFE = `--nfes`), with sigma_start = sigma_y (matched) and 0.5x, 2x sigma_y (mismatched: a
+  sigma_min, then to 0 (NFE = `--nfes`), with sigma_start = sigma_y or sigma_m (matched) and 0.5x, 2x (mismatched: a
   user rarely knows the noise level of a measurement), the state starting at y itself (the hijack); and from the
   prior with the pipeline's Heun, 18 steps = 35 NFE;
 - scored by PSNR, SSIM and the shipped classifier's label accuracy (`restoration.evaluate_restoration`'s metrics),
   with the D sweep's error bars (`img2img_report`: ± half the range over seeds + the standard error over images).
 
-    make evidence-img2img                                                      # the full run; rewrites the docs
+    make evidence-img2img                                                      # both tasks; rewrites the docs
     python benchmarks/img2img_evidence.py --jobs 2 --output img2img.json       # the same, docs untouched
     python benchmarks/img2img_evidence.py --reduced --output img2img.json      # a machinery check, not evidence
 
@@ -57,7 +58,11 @@ REDUCED = dict(steps=150, seeds=2, num_images=64, nfes=(1, 2, 3, 5, 11))
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--aug_dims", nargs="+", default=["64", "128", "inf"], help="D values; 'inf' = EDM.")
-    parser.add_argument("--sigma_y", type=float, default=0.5, help="The measurement noise (model units).")
+    parser.add_argument("--task", choices=["denoise", "superres"], default="denoise", help="The built-in paired task.")
+    parser.add_argument(
+        "--sigma_y", type=float, default=None, help="The measurement noise (model units; default 0.5 to denoise, 0)."
+    )
+    parser.add_argument("--factor", type=int, default=2, help="superres: the pooling factor (8 -> 4 -> 8 px).")
     parser.add_argument("--steps", type=int, default=16000, help="Training steps per model.")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -94,6 +99,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.reduced:
         args.steps, args.seeds, args.num_images, args.nfes = REDUCED.values()
+    if args.sigma_y is None:
+        args.sigma_y = 0.5 if args.task == "denoise" else 0.0
     if args.decay_steps is None:
         args.decay_steps = round(0.375 * args.steps)
     if args.decay_steps < 0 or args.decay_steps > max(0, args.steps - args.warmup_steps):
@@ -111,9 +118,8 @@ def parse_args(argv=None):
 def model_folder(args, aug_dim, seed):
     """Where one model's checkpoints are cached: every setting that changes the weights is in the name."""
     d = "inf" if aug_dim is None else aug_dim
-    name = (
-        f"denoise{args.sigma_y:g}_D{d}_seed{seed}_bs{args.batch_size}_lr{args.learning_rate:g}_warm{args.warmup_steps}"
-    )
+    task = f"denoise{args.sigma_y:g}" if args.task == "denoise" else f"superres{args.factor}_sigma{args.sigma_y:g}"
+    name = f"{task}_D{d}_seed{seed}_bs{args.batch_size}_lr{args.learning_rate:g}_warm{args.warmup_steps}"
     if args.decay_steps:  # the cool-down changes every step's rate once it begins: a model of its own
         name += f"_cos{args.decay_steps}of{args.steps}"
     return os.path.join(args.cache_dir, name)
@@ -128,6 +134,15 @@ def cached_step(folder, args):
     """The largest cached checkpoint at most `--steps` (0 if none)."""
     done = [s for s in checkpoint_steps(args) if os.path.exists(os.path.join(folder, f"step{s}", "metrics.json"))]
     return max(done, default=0)
+
+
+def measurement_level(degradation, args) -> float:
+    """The measurement's error level that the hijack's start is matched to: sigma_y when denoising; for
+    super-resolution the RMS of y - x over the held-out digits (the pooling's loss, plus any sigma_y)."""
+    if args.task == "denoise":
+        return args.sigma_y
+    clean, y, _ = degraded_digits(degradation, args.num_images, 8, seed=0)
+    return float((y - clean).pow(2).mean().sqrt())
 
 
 def learning_rate_factor(step, args):
@@ -150,7 +165,7 @@ def plateau_figures(pipe, degradation, args, seed, classify, losses):
     """A checkpoint's figures: the mean training loss since the previous one, the hijack at NFE 1 (matched start)
     and the prior's Heun 35."""
     figures = dict(loss=float(np.mean(losses)))
-    figures["hijack_nfe1"] = hijack(pipe, degradation, 1, args.sigma_y, args, seed, classify)
+    figures["hijack_nfe1"] = hijack(pipe, degradation, 1, args.measurement_level, args, seed, classify)
     figures["prior_heun"] = evaluate_restoration(pipe, degradation, args.num_images, seed=seed, classify=classify)
     return figures
 
@@ -267,7 +282,8 @@ def main(argv=None):
         write_docs(results, args)
         return results
     torch.set_num_threads(args.threads)
-    degradation = Degradation("denoise", sigma_y=args.sigma_y)
+    degradation = Degradation(args.task, sigma_y=args.sigma_y, factor=args.factor)
+    args.measurement_level = measurement_level(degradation, args)
     classify = digit_classifier()
     runs = []  # one row per (D, seed, sampler, start level, NFE)
     if args.train_seeds is not None:  # a training job: fill the cache for these seeds, nothing else
@@ -289,7 +305,7 @@ def main(argv=None):
             plateaus.append(dict(aug_dim=aug_dim, seed=seed, steps=plateau))
             for factor in args.start_factors:
                 for nfe in args.nfes:
-                    result = hijack(pipe, degradation, nfe, factor * args.sigma_y, args, seed, classify)
+                    result = hijack(pipe, degradation, nfe, factor * args.measurement_level, args, seed, classify)
                     runs.append(dict(aug_dim=aug_dim, seed=seed, sampler="hijack", start=factor, nfe=nfe, **result))
             result = evaluate_restoration(pipe, degradation, args.num_images, seed=seed, classify=classify)
             runs.append(dict(aug_dim=aug_dim, seed=seed, sampler="prior_heun", start=None, **result))
@@ -327,7 +343,7 @@ def write_docs(results, args):
     relative = os.path.relpath(args.plots_dir, os.path.dirname(os.path.abspath(args.docs)))
     plots = {kind: name if relative == "." else f"{relative}/{name}" for kind, name in plots.items()}
     command = "make evidence-img2img" if args.command is None else args.command
-    img2img_report.rewrite_docs(args.docs, img2img_report.section(results, plots, command))
+    img2img_report.rewrite_docs(args.docs, img2img_report.section(results, plots, command), results)
     print(f"wrote the section of {args.docs} and {sorted(plots.values())}")
 
 

@@ -14,6 +14,22 @@ from aug_dim_sweep.statistics import Estimate
 
 START_MARKER = "<!-- img2img-evidence:start -->"
 END_MARKER = "<!-- img2img-evidence:end -->"
+# task: its section's markers, plot-name prefix and heading, and the symbol of the measurement's error level (the
+# level the hijack's start is matched to): sigma_y for denoising, the RMS of y - x (sigma_m) for super-resolution.
+TASKS = {
+    "denoise": dict(
+        markers=(START_MARKER, END_MARKER),
+        prefix="img2img_",
+        heading="## Evidence: does a small D help image-to-image? (PPFM at CPU scale)",
+        level="σ_y",
+    ),
+    "superres": dict(
+        markers=("<!-- img2img-evidence-superres:start -->", "<!-- img2img-evidence-superres:end -->"),
+        prefix="img2img_superres_",
+        heading="### The same on super-resolution",
+        level="σ_m",
+    ),
+}
 # metric: (label, scale, format)
 METRICS = {
     "psnr": ("PSNR (dB)", 1.0, "{:.2f}"),
@@ -21,6 +37,11 @@ METRICS = {
     "accuracy": ("label acc. (%)", 100.0, "{:.1f}"),
 }
 PRIOR_NFE = 35
+
+
+def task_of(results) -> dict:
+    """The `TASKS` entry of a run (a results JSON from before `--task` is a denoising run)."""
+    return TASKS[results["settings"].get("task", "denoise")]
 
 
 def dim_name(aug_dim) -> str:
@@ -65,9 +86,9 @@ def measurement_line(results) -> str:
 def nfe_table(results, metric) -> list[str]:
     """Rows D × start level, columns NFE (hijack) and the prior's Heun 35."""
     settings = results["settings"]
-    nfes, scale = settings["nfes"], METRICS[metric][1]
+    nfes, scale, level = settings["nfes"], METRICS[metric][1], task_of(results)["level"]
     lines = [
-        f"| D | start / σ_y | {' | '.join(f'NFE {n}' for n in nfes)} | prior, Heun {PRIOR_NFE} |",
+        f"| D | start / {level} | {' | '.join(f'NFE {n}' for n in nfes)} | prior, Heun {PRIOR_NFE} |",
         "|---|---|" + "---|" * (len(nfes) + 1),
     ]
     for aug_dim in dims_of(results):
@@ -115,7 +136,7 @@ def comparisons(results) -> list[dict]:
 
 def verdict_lines(results) -> list[str]:
     """Words for the two PPFM claims, decided by `comparisons`."""
-    found = comparisons(results)
+    found, level = comparisons(results), task_of(results)["level"]
     if not found:
         return ["No D = ∞ model in this run: the claims compare a finite D with diffusion, nothing decided."]
 
@@ -137,12 +158,12 @@ def verdict_lines(results) -> list[str]:
     lines += [
         "",
         "**Claim 2: a heavy-tailed kernel (finite D) tolerates a start level that does not match the "
-        "measurement's noise (0.5× and 2× σ_y) better than diffusion.**",
+        f"measurement's noise (0.5× and 2× {level}) better than diffusion.**",
     ]
     for case in found:
         if case["sampler"] == "hijack" and case["start"] != 1.0 and case["nfe"] == 1:
             lines.append(
-                f"- D = {dim_name(case['aug_dim'])}, start {case['start']:g}× σ_y, NFE 1, "
+                f"- D = {dim_name(case['aug_dim'])}, start {case['start']:g}× {level}, NFE 1, "
                 f"{METRICS[case['metric']][0]}: {outcome_text(case)}"
             )
     counts = {key: sum(c["outcome"] == key for c in found) for key in ("finite", "inf", "none")}
@@ -299,7 +320,7 @@ def plot_nfe(results, folder, name, metric="psnr") -> str:
         ax.axhline(measured.mean, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log")
         sweep_plots.log_axis(ax.xaxis)
-        ax.set_title(f"start at {factor:g}× σ_y (squares: prior, Heun 35)", fontsize=8)
+        ax.set_title(f"start at {factor:g}× {task_of(results)['level']} (squares: prior, Heun 35)", fontsize=8)
         ax.set_xlabel("network evaluations")
     axes[0].set_ylabel(METRICS[metric][0] + " (dotted: y)")
     axes[0].legend(fontsize=7)
@@ -307,7 +328,7 @@ def plot_nfe(results, folder, name, metric="psnr") -> str:
 
 
 def plot_start(results, folder, name) -> str:
-    """Every metric at NFE 1 against the start level (in units of the true σ_y), one line per D."""
+    """Every metric at NFE 1 against the start level (in units of the measurement's true level), one line per D."""
     settings = results["settings"]
     factors = sorted(settings["start_factors"])
     dims = dims_of(results)
@@ -328,14 +349,15 @@ def plot_start(results, folder, name) -> str:
             )
         ax.set_xscale("log")
         sweep_plots.log_axis(ax.xaxis)
-        ax.set_xlabel("start level / true σ_y")
+        ax.set_xlabel(f"start level / true {task_of(results)['level']}")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     fig.suptitle("One network evaluation from the measurement, against the start level", fontsize=9)
     return sweep_plots.save(fig, folder, name)
 
 
-def plot_all(results, folder, prefix="img2img_") -> dict:
+def plot_all(results, folder) -> dict:
+    prefix = task_of(results)["prefix"]
     return {
         "nfe": plot_nfe(results, folder, f"{prefix}nfe.png"),
         "start": plot_start(results, folder, f"{prefix}start.png"),
@@ -344,24 +366,26 @@ def plot_all(results, folder, prefix="img2img_") -> dict:
 
 def section(results, plots, command) -> str:
     """The markdown section (between the markers) from `results`, the plots' file names and the command."""
-    settings = results["settings"]
-    lines = [START_MARKER, "", "## Evidence: does a small D help image-to-image? (PPFM at CPU scale)", ""]
+    settings, task = results["settings"], task_of(results)
+    level = task["level"]
+    lines = [task["markers"][0], "", task["heading"], ""]
     if results.get("reduced"):
         lines += ["**Machinery check at reduced settings, not evidence.**", ""]
     dims = ", ".join(dim_name(d) for d in settings["aug_dims"])
     decay = settings.get("decay_steps", 0)
     schedule = f", a cosine cool-down to 0 over the last {decay}" if decay else ", then constant"
     lines += [
-        "**Setup.** The built-in denoising task on the embedded 8×8 digits: y = x + σ_y·n with "
-        f"σ_y = {settings['sigma_y']:g} in model units ([-1, 1]). Conditional PFGM++ (y concatenated to the "
+        f"**Setup.** {task_sentence(settings)} Conditional PFGM++ (y concatenated to the "
         "network's input, PPFM's model) at "
         f"D ∈ {{{dims}}}, the D sweep's UNet (`unet_digits_8px.json`), trained by the library's loss with batch "
         f"{settings['batch_size']}, learning rate {settings['learning_rate']:g} ({settings['warmup_steps']} warm-up "
         f"steps{schedule}), EMA 0.999, {settings['steps']} steps, seeds 0–{settings['seeds'] - 1}. Restorations of "
         f"the {settings['num_images']} held-out digits (the shipped classifier never saw them): PPFM's hijack (the "
         "state "
-        "starts at y itself at σ_start, Euler on a Karras grid to σ_min, then to 0) with σ_start = σ_y (matched), "
-        "0.5 σ_y and 2 σ_y (mismatched), at NFE " + ", ".join(str(n) for n in settings["nfes"]) + "; and from the "
+        f"starts at y itself at σ_start, Euler on a Karras grid to σ_min, then to 0) with σ_start = {level} "
+        f"(matched), 0.5 {level} and 2 {level} (mismatched), at NFE "
+        + ", ".join(str(n) for n in settings["nfes"])
+        + "; and from the "
         f"prior with the pipeline's Heun, 18 steps = {PRIOR_NFE} NFE. Scores: PSNR and SSIM against the clean digit "
         "(in [0, 1]), and the share of restorations the shipped classifier labels as the clean digit. Error bars: ± "
         "half the range over the seeds + the standard error over the images of the seed mean; a difference counts "
@@ -403,9 +427,25 @@ def section(results, plots, command) -> str:
             *plateau,
             "",
         ]
-    return "\n".join([*lines, END_MARKER]) + "\n"
+    return "\n".join([*lines, task["markers"][1]]) + "\n"
 
 
-def rewrite_docs(path, text):
-    """Replace the part of `path` between this section's markers by `text` (`report.rewrite_section`)."""
-    rewrite_section(path, text, START_MARKER, END_MARKER, "image-to-image evidence")
+def task_sentence(settings) -> str:
+    """The task and its measurement's error level, for the setup paragraph."""
+    if settings.get("task", "denoise") == "denoise":
+        return (
+            "The built-in denoising task on the embedded 8×8 digits: y = x + σ_y·n with "
+            f"σ_y = {settings['sigma_y']:g} in model units ([-1, 1])."
+        )
+    noise = f", plus σ_y·n with σ_y = {settings['sigma_y']:g}" if settings["sigma_y"] else ""
+    return (
+        f"The built-in super-resolution task on the embedded 8×8 digits: y = the digit averaged over "
+        f"{settings['factor']}×{settings['factor']} blocks and upsampled back by nearest neighbour{noise}. Its error "
+        f"level, the 'true noise' the start levels refer to, is σ_m = the RMS of y − x over the held-out digits "
+        f"= {settings['measurement_level']:.3f} in model units ([-1, 1])."
+    )
+
+
+def rewrite_docs(path, text, results):
+    """Replace the part of `path` between the markers of `results`' task by `text` (`report.rewrite_section`)."""
+    rewrite_section(path, text, *task_of(results)["markers"], "image-to-image evidence")

@@ -15,6 +15,10 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "scripts")]
 
 import img2img_evidence  # noqa: E402
 import img2img_report  # noqa: E402
+from img2img_report import TASKS  # noqa: E402
+
+from pfgm_diffusers.paired import Degradation  # noqa: E402
+from pfgm_diffusers.restoration import degraded_digits  # noqa: E402
 
 FACTORS, NFES = [1.0, 0.5, 2.0], [1, 2]
 
@@ -110,16 +114,37 @@ def test_a_missing_setting_is_a_clear_error():
 def test_rewrite_docs_replaces_only_its_own_section(tmp_path):
     path = tmp_path / "benchmarks.md"
     path.write_text("# B\n\n<!-- evidence:start -->\nother\n<!-- evidence:end -->\ntail\n", encoding="utf-8")
+    results = fake_results(lambda *a: 18.0)
     first = f"{img2img_report.START_MARKER}\none\n{img2img_report.END_MARKER}\n"
-    img2img_report.rewrite_docs(str(path), first)
+    img2img_report.rewrite_docs(str(path), first, results)
     assert path.read_text(encoding="utf-8").endswith("tail\n\n" + first)
     second = f"{img2img_report.START_MARKER}\ntwo\n{img2img_report.END_MARKER}\n"
-    img2img_report.rewrite_docs(str(path), second)
+    img2img_report.rewrite_docs(str(path), second, results)
     text = path.read_text(encoding="utf-8")
     assert "two" in text and "one" not in text and "<!-- evidence:start -->\nother\n" in text
+    results["settings"].update(task="superres", factor=2, sigma_y=0.0, measurement_level=0.25)
+    superres = img2img_report.section(results, {"nfe": "a.png", "start": "b.png"}, "CMD")
+    img2img_report.rewrite_docs(str(path), superres, results)  # its own section, after the denoising one
+    text = path.read_text(encoding="utf-8")
+    assert "two" in text and text.endswith(superres) and superres.startswith(TASKS["superres"]["markers"][0])
+    assert "σ_m = the RMS of y − x over the held-out digits = 0.250" in superres and "σ_y" not in superres
+    assert "| D | start / σ_m |" in superres and "2×2 blocks" in superres
     path.write_text(text + first, encoding="utf-8")
     with pytest.raises(ValueError, match="holds 2 image-to-image evidence sections"):
-        img2img_report.rewrite_docs(str(path), second)
+        img2img_report.rewrite_docs(str(path), second, fake_results(lambda *a: 18.0))
+
+
+def test_superres_matches_the_start_to_the_rms_error_of_its_measurement():
+    args = img2img_evidence.parse_args(["--task", "superres", "--num_images", "50"])
+    assert args.sigma_y == 0.0 and img2img_evidence.model_folder(args, None, 1).startswith(
+        os.path.join(args.cache_dir, "superres2_sigma0_Dinf_seed1_")
+    )
+    degradation = Degradation("superres", factor=2)
+    clean, y, _ = degraded_digits(degradation, 50, 8)
+    expected = float(((y - clean) ** 2).mean().sqrt())
+    assert 0.05 < expected < 1.0 and img2img_evidence.measurement_level(degradation, args) == pytest.approx(expected)
+    denoise = img2img_evidence.parse_args([])
+    assert img2img_evidence.measurement_level(Degradation("denoise", 0.5), denoise) == 0.5 == denoise.sigma_y
 
 
 def test_the_plots_are_written(tmp_path):
