@@ -19,10 +19,12 @@ import argparse
 import math
 import os
 
+import numpy as np
 import PIL.Image
 import torch
 
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, flow, image_grid
+from pfgm_diffusers.data import HIGH_BIT_DEPTH_RANGES, open_image, pixel_value_problem
 from pfgm_diffusers.files import check_output_file, check_output_folder
 from pfgm_diffusers.restart import blocks_from_json
 
@@ -156,13 +158,21 @@ def image_files(values, parser, name):
 
 
 def read_images(paths, num_channels):
-    """PIL images in the pipeline's mode (grayscale or RGB), as the pipeline takes them."""
+    """The files as a (B, C, H, W) float tensor in [0, 1], the pipeline's input: decoded as the trainer decodes its
+    data (`data.open_image`), so a 16-bit grayscale file (or 16-bit gray+alpha PNG) keeps its 16 bits instead of
+    being rounded to 8. A high-bit-depth value outside its mode's range is a ValueError naming the file."""
     mode = "L" if num_channels == 1 else "RGB"
-    images = []
+    arrays = []
     for path in paths:
-        with PIL.Image.open(path) as image:
-            images.append(image.convert(mode))
-    return images
+        image = open_image({"path": path, "bytes": None})
+        if num_channels == 1 and image.mode in HIGH_BIT_DEPTH_RANGES:
+            if (problem := pixel_value_problem(image)) is not None:
+                raise ValueError(f"{path}: {problem}")
+            array = np.asarray(image, dtype=np.float32) / HIGH_BIT_DEPTH_RANGES[image.mode]
+        else:
+            array = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+        arrays.append(array[..., None] if array.ndim == 2 else array)  # (H, W, C)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def load_pipeline(args):

@@ -131,3 +131,22 @@ def test_sample_script_restores_conditions_and_starts_from_images(tmp_path):
     assert len(images) == 3 and nfe == 2 * 1 and len(list((tmp_path / "out").iterdir())) == 3
     with pytest.raises(SystemExit):
         sample.parse_args(common + ["--conditioning_image", str(tmp_path / "nope.png"), "--output", "x.png"])
+
+
+def test_sample_script_reads_a_16_bit_image_with_its_16_bits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    sample = load_script("sample")
+    values = np.array([[0, 257, 258, 65535]] * 4, dtype=np.uint16)  # 257 and 258 are one 8-bit level apart: 1 / 257
+    Image.fromarray(values).save(tmp_path / "deep.png")  # mode "I;16"
+    Image.fromarray(np.full((4, 4), 128, np.uint8)).save(tmp_path / "flat.png")
+    images = sample.read_images([str(tmp_path / "deep.png"), str(tmp_path / "flat.png")], 1)
+    assert images.shape == (2, 1, 4, 4) and images.dtype == torch.float32
+    assert torch.equal(images[0, 0], torch.from_numpy(values.astype(np.float32) / 65535))  # not rounded to 8 bits
+    assert torch.equal(images[1], torch.full((1, 4, 4), 128 / 255))
+    rgb = sample.read_images([str(tmp_path / "flat.png")], 3)
+    assert rgb.shape == (1, 3, 4, 4)
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "wide.tif")  # mode "I", beyond 16 bits
+    with pytest.raises(ValueError, match=r"wide\.tif: a mode 'I' image with values in \[70000, 70000\]"):
+        sample.read_images([str(tmp_path / "wide.tif")], 1)
