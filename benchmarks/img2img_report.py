@@ -222,8 +222,9 @@ def _checkpoint_figures(results, aug_dim, step) -> list:
     return [f for f in figures if f is not None]
 
 
-def _nfe1(figures) -> Estimate:
-    return Estimate.of([f["hijack_nfe1"]["psnr"] for f in figures], [f["hijack_nfe1"]["psnr_sem"] for f in figures])
+def _psnr(figures, sampler="hijack_nfe1") -> Estimate:
+    """The seeds' PSNR of one checkpoint: at NFE 1 from y (`"hijack_nfe1"`) or from the prior (`"prior_heun"`)."""
+    return Estimate.of([f[sampler]["psnr"] for f in figures], [f[sampler]["psnr_sem"] for f in figures])
 
 
 def _steps_of(results, aug_dim) -> list:
@@ -248,18 +249,17 @@ def plateau_lines(results) -> list[str]:
             figures = _checkpoint_figures(results, aug_dim, step)
             rate = settings.learning_rate * learning_rate_factor(step - 1, settings)  # the rate of the last step
             loss = Estimate.of([f["loss"] for f in figures])
-            prior = Estimate.of(
-                [f["prior_heun"]["psnr"] for f in figures], [f["prior_heun"]["psnr_sem"] for f in figures]
-            )
+            prior = _psnr(figures, "prior_heun")
             lines.append(
-                f"| {dim_name(aug_dim)} | {step} | {rate:.2g} | {loss:.4f} | {_nfe1(figures):.2f} | {prior:.2f} |"
+                f"| {dim_name(aug_dim)} | {step} | {rate:.2g} | {loss:.4f} | {_psnr(figures):.2f} | {prior:.2f} |"
             )
     return lines
 
 
 def plateau_verdict_lines(results) -> list[str]:
-    """Whether training reached a plateau: per D, the NFE-1 PSNR's change over the last eighth of training (from
-    the last checkpoint at or before 7/8 of the steps to the end), against the final figure's error bar."""
+    """Whether training reached a plateau: per D, the PSNR's change over the last eighth of training (from the last
+    checkpoint at or before 7/8 of the steps to the end) against the final figure's error bar, at NFE 1 from y (what
+    the claims compare) and from the prior."""
     lines = []
     for aug_dim in dims_of(results):
         steps = _steps_of(results, aug_dim)
@@ -267,17 +267,16 @@ def plateau_verdict_lines(results) -> list[str]:
             continue
         end = steps[-1]
         earlier = max([s for s in steps[:-1] if s <= 7 * end / 8], default=steps[-2])
-        before, after = (
-            _nfe1(_checkpoint_figures(results, aug_dim, earlier)),
-            _nfe1(_checkpoint_figures(results, aug_dim, end)),
-        )
-        change = after.mean - before.mean
-        flat = abs(change) < after.error
-        lines.append(
-            f"- D = {dim_name(aug_dim)}: NFE-1 PSNR {before.mean:.2f} at step {earlier}, {after:.2f} at step {end}: "
-            f"a change of {change:+.2f} dB, {'within' if flat else 'beyond'} the error bar "
-            f"({'plateau' if flat else 'not a plateau'})."
-        )
+        parts = []
+        for sampler, name in (("hijack_nfe1", "NFE-1 PSNR"), ("prior_heun", f"the prior's Heun {PRIOR_NFE}")):
+            before = _psnr(_checkpoint_figures(results, aug_dim, earlier), sampler)
+            after = _psnr(_checkpoint_figures(results, aug_dim, end), sampler)
+            change, flat = after.mean - before.mean, abs(after.mean - before.mean) < after.error
+            parts.append(
+                f"{name} {before.mean:.2f} at step {earlier}, {after:.2f} at step {end}: a change of {change:+.2f} "
+                f"dB, {'within' if flat else 'beyond'} the error bar ({'plateau' if flat else 'not a plateau'})"
+            )
+        lines.append(f"- D = {dim_name(aug_dim)}: " + "; ".join(parts) + ".")
     return lines
 
 

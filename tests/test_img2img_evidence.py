@@ -161,11 +161,11 @@ def test_the_plateau_verdict_compares_the_last_eighth_of_training_with_the_error
     for model in results["plateaus"]:
         model["steps"]["800"] = _figures(0.5, 18.2 + model["seed"] if model["aug_dim"] == 64 else 17.0)
     verdicts = img2img_report.plateau_verdict_lines(results)
-    assert verdicts == [  # D = 64 moved 0.3 dB, under its error bar 0.57; D = inf moved 1.5 dB
-        "- D = 64: NFE-1 PSNR 18.70 at step 800, 18.50 ± 0.57 at step 1000: a change of -0.20 dB, within the error "
-        "bar (plateau).",
-        "- D = ∞: NFE-1 PSNR 17.00 at step 800, 18.50 ± 0.57 at step 1000: a change of +1.50 dB, beyond the error "
-        "bar (not a plateau).",
+    flat = "18.70 at step 800, 18.50 ± 0.57 at step 1000: a change of -0.20 dB, within the error bar (plateau)"
+    rising = "17.00 at step 800, 18.50 ± 0.57 at step 1000: a change of +1.50 dB, beyond the error bar (not a plateau)"
+    assert verdicts == [  # D = 64 moved 0.2 dB, under its error bar 0.57; D = inf moved 1.5 dB
+        f"- D = 64: NFE-1 PSNR {flat}; the prior's Heun 35 {flat}.",
+        f"- D = ∞: NFE-1 PSNR {rising}; the prior's Heun 35 {rising}.",
     ]
     rates = [line.split(" | ")[2] for line in img2img_report.plateau_lines(results)[2:5]]
     assert rates == ["0.002", "0.001", "3.1e-08"]  # the last steps before 500, 800, 1000 of the cosine cool-down
