@@ -137,7 +137,7 @@ def test_rewrite_docs_replaces_only_its_own_section(tmp_path):
 def test_superres_matches_the_start_to_the_rms_error_of_its_measurement():
     args = img2img_evidence.parse_args(["--task", "superres", "--num_images", "50"])
     assert args.sigma_y == 0.0 and img2img_evidence.model_folder(args, None, 1).startswith(
-        os.path.join(args.cache_dir, "superres2_sigma0_Dinf_seed1_")
+        os.path.join(args.cache_dir, "superres2_sigma0_split_Dinf_seed1_")
     )
     degradation = Degradation("superres", factor=2)
     clean, y, _ = degraded_digits(degradation, 50, 8)
@@ -194,7 +194,7 @@ def test_the_learning_rate_warms_up_holds_then_cools_to_zero_and_names_its_folde
 
 
 def _state(cache, step):
-    folder = os.path.join(cache, "denoise0.5_D64_seed0_bs4_lr0.002_warm200", f"step{step}")
+    folder = os.path.join(cache, "denoise0.5_split_D64_seed0_bs4_lr0.002_warm200", f"step{step}")
     return torch.load(os.path.join(folder, "state.pt"), weights_only=False)["ema"]
 
 
@@ -214,7 +214,7 @@ def test_a_resumed_training_equals_an_uninterrupted_one_and_a_finished_model_is_
     monkeypatch.setattr(img2img_evidence, "pfgmpp_loss", lambda *a, **k: calls.append(1))
     pipe, plateau = img2img_evidence.train(64, 0, args, None, None)  # cached: no loss, no data, no evaluation
     assert calls == [] and sorted(plateau) == [3, 6]
-    with open(tmp_path / "a" / "denoise0.5_D64_seed0_bs4_lr0.002_warm200" / "step6" / "metrics.json") as f:
+    with open(tmp_path / "a" / "denoise0.5_split_D64_seed0_bs4_lr0.002_warm200" / "step6" / "metrics.json") as f:
         assert json.load(f)["loss"] == plateau[6]["loss"]
     assert pipe.config.conditioning_channels == 1
 
@@ -234,3 +234,17 @@ def test_report_renders_the_docs_from_a_results_json(tmp_path):
     assert "- D = 64, PSNR (dB): finite D better (D=64 20.50 ± 0.54 vs ∞ 18.50 ± 0.54)" in text
     with pytest.raises(ValueError, match="give --docs"):
         img2img_evidence.main(["--report", str(tmp_path / "r.json")])
+
+
+def test_the_models_never_train_on_the_held_out_digits_they_are_scored_on():
+    import numpy as np
+
+    from pfgm_diffusers.data import DIGITS_PATH
+    from pfgm_diffusers.evaluation import digits_split
+
+    train, heldout = digits_split()
+    images = np.stack([np.asarray(image) for image in img2img_evidence.training_digits().dataset["image"]])
+    with np.load(DIGITS_PATH) as npz:
+        assert np.array_equal(images, npz["images"][train])  # the training split, in its order
+    assert len(images) == 1438 and not set(train.tolist()) & set(heldout.tolist())
+    assert len(heldout) == 359  # degraded_digits scores these (the held-out split's first num_images)
