@@ -91,6 +91,13 @@ def parse_args(argv=None):
         help="Steps where the plateau is measured.",
     )
     parser.add_argument("--cache_dir", default="outputs/img2img_evidence/models", help="Cached checkpoints.")
+    parser.add_argument(
+        "--evaluate_step",
+        type=int,
+        default=None,
+        help="Restore with the EMA model of this checkpoint (one of the checkpoint steps; default: the last). The "
+        "digits' 1438 training images are few: past their held-out plateau the models overfit.",
+    )
     parser.add_argument("--train_seeds", type=int, nargs="+", default=None, help="Train only these seeds, then exit.")
     parser.add_argument("--jobs", type=int, default=1, help="Training processes in parallel (seeds shared out).")
     parser.add_argument("--docs", default=None, help="Rewrite this file's image-to-image evidence section.")
@@ -114,6 +121,12 @@ def parse_args(argv=None):
                 f"{max(0, args.steps - args.warmup_steps)}]"
             )
     args.aug_dims = [None if value == "inf" else int(value) for value in args.aug_dims]
+    if args.evaluate_step is None:
+        args.evaluate_step = args.steps
+    if args.evaluate_step not in checkpoint_steps(args):
+        raise ValueError(
+            f"--evaluate_step={args.evaluate_step}: must be a checkpoint step, one of {checkpoint_steps(args)}"
+        )
     return args
 
 
@@ -314,6 +327,10 @@ def main(argv=None):
         for seed in range(args.seeds):
             pipe, plateau = train(aug_dim, seed, args, degradation, classify)
             plateaus.append(dict(aug_dim=aug_dim, seed=seed, steps=plateau))
+            if args.evaluate_step != args.steps:  # an earlier checkpoint's EMA model, from the cache
+                folder = os.path.join(model_folder(args, aug_dim, seed), f"step{args.evaluate_step}")
+                pipe = PFGMPipeline.from_pretrained(folder)
+                pipe.set_progress_bar_config(disable=True)
             for factor in args.start_factors:
                 for nfe in args.nfes:
                     result = hijack(pipe, degradation, nfe, factor * args.measurement_level, args, seed, classify)

@@ -257,24 +257,33 @@ def plateau_lines(results) -> list[str]:
 
 
 def plateau_verdict_lines(results) -> list[str]:
-    """Whether training reached a plateau: per D, the PSNR's change over the last eighth of training (from the last
-    checkpoint at or before 7/8 of the steps to the end) against the final figure's error bar, at NFE 1 from y (what
-    the claims compare) and from the prior."""
+    """Whether the evaluated models sit on a plateau: per D, the PSNR at the evaluated checkpoint E (`evaluate_step`,
+    default the last) against its neighbours (the checkpoints before and after E; for the last, the last one at or
+    before 7/8 of the steps), each change against E's error bar; at NFE 1 from y (what the claims compare) and from
+    the prior."""
     lines = []
     for aug_dim in dims_of(results):
         steps = _steps_of(results, aug_dim)
-        if len(steps) < 2:
+        evaluated = results["settings"].get("evaluate_step") or steps[-1]
+        if len(steps) < 2 or evaluated not in steps:
             continue
-        end = steps[-1]
-        earlier = max([s for s in steps[:-1] if s <= 7 * end / 8], default=steps[-2])
+        at = steps.index(evaluated)
+        if evaluated == steps[-1]:
+            window = [max([s for s in steps[:-1] if s <= 7 * evaluated / 8], default=steps[-2]), evaluated]
+        else:
+            window = steps[max(0, at - 1) : at + 2]
         parts = []
         for sampler, name in (("hijack_nfe1", "NFE-1 PSNR"), ("prior_heun", f"the prior's Heun {PRIOR_NFE}")):
-            before = _psnr(_checkpoint_figures(results, aug_dim, earlier), sampler)
-            after = _psnr(_checkpoint_figures(results, aug_dim, end), sampler)
-            change, flat = after.mean - before.mean, abs(after.mean - before.mean) < after.error
+            figures = {step: _psnr(_checkpoint_figures(results, aug_dim, step), sampler) for step in window}
+            changes = [figures[step].mean - figures[evaluated].mean for step in window if step != evaluated]
+            flat = all(abs(change) < figures[evaluated].error for change in changes)
+            shown = ", ".join(
+                f"{figures[step]:.2f}" if step == evaluated else f"{figures[step].mean:.2f}" for step in window
+            )
             parts.append(
-                f"{name} {before.mean:.2f} at step {earlier}, {after:.2f} at step {end}: a change of {change:+.2f} "
-                f"dB, {'within' if flat else 'beyond'} the error bar ({'plateau' if flat else 'not a plateau'})"
+                f"{name} {shown} at steps {', '.join(map(str, window))}: the neighbours differ from step {evaluated} "
+                f"by {' and '.join(f'{c:+.2f}' for c in changes)} dB, {'within' if flat else 'beyond'} its error bar "
+                f"({'plateau' if flat else 'not a plateau'})"
             )
         lines.append(f"- D = {dim_name(aug_dim)}: " + "; ".join(parts) + ".")
     return lines
@@ -373,13 +382,16 @@ def section(results, plots, command) -> str:
     dims = ", ".join(dim_name(d) for d in settings["aug_dims"])
     decay = settings.get("decay_steps", 0)
     schedule = f", a cosine cool-down to 0 over the last {decay}" if decay else ", then constant"
+    step = settings.get("evaluate_step") or settings["steps"]
+    evaluated = f", restoring with the EMA model of step {step}" if step != settings["steps"] else ""
     lines += [
         f"**Setup.** {task_sentence(settings)} Conditional PFGM++ (y concatenated to the "
         "network's input, PPFM's model) at "
         f"D ∈ {{{dims}}}, the D sweep's UNet (`unet_digits_8px.json`), trained by the library's loss with batch "
         f"{settings['batch_size']}, learning rate {settings['learning_rate']:g} ({settings['warmup_steps']} warm-up "
-        f"steps{schedule}), EMA 0.999, {settings['steps']} steps, seeds 0–{settings['seeds'] - 1}. Restorations of "
-        f"the {settings['num_images']} held-out digits (the shipped classifier never saw them): PPFM's hijack (the "
+        f"steps{schedule}), EMA 0.999, {settings['steps']} steps, seeds 0–{settings['seeds'] - 1}{evaluated}. "
+        f"Restorations of the {settings['num_images']} held-out digits (neither the models nor the shipped "
+        "classifier saw them): PPFM's hijack (the "
         "state "
         f"starts at y itself at σ_start, Euler on a Karras grid to σ_min, then to 0) with σ_start = {level} "
         f"(matched), 0.5 {level} and 2 {level} (mismatched), at NFE "

@@ -161,15 +161,34 @@ def test_the_plateau_verdict_compares_the_last_eighth_of_training_with_the_error
     for model in results["plateaus"]:
         model["steps"]["800"] = _figures(0.5, 18.2 + model["seed"] if model["aug_dim"] == 64 else 17.0)
     verdicts = img2img_report.plateau_verdict_lines(results)
-    flat = "18.70 at step 800, 18.50 ± 0.57 at step 1000: a change of -0.20 dB, within the error bar (plateau)"
-    rising = "17.00 at step 800, 18.50 ± 0.57 at step 1000: a change of +1.50 dB, beyond the error bar (not a plateau)"
+    flat = "18.70, 18.50 ± 0.57 at steps 800, 1000: the neighbours differ from step 1000 by +0.20 dB, within its"
+    rising = "17.00, 18.50 ± 0.57 at steps 800, 1000: the neighbours differ from step 1000 by -1.50 dB, beyond its"
     assert verdicts == [  # D = 64 moved 0.2 dB, under its error bar 0.57; D = inf moved 1.5 dB
-        f"- D = 64: NFE-1 PSNR {flat}; the prior's Heun 35 {flat}.",
-        f"- D = ∞: NFE-1 PSNR {rising}; the prior's Heun 35 {rising}.",
+        f"- D = 64: NFE-1 PSNR {flat} error bar (plateau); the prior's Heun 35 {flat} error bar (plateau).",
+        f"- D = ∞: NFE-1 PSNR {rising} error bar (not a plateau); the prior's Heun 35 {rising} error bar (not a "
+        "plateau).",
     ]
+    results["settings"]["evaluate_step"] = 800  # a checkpoint inside the run: both neighbours
+    assert img2img_report.plateau_verdict_lines(results)[0].startswith(
+        "- D = 64: NFE-1 PSNR 17.00, 18.70 ± 0.57, 18.50 at steps 500, 800, 1000: the neighbours differ from step 800 "
+        "by -1.70 and -0.20 dB, beyond its error bar (not a plateau);"
+    )
+    del results["settings"]["evaluate_step"]
     rates = [line.split(" | ")[2] for line in img2img_report.plateau_lines(results)[2:5]]
     assert rates == ["0.002", "0.001", "3.1e-08"]  # the last steps before 500, 800, 1000 of the cosine cool-down
     assert "a cosine cool-down to 0 over the last 400" in img2img_report.section(
+        results, {"nfe": "a", "start": "b"}, "C"
+    )
+
+
+def test_an_earlier_checkpoint_is_evaluated_only_if_it_is_one():
+    args = img2img_evidence.parse_args(["--steps", "1000", "--checkpoints", "500", "--evaluate_step", "500"])
+    assert args.evaluate_step == 500 and img2img_evidence.parse_args(["--steps", "1000"]).evaluate_step == 1000
+    with pytest.raises(ValueError, match=r"--evaluate_step=700: must be a checkpoint step, one of \[500, 1000\]"):
+        img2img_evidence.parse_args(["--steps", "1000", "--checkpoints", "500", "--evaluate_step", "700"])
+    results = fake_results(lambda *a: 18.0)
+    results["settings"]["evaluate_step"] = 500
+    assert "seeds 0–1, restoring with the EMA model of step 500. " in img2img_report.section(
         results, {"nfe": "a", "start": "b"}, "C"
     )
 
