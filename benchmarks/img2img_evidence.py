@@ -19,7 +19,7 @@ upsampled back; its error level sigma_m is the RMS of y - x, `measurement_level`
 - scored by PSNR, SSIM and the shipped classifier's label accuracy (`restoration.evaluate_restoration`'s metrics),
   with the D sweep's error bars (`img2img_report`: ± half the range over seeds + the standard error over images).
 
-    make evidence-img2img                                                      # both tasks; rewrites the docs
+    make evidence-img2img                                                      # denoising; rewrites the docs
     python benchmarks/img2img_evidence.py --jobs 2 --output img2img.json       # the same, docs untouched
     python benchmarks/img2img_evidence.py --reduced --output img2img.json      # a machinery check, not evidence
 

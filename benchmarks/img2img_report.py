@@ -215,10 +215,14 @@ def describe(case) -> str:
     return f"D={dim_name(case['aug_dim'])} {METRICS[case['metric']][0]} at {where}"
 
 
+def _seeds_of(results, aug_dim) -> list:
+    """The plateau records (one per seed) of the models at `aug_dim`."""
+    return [p for p in results.get("plateaus") or [] if p["aug_dim"] == aug_dim]
+
+
 def _checkpoint_figures(results, aug_dim, step) -> list:
     """Each seed's plateau figures of one model at `step` (the JSON keeps steps as strings)."""
-    models = [p for p in results.get("plateaus") or [] if p["aug_dim"] == aug_dim]
-    figures = [p["steps"].get(str(step), p["steps"].get(step)) for p in models]
+    figures = [p["steps"].get(str(step), p["steps"].get(step)) for p in _seeds_of(results, aug_dim)]
     return [f for f in figures if f is not None]
 
 
@@ -228,8 +232,7 @@ def _psnr(figures, sampler="hijack_nfe1") -> Estimate:
 
 
 def _steps_of(results, aug_dim) -> list:
-    models = [p for p in results.get("plateaus") or [] if p["aug_dim"] == aug_dim]
-    return sorted({int(s) for p in models for s in p["steps"]})
+    return sorted({int(s) for p in _seeds_of(results, aug_dim) for s in p["steps"]})
 
 
 def plateau_lines(results) -> list[str]:
