@@ -28,7 +28,6 @@ section of docs/benchmarks.md between its markers and two plots in `--plots_dir`
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -43,7 +42,6 @@ from diffusers import UNet2DModel
 from pfgm_diffusers import PFGMPipeline, PFGMScheduler, ode
 from pfgm_diffusers.conditioning import with_condition
 from pfgm_diffusers.data import EpochSampler, load_digits_dataset
-from pfgm_diffusers.evaluation import digits_split
 from pfgm_diffusers.image_metrics import RestorationMetrics, digit_classifier
 from pfgm_diffusers.losses import pfgmpp_loss
 from pfgm_diffusers.paired import Degradation, PairedImages, PairedTrainingDataset, paired_collate
@@ -171,14 +169,6 @@ def learning_rate_factor(step, args):
     return factor
 
 
-def training_digits():
-    """The digits the models train on: the training split of `evaluation.digits_split` (1438 digits), never the 359
-    held-out digits that every restoration is scored on (a model that saw them could restore them from memory)."""
-    train, _ = digits_split()
-    digits = load_digits_dataset(False)
-    return dataclasses.replace(digits, dataset=digits.dataset.select(train.tolist()))
-
-
 def build_unet():
     with open(UNET_CONFIG) as f:
         config = {key: value for key, value in json.load(f).items() if not key.startswith("_")}
@@ -215,7 +205,9 @@ def train(aug_dim, seed, args, degradation, classify):
     ema = UNet2DModel.from_config(unet.config)
     ema.load_state_dict(unet.state_dict())
     scheduler = PFGMScheduler(aug_dim=aug_dim)
-    dataset = PairedTrainingDataset(PairedImages(training_digits(), degradation=degradation), 8, seed=seed)
+    # The training split only: the restorations are scored on the held-out digits, which a model could memorise
+    digits = load_digits_dataset(False, split="train")
+    dataset = PairedTrainingDataset(PairedImages(digits, degradation=degradation), 8, seed=seed)
     sampler = EpochSampler(len(dataset), seed)
     loader = torch.utils.data.DataLoader(
         dataset,

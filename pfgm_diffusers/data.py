@@ -19,6 +19,12 @@ from PIL import Image, ImageOps
 logger = logging.getLogger(__name__)
 
 DIGITS_PATH = os.path.join(os.path.dirname(__file__), "data", "digits.npz")
+# The fixed split of the 1797 digits: a permutation by np.random.default_rng(DIGITS_SPLIT_SEED), the first 20 % held
+# out. The shipped classifier is trained on the rest (the real side of the digits metric's Fréchet distance), and
+# every restoration evaluation scores the held-out digits. `--digits_split train` trains on the rest only.
+DIGITS_SPLIT_SEED = 0
+DIGITS_HELDOUT_FRACTION = 0.2
+DIGITS_SPLITS = ("all", "train")
 # High-bit-depth single-channel modes and the value range each is read from (mapped onto [-1, 1]): 16-bit integers,
 # `I` (32-bit integers; Pillow's mode for some 16-bit PNG and TIFF files) as 16-bit data, `F` (float) as [0, 1].
 HIGH_BIT_DEPTH_RANGES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
@@ -47,12 +53,30 @@ class ImageDataset:
         return None if self.class_names is None else len(self.class_names)
 
 
-def load_digits_dataset(with_labels=True):
-    """The embedded default: scikit-learn's 1797 handwritten 8x8 digits (UCI, CC BY 4.0), grayscale, 10 classes."""
+def digits_split(seed: int = DIGITS_SPLIT_SEED, heldout_fraction: float = DIGITS_HELDOUT_FRACTION):
+    """(train_indices, heldout_indices) into the 1797 embedded digits: a seeded permutation whose first
+    `round(heldout_fraction * 1797)` entries are held out. Both keep the permutation's order, so the first k held-out
+    digits are a uniformly drawn subset of k."""
+    with np.load(DIGITS_PATH) as npz:
+        count = len(npz["labels"])
+    permutation = np.random.default_rng(seed).permutation(count)
+    num_heldout = round(heldout_fraction * count)
+    return permutation[num_heldout:], permutation[:num_heldout]
+
+
+def load_digits_dataset(with_labels=True, split="all"):
+    """The embedded default: scikit-learn's 1797 handwritten 8x8 digits (UCI, CC BY 4.0), grayscale, 10 classes.
+    `split="train"` keeps the 1438 digits of the training split (`digits_split`, in its order), so that the 359
+    held-out digits that the evaluations score stay unseen."""
     import datasets
 
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"split must be one of {DIGITS_SPLITS}, got {split!r}")
     with np.load(DIGITS_PATH) as npz:
         images, labels = npz["images"], npz["labels"]  # (1797, 8, 8) uint8, (1797,) uint8
+    if split == "train":
+        keep = digits_split()[0]
+        images, labels = images[keep], labels[keep]
     names = [str(digit) for digit in range(10)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     data = {"image": [Image.fromarray(image, mode="L") for image in images], "label": labels.tolist()}

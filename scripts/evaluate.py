@@ -47,8 +47,13 @@ from pfgm_diffusers.files import atomic_write_json, check_output_file
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
 from pfgm_diffusers.restart import blocks_from_json
 from pfgm_diffusers.restoration import evaluate_restoration
+from pfgm_diffusers.training.checkpoints import ARGS_NAME
 
 DIGITS_REFERENCE = "digits"
+IN_SAMPLE_NOTE = [
+    "in-sample: the model trained on all 1797 embedded digits, these held-out ones included "
+    "(train with --digits_split train to score digits it never saw)"
+]
 
 
 def solver_choices():
@@ -268,7 +273,27 @@ def evaluate_paired(args):
     )
     seconds = time.perf_counter() - began
     settings = {key: value for key, value in vars(args).items() if key != "degradation"}
-    return {**metrics, "seconds": seconds, "settings": settings, "environment": environment(args.device)}
+    seen = trained_on_heldout_digits(args.model)
+    return {
+        **metrics,
+        "trained_on_heldout_digits": seen,
+        "seconds": seconds,
+        "settings": settings,
+        "environment": environment(args.device),
+    }
+
+
+def trained_on_heldout_digits(model):
+    """Whether the run that saved `model` trained on the digits a paired evaluation restores, from its
+    `training_args.json`: the embedded digits without `--digits_split train` (True), other data or the training
+    split (False), or None where no such file says (a Hub id, a pipeline saved by hand)."""
+    path = os.path.join(model, ARGS_NAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        arguments = json.load(f)
+    own_data = arguments.get("dataset_name") is not None or arguments.get("train_data_dir") is not None
+    return not own_data and arguments.get("digits_split", "all") != "train"  # before the flag: all 1797 digits
 
 
 def paired_summary(results):
@@ -287,6 +312,7 @@ def paired_summary(results):
             f"labelled as the clean digit: {pair('accuracy', 100, ' %')}"
             + (" (the model was given the true labels)" if results["labels_given"] else ""),
         ]
+        + IN_SAMPLE_NOTE * bool(results["trained_on_heldout_digits"])
     )
 
 

@@ -255,15 +255,17 @@ def test_report_renders_the_docs_from_a_results_json(tmp_path):
         img2img_evidence.main(["--report", str(tmp_path / "r.json")])
 
 
-def test_the_models_never_train_on_the_held_out_digits_they_are_scored_on():
+def test_the_training_split_of_the_digits_leaves_out_the_held_out_digits():
     import numpy as np
 
-    from pfgm_diffusers.data import DIGITS_PATH
+    from pfgm_diffusers.data import DIGITS_PATH, load_digits_dataset
     from pfgm_diffusers.evaluation import digits_split
 
     train, heldout = digits_split()
-    images = np.stack([np.asarray(image) for image in img2img_evidence.training_digits().dataset["image"]])
+    digits = load_digits_dataset(True, split="train")  # what the evidence and `--digits_split train` train on
+    images = np.stack([np.asarray(image) for image in digits.dataset["image"]])
     with np.load(DIGITS_PATH) as npz:
         assert np.array_equal(images, npz["images"][train])  # the training split, in its order
+        assert digits.dataset["label"] == npz["labels"][train].tolist()
     assert len(images) == 1438 and not set(train.tolist()) & set(heldout.tolist())
     assert len(heldout) == 359  # degraded_digits scores these (the held-out split's first num_images)

@@ -99,6 +99,29 @@ def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, ca
     assert f"(measurement: {expected['degraded_psnr']:.3g} dB)" in printed
     with pytest.raises(SystemExit):
         load_script("evaluate").parse_args(["--model", "m", "--strength", "0.5"])  # no --paired_task
+    assert results["trained_on_heldout_digits"] is None and "in-sample" not in printed  # no training_args.json
+
+
+@pytest.mark.parametrize(
+    "arguments, seen",
+    [
+        ({"digits_split": "all", "dataset_name": None, "train_data_dir": None}, True),
+        ({"dataset_name": None, "train_data_dir": None}, True),  # a run from before --digits_split: all 1797
+        ({"digits_split": "train", "dataset_name": None, "train_data_dir": None}, False),
+        ({"digits_split": "all", "dataset_name": None, "train_data_dir": "my_digits"}, False),
+        ({"digits_split": "all", "dataset_name": "user/pairs", "train_data_dir": None}, False),
+    ],
+)
+def test_evaluate_script_says_when_the_model_trained_on_the_digits_it_restores(tmp_path, capsys, arguments, seen):
+    import json
+
+    make_pipe(True).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "training_args.json").write_text(json.dumps(arguments))
+    args = ["--model", str(tmp_path / "model"), "--paired_task", "superres", "--num_images", "2"]
+    load_script("evaluate").main(args + ["--num_inference_steps", "1", "--output", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["trained_on_heldout_digits"] is seen
+    printed = capsys.readouterr().out
+    assert ("in-sample: the model trained on all 1797 embedded digits" in printed) is seen
 
 
 def test_sample_script_restores_conditions_and_starts_from_images(tmp_path):

@@ -34,11 +34,14 @@ def test_two_processes_train_a_class_and_image_conditional_digit_model(tmp_path,
         paired_sigma_y=0.3,
         class_conditional=True,
         conditioning_dropout_prob=0.5,
+        digits_split="train",
         max_train_steps=2,
         save_images_steps=2,
     )
     log = run_training(tmp_path, args, num_processes=2)
     assert "2 process(es)" in log
+    assert ": 1438 images (1 channel(s)" in log  # the training split: the 359 held-out digits stay unseen
+    assert json.loads((out / "training_args.json").read_text())["digits_split"] == "train"
     pipe = PFGMPipeline.from_pretrained(out)
     assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (2, 1)  # C + C_cond in, C out
     assert pipe.unet.config.num_class_embeds == 10
@@ -124,6 +127,7 @@ def test_a_conditioning_image_column(tmp_path, unet_config):
         (dict(conditioning_image_column="hint"), "--conditioning_image_column names a column of --dataset_name"),
         (dict(train_data_dir=None, conditioning_data_dir="x"), "--conditioning_data_dir pairs with --train_data_dir"),
         (dict(paired_task="superres", conditioning_data_dir="x"), "at most one source of conditions"),
+        (dict(digits_split="train"), "--digits_split train selects the embedded digits: drop it with your own"),
     ],
 )
 def test_bad_paired_flags_fail_before_loading_anything(tmp_path, unet_config, overrides, message):

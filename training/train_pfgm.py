@@ -127,7 +127,7 @@ def load_images(args):
             args.dataset_name, args.dataset_config_name, args.cache_dir, args.image_column, label_column
         )
     else:
-        images = load_digits_dataset(with_labels=args.class_conditional)
+        images = load_digits_dataset(with_labels=args.class_conditional, split=args.digits_split)
     if args.conditioning_image_column is not None:
         condition = load_hub_dataset(  # the same rows from the `datasets` cache, the condition column as "image"
             args.dataset_name, args.dataset_config_name, args.cache_dir, args.conditioning_image_column, None

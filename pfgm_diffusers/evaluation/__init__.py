@@ -18,14 +18,13 @@
 
 from typing import Protocol
 
+from ..data import DIGITS_HELDOUT_FRACTION, DIGITS_SPLIT_SEED, digits_split  # the split belongs to the data
 from .digits import (
     CONFIDENCE_THRESHOLD,
     COVERAGE_FRACTION,
     DIGIT_CLASS_NAMES,
     DIGIT_CLASSIFIER_PATH,
-    DIGITS_HELDOUT_FRACTION,
     DIGITS_RESOLUTION,
-    DIGITS_SPLIT_SEED,
     NUM_DIGIT_CLASSES,
     DigitClassifier,
     DigitsMetrics,
@@ -33,7 +32,6 @@ from .digits import (
     class_coverage,
     class_kl,
     digits_metrics,
-    digits_split,
     load_digit_classifier,
     load_digits_images,
     to_classifier_input,

@@ -7,8 +7,8 @@ training split, the share of images it classifies with max softmax >= `CONFIDENC
 coverage (the share of the 10 classes that receive at least half of their uniform share of the predictions) and the
 KL divergence of the predicted-class histogram from uniform. Every figure comes with the same figure for as many of
 the 359 held-out real digits (the other 20 %) as there are images: what real digits score at that sample size. (The
-trainer learns from all 1797 digits, held-out ones included, so a model that memorises them can match or pass these
-figures: they show quality, not novelty.)
+trainer learns from all 1797 digits, held-out ones included, unless it is given `--digits_split train`; a model that
+memorises them can match or pass these figures: they show quality, not novelty.)
 
     >>> from pfgm_diffusers.evaluation import digits_metrics
     >>> images = pipe(batch_size=500, output_type="np").images  # (500, 8, 8, 1) in [0, 1]
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data import DIGITS_PATH, ImageTransform
+from ..data import DIGITS_PATH, ImageTransform, digits_split
 from .distances import FeatureStatistics
 
 DIGIT_CLASSIFIER_PATH = os.path.join(os.path.dirname(DIGITS_PATH), "digit_classifier.safetensors")
@@ -34,10 +34,6 @@ DIGITS_RESOLUTION = 16
 NUM_DIGIT_CLASSES = 10
 # The class names the trainer saves with a class-conditional model of the embedded digits (data.load_digits_dataset).
 DIGIT_CLASS_NAMES = [str(digit) for digit in range(NUM_DIGIT_CLASSES)]
-# The fixed split of the 1797 digits: a permutation by np.random.default_rng(DIGITS_SPLIT_SEED), the first 20 % held
-# out. The classifier is trained on the rest, which is also the real side of the Fréchet distance.
-DIGITS_SPLIT_SEED = 0
-DIGITS_HELDOUT_FRACTION = 0.2
 # An image counts as a confident digit when the classifier's largest softmax probability is at least this.
 CONFIDENCE_THRESHOLD = 0.9
 # A class is covered when it receives at least this fraction of its uniform share (n / 10) of the predictions.
@@ -77,17 +73,6 @@ def load_digit_classifier(path: str = DIGIT_CLASSIFIER_PATH, device="cpu") -> Di
     model = DigitClassifier(width=state_dict["conv1.weight"].shape[0], num_features=state_dict["fc.weight"].shape[0])
     model.load_state_dict(state_dict)
     return model.to(device).eval()
-
-
-def digits_split(seed: int = DIGITS_SPLIT_SEED, heldout_fraction: float = DIGITS_HELDOUT_FRACTION):
-    """(train_indices, heldout_indices) into the 1797 embedded digits: a seeded permutation whose first
-    `round(heldout_fraction * 1797)` entries are held out. Both keep the permutation's order, so the first k held-out
-    digits are a uniformly drawn subset of k."""
-    with np.load(DIGITS_PATH) as npz:
-        count = len(npz["labels"])
-    permutation = np.random.default_rng(seed).permutation(count)
-    num_heldout = round(heldout_fraction * count)
-    return permutation[num_heldout:], permutation[:num_heldout]
 
 
 def load_digits_images(indices=None):

@@ -16,6 +16,7 @@ import sys
 from diffusers import UNet2DModel
 
 from pfgm_diffusers import PFGMScheduler
+from pfgm_diffusers.data import DIGITS_SPLITS
 from pfgm_diffusers.latent_cache import LATENT_SAMPLING
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
 from pfgm_diffusers.training import checkpoints, metrics
@@ -86,6 +87,8 @@ def add_data_arguments(parser):
         "--train_data_dir",
         help="An image folder (class sub-folders are labels) or a save_to_disk folder. Default: none.",
     )
+    add("--digits_split", choices=DIGITS_SPLITS, default="all", help="The embedded digits: all 1797, or the 1438 "
+        "of the training split, so that the 359 held-out digits scripts/evaluate.py scores stay unseen.")  # fmt: skip
     add("--image_column", help="Default: the dataset's first image column.")
     add("--label_column", default="label", help="The dataset's labels, read only with --class_conditional.")
     add("--cache_dir", help="The `datasets` cache. Default: datasets' own.")
@@ -277,6 +280,8 @@ def check_args(args):
     if args.dataset_name is not None and args.train_data_dir is not None:
         raise ValueError("give at most one of --dataset_name and --train_data_dir")
     check_paired_args(args)
+    if args.digits_split != "all" and (args.dataset_name is not None or args.train_data_dir is not None):
+        raise ValueError(f"--digits_split {args.digits_split} selects the embedded digits: drop it with your own data")
     if args.preset is not None and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError(f"--preset {args.preset} needs a dataset: give --dataset_name or --train_data_dir")
     positive = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
