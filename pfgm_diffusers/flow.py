@@ -151,7 +151,13 @@ def img2img_start(scheduler, image: torch.Tensor, noise: torch.Tensor, num_infer
     """diffusers' img2img start on a scheduler whose timesteps are set: the last int(n * strength) of the n steps run
     (`set_begin_index`), from `image` noised to the first of their levels by `add_noise` (a kernel draw with the
     standard Gaussian `noise`)."""
-    t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+    steps = min(int(num_inference_steps * strength), num_inference_steps)
+    if steps < 1:  # diffusers' img2img pipelines refuse this too: no step would run, the image returned as it is
+        raise ValueError(
+            f"strength={strength} runs int({num_inference_steps} * {strength}) = 0 of the {num_inference_steps} "
+            f"steps: pass strength >= 1 / num_inference_steps ({1 / num_inference_steps:.3g}) or more steps."
+        )
+    t_start = num_inference_steps - steps
     scheduler.set_begin_index(t_start * scheduler.order)
     start = scheduler.timesteps[t_start * scheduler.order :][:1].repeat(image.shape[0])
     return scheduler.add_noise(image.to(noise.device), noise, start)

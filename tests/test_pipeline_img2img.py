@@ -119,6 +119,16 @@ def test_strength_outside_zero_one_is_refused(strength):
         make_pipe()(image=images(), strength=strength)
 
 
+@pytest.mark.parametrize("strength, steps", [(0.05, 18), (0.4, 2), (1e-9, 1000)])
+def test_a_strength_that_runs_no_step_is_refused_before_any_network_call(strength, steps):
+    pipe = make_pipe()
+    inputs = record_inputs(pipe.unet)
+    with pytest.raises(ValueError, match=rf"strength={strength} runs int\({steps} \* {strength}\) = 0 of the {steps}"):
+        pipe(image=images(), strength=strength, num_inference_steps=steps)
+    assert inputs == []
+    assert pipe(image=images(), strength=1 / steps + 1e-6, num_inference_steps=steps, output_type="pt").nfe == 1
+
+
 def test_img2img_bad_input():
     pipe = make_pipe()
     with pytest.raises(ValueError, match="without `image`"):
