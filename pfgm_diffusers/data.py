@@ -47,6 +47,7 @@ class ImageDataset:
     dataset: object  # datasets.Dataset, imported lazily
     num_channels: int
     class_names: list[str] | None = None
+    column: str | None = None  # the dataset's column renamed to "image", where it had one: pairs of columns check it
 
     @property
     def num_classes(self) -> int | None:
@@ -127,7 +128,7 @@ def load_hub_dataset(dataset_name, dataset_config_name=None, cache_dir=None, ima
     dataset = dataset.rename_columns({old: new for old, new in columns.items() if old != new})
     dataset, class_names = _with_class_ids(dataset) if label_column is not None else (dataset, None)
     first_image = open_image(undecoded(dataset)[0]["image"])  # its true channels: a 16-bit gray+alpha PNG is gray
-    return ImageDataset(dataset, _channels_of_mode(first_image.mode), class_names)
+    return ImageDataset(dataset, _channels_of_mode(first_image.mode), class_names, column=image_column)
 
 
 def _load_saved_train_split(path):

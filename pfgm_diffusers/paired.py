@@ -212,6 +212,12 @@ def load_paired_dataset(
         raise ValueError(f"--conditioning_image_column {conditioning_image_column!r} is also the --image_column")
     target = load_hub_dataset(dataset_name, dataset_config_name, cache_dir, image_column, label_column)
     condition = load_hub_dataset(dataset_name, dataset_config_name, cache_dir, conditioning_image_column, None)
+    if target.column == condition.column:  # the default target column is the first image column: it may be this one
+        raise ValueError(
+            f"--conditioning_image_column {conditioning_image_column!r} is also the targets' column (the dataset's "
+            "first image column, which they default to): the model would learn to copy its condition; give "
+            "--image_column the targets' column"
+        )
     return PairedImages(target=target, condition=condition)
 
 

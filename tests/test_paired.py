@@ -163,6 +163,9 @@ def test_a_dataset_with_a_conditioning_image_column(tmp_path):
         load_paired_dataset(str(tmp_path / "saved"), "nope")
     with pytest.raises(ValueError, match="also the --image_column"):
         load_paired_dataset(str(tmp_path / "saved"), "image", image_column="image")
+    with pytest.raises(ValueError, match="'image' is also the targets' column"):  # the targets' default column
+        load_paired_dataset(str(tmp_path / "saved"), "image")
+    assert load_paired_dataset(str(tmp_path / "saved"), "image", image_column="edges").target.column == "edges"
 
 
 def test_paired_folders_of_16_bit_gray_alpha_pngs_are_grayscale_at_16_bits(tmp_path):

@@ -114,6 +114,10 @@ def test_a_conditioning_image_column(tmp_path, unet_config):
     run_training(tmp_path, args)
     pipe = PFGMPipeline.from_pretrained(out)
     assert (pipe.unet.config.in_channels, pipe.config.conditioning_channels) == (4, 1)
+    # The targets default to the first image column: a condition column that is that one would teach a copy
+    args = tiny_args(None, unet_config, tmp_path / "copy", train_data_dir=None, dataset_name=tmp_path / "pairs")
+    with in_process(tmp_path) as train_pfgm, pytest.raises(ValueError, match="'image' is also the targets' column"):
+        train_pfgm.main([str(a) for a in args + ["--conditioning_image_column", "image"]], loss=fail_if_called)
 
 
 @pytest.mark.parametrize(
@@ -127,6 +131,7 @@ def test_a_conditioning_image_column(tmp_path, unet_config):
         (dict(conditioning_image_column="hint"), "--conditioning_image_column names a column of --dataset_name"),
         (dict(train_data_dir=None, conditioning_data_dir="x"), "--conditioning_data_dir pairs with --train_data_dir"),
         (dict(paired_task="superres", conditioning_data_dir="x"), "at most one source of conditions"),
+        (dict(conditioning_data_dir="./folder/"), "--conditioning_data_dir './folder/' is --train_data_dir"),
         (dict(digits_split="train"), "--digits_split train selects the embedded digits: drop it with your own"),
     ],
 )

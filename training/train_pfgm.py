@@ -55,7 +55,13 @@ from pfgm_diffusers.files import atomic_write, atomic_write_json, inside, makedi
 from pfgm_diffusers.guidance import drop_conditions
 from pfgm_diffusers.hub import model_card_text, upload_pipeline
 from pfgm_diffusers.latent_cache import LatentDataset, build_latent_cache, cache_fingerprint, training_defaults
-from pfgm_diffusers.paired import PairedImages, PairedTrainingDataset, load_paired_folders, paired_collate
+from pfgm_diffusers.paired import (
+    PairedImages,
+    PairedTrainingDataset,
+    load_paired_dataset,
+    load_paired_folders,
+    paired_collate,
+)
 from pfgm_diffusers.pipeline_pfgm import image_grid
 from pfgm_diffusers.training import checkpoints, metrics
 from pfgm_diffusers.training.arguments import (
@@ -123,17 +129,17 @@ def load_images(args):
         images = load_image_folder(args.train_data_dir, args.cache_dir, with_labels=args.class_conditional)
     elif args.dataset_name is not None:
         label_column = args.label_column if args.class_conditional else None
-        images = load_hub_dataset(
-            args.dataset_name, args.dataset_config_name, args.cache_dir, args.image_column, label_column
-        )
+        data = dict(dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir, label_column=label_column)
+        if args.conditioning_image_column is not None:  # the same rows, the condition column as "image"
+            paired = load_paired_dataset(
+                args.dataset_name, args.conditioning_image_column, **data, image_column=args.image_column
+            )
+            images = paired.target
+        else:
+            images = load_hub_dataset(args.dataset_name, image_column=args.image_column, **data)
     else:
         images = load_digits_dataset(with_labels=args.class_conditional, split=args.digits_split)
-    if args.conditioning_image_column is not None:
-        condition = load_hub_dataset(  # the same rows from the `datasets` cache, the condition column as "image"
-            args.dataset_name, args.dataset_config_name, args.cache_dir, args.conditioning_image_column, None
-        )
-        paired = PairedImages(images, condition=condition)
-    elif args.paired_task is not None:
+    if args.paired_task is not None:
         paired = PairedImages(images, degradation=degradation(args))
     if args.class_conditional and images.class_names is None:
         raise ValueError("--class_conditional needs labels: class sub-folders or a label column in the dataset")

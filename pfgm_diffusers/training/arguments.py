@@ -368,6 +368,13 @@ def check_paired_args(args):
         raise ValueError("--conditioning_image_column names a column of --dataset_name: give --dataset_name")
     if args.conditioning_data_dir is not None and args.train_data_dir is None:
         raise ValueError("--conditioning_data_dir pairs with --train_data_dir: give --train_data_dir")
+    if args.conditioning_data_dir is not None and os.path.realpath(args.conditioning_data_dir) == os.path.realpath(
+        args.train_data_dir
+    ):
+        raise ValueError(
+            f"--conditioning_data_dir {args.conditioning_data_dir!r} is --train_data_dir: each image would be its own "
+            "condition, and the model would learn to copy it"
+        )
     task_only = [name for name in ("paired_sigma_y", "paired_factor") if getattr(args, name) is not None]
     if task_only and args.paired_task is None:
         raise ValueError(f"--{task_only[0]} is an option of --paired_task")
