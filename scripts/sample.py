@@ -55,7 +55,7 @@ def restart_blocks(value: str) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A folder saved by save_pretrained, or a Hub repo id.")
-    parser.add_argument("--num_images", type=int, default=64)
+    parser.add_argument("--num_images", type=int, help="Default: 64, or the count of --conditioning_image/--image.")
     parser.add_argument("--output", default=None, help="Path of a PNG grid of all images.")
     parser.add_argument("--output_dir", default=None, help="Folder for one PNG per image (00000.png, ...).")
     parser.add_argument("--num_inference_steps", type=int, default=18)
@@ -106,7 +106,7 @@ def parse_args(argv=None):
         nargs="+",
         default=None,
         help="Image-conditional models: the condition image files, or one folder of them (sorted), one per image; "
-        "--num_images becomes their count.",
+        "one image each (--num_images, if given, must be their count).",
     )
     parser.add_argument(
         "--image", nargs="+", default=None, help="Start from these image files or this folder (with --strength)."
@@ -120,7 +120,12 @@ def parse_args(argv=None):
     if len(counts) > 1:
         parser.error(f"--image and --conditioning_image give {' and '.join(map(str, sorted(counts)))} images")
     if counts:
-        args.num_images = counts.pop()
+        count = counts.pop()
+        if args.num_images not in (None, count):  # one image per file: never a silent change of the count asked for
+            parser.error(f"--num_images {args.num_images} with {count} image file(s): drop it, or give as many files")
+        args.num_images = count
+    elif args.num_images is None:
+        args.num_images = 64
     if args.output is None and args.output_dir is None:
         parser.error("give --output (a grid PNG) and/or --output_dir (one PNG per image)")
     for flag, check in (("output", check_output_file), ("output_dir", check_output_folder)):
@@ -154,6 +159,15 @@ def image_files(values, parser, name):
     missing = [value for value in values if not os.path.isfile(value)]
     if missing:
         parser.error(f"--{name}: no such file(s): {missing[:5]}")
+    undecodable = []  # found before sampling, not at the batch that reads them
+    for value in values:
+        try:
+            with PIL.Image.open(value) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError) as error:
+            undecodable.append(f"{value} ({error})")
+    if undecodable:
+        parser.error(f"--{name}: {len(undecodable)} file(s) cannot be decoded as images: {undecodable[:5]}")
     return values
 
 

@@ -156,6 +156,27 @@ def test_sample_script_restores_conditions_and_starts_from_images(tmp_path):
         sample.parse_args(common + ["--conditioning_image", str(tmp_path / "nope.png"), "--output", "x.png"])
 
 
+def test_sample_script_refuses_a_count_or_a_file_that_does_not_fit_before_sampling(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "cond").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / "cond" / f"{i}.png")
+    sample = load_script("sample")
+    common = ["--model", "m", "--output", str(tmp_path / "g.png"), "--conditioning_image"]
+    assert sample.parse_args(common + [str(tmp_path / "cond")]).num_images == 3
+    assert sample.parse_args(common + [str(tmp_path / "cond"), "--num_images", "3"]).num_images == 3
+    assert sample.parse_args(["--model", "m", "--output", "g.png"]).num_images == 64
+    with pytest.raises(SystemExit):  # never a silent change of the count asked for
+        sample.parse_args(common + [str(tmp_path / "cond"), "--num_images", "5"])
+    assert "--num_images 5 with 3 image file(s)" in capsys.readouterr().err
+    (tmp_path / "cond" / "3.png").write_bytes(b"not an image")
+    with pytest.raises(SystemExit):  # found before any batch is sampled, not at the batch that reads it
+        sample.parse_args(common + [str(tmp_path / "cond")])
+    assert "1 file(s) cannot be decoded as images" in capsys.readouterr().err
+
+
 def test_sample_script_reads_a_16_bit_image_with_its_16_bits(tmp_path):
     import numpy as np
     from PIL import Image
