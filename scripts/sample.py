@@ -105,7 +105,7 @@ def parse_args(argv=None):
         "--conditioning_image",
         nargs="+",
         default=None,
-        help="Image-conditional models: the condition image files, or one folder of them (sorted), one per image; "
+        help="Image-conditional models: the condition image files, or one folder of them (sorted): "
         "one image each (--num_images, if given, must be their count).",
     )
     parser.add_argument(
