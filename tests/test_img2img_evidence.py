@@ -222,7 +222,10 @@ def test_a_resumed_training_equals_an_uninterrupted_one_and_a_finished_model_is_
     common = ["--aug_dims", "64", "--batch_size", "4", "--num_images", "2", "--decay_steps", "0", "--checkpoints", "3"]
     common += ["--train_seeds", "0"]
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    splits, load = [], img2img_evidence.load_digits_dataset
+    monkeypatch.setattr(img2img_evidence, "load_digits_dataset", lambda *a, **k: splits.append(k) or load(*a, **k))
     img2img_evidence.main([*common, "--steps", "6", "--cache_dir", straight])
+    assert splits == [{"split": "train"}]  # the models never see the held-out digits they are scored on
     img2img_evidence.main([*common, "--steps", "3", "--cache_dir", resumed])
     img2img_evidence.main([*common, "--steps", "6", "--cache_dir", resumed])
     a, b = _state(straight, 6), _state(resumed, 6)
