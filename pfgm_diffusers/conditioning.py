@@ -56,7 +56,7 @@ def prepare_conditioning_image(conditioning_image, channels, size, batch_size=No
             f"This model is image-conditional (conditioning_channels={channels}): pass `conditioning_image`, "
             f"{channels}-channel images of {tuple(size)} pixels."
         )
-    condition = preprocess(conditioning_image, channels, do_normalize)
+    condition = preprocess(conditioning_image, channels, do_normalize, name="conditioning_image")
     if tuple(condition.shape[2:]) != tuple(size):
         raise ValueError(
             f"conditioning_image must be {size[0]}x{size[1]} pixels (the UNet's sample_size), got "

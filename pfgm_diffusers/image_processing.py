@@ -14,36 +14,36 @@ from diffusers.utils.pil_utils import numpy_to_pil
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
-def preprocess(images, num_channels: int, do_normalize: bool = True) -> torch.Tensor:
+def preprocess(images, num_channels: int, do_normalize: bool = True, name: str = "images") -> torch.Tensor:
     """Images (PIL, np (B, H, W, C) or pt (B, C, H, W), in [0, 1]) -> float32 (B, C, H, W) in model space [-1, 1].
 
     With `do_normalize=False`, `images` is a tensor already in model space. Non-finite values and, when normalising,
-    values outside [0, 1] raise a `ValueError` (one host sync per call).
+    values outside [0, 1] raise a `ValueError` (one host sync per call) that calls them `name` (the argument).
     """
     if isinstance(images, PIL.Image.Image):
         images = [images]
     if isinstance(images, (list, tuple, np.ndarray, torch.Tensor)) and len(images) == 0:
-        raise ValueError("images is empty: pass at least one image.")
+        raise ValueError(f"{name} is empty: pass at least one image.")
     if isinstance(images, list) and all(isinstance(image, PIL.Image.Image) for image in images):
         images = np.stack([np.asarray(image, dtype=np.float32) / 255.0 for image in images])
         if images.ndim == 3:
             images = images[..., None]  # grayscale: (B, H, W) -> (B, H, W, 1)
     if isinstance(images, np.ndarray):
         if images.ndim != 4:
-            raise ValueError(f"numpy images must have shape (B, H, W, C), got {images.shape}.")
+            raise ValueError(f"{name} as a numpy array must have shape (B, H, W, C), got {images.shape}.")
         images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be PIL images, a numpy array or a torch tensor, got {type(images)}.")
+        raise ValueError(f"{name} must be PIL images, a numpy array or a torch tensor, got {type(images)}.")
     if images.ndim != 4 or images.shape[1] != num_channels:
-        raise ValueError(f"images must have shape (B, {num_channels}, H, W), got {tuple(images.shape)}.")
+        raise ValueError(f"{name} must have shape (B, {num_channels}, H, W), got {tuple(images.shape)}.")
     images = images.float()
     low, high = images.min().item(), images.max().item()  # NaN propagates to both
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError(f"images contain NaN or infinite values (min {low}, max {high}).")
+        raise ValueError(f"{name} contains NaN or infinite values (min {low}, max {high}).")
     if do_normalize:
         if low < 0 or high > 1:
             raise ValueError(
-                f"images must lie in [0, 1] (as output_type 'pt' / 'np' return them), got values in "
+                f"{name} must lie in [0, 1] (as output_type 'pt' / 'np' return them), got values in "
                 f"[{low:.3g}, {high:.3g}]; pass do_normalize=False for tensors already in the model's [-1, 1] space."
             )
         images = images * 2 - 1

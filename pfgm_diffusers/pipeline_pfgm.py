@@ -360,7 +360,7 @@ class PFGMPipeline(PipelineHubMixin, InvertibleFlowMixin, DiffusionPipeline):
             [`PFGMPipelineOutput`] or `tuple`: the images and the number of network evaluations `nfe`.
         """
         strength = flow.check_img2img(image, strength, solver)
-        image = None if image is None else self._model_space(image, do_normalize)  # a latent model encodes it
+        image = None if image is None else self._model_space(image, do_normalize, "image")  # a latent model encodes it
         device = self._execution_device
         condition = self.prepare_conditioning_image(conditioning_image, None, device, do_normalize)
         batch_size = batch_size_of(batch_size, {"latents": latents, "image": image, "conditioning_image": condition})
@@ -415,13 +415,13 @@ class PFGMPipeline(PipelineHubMixin, InvertibleFlowMixin, DiffusionPipeline):
             sample = decode_latents(self.vae, sample, LatentScaling.from_config(self.vae.config), decode_batch_size)
         return postprocess(sample, output_type)
 
-    def _model_space(self, images, do_normalize):
+    def _model_space(self, images, do_normalize, name="images"):
         """Images as `invert` and `log_likelihood` take them -> the ODE's space: pixels in [-1, 1], or for a latent
         model the scaled posterior means of the VAE (`vae.encode_latents`)."""
         device = self._execution_device
         if self.vae is None:
-            return preprocess(images, self.num_channels, do_normalize).to(device)
-        return encode_latents(self.vae, preprocess(images, self.vae.config.in_channels, do_normalize).to(device))
+            return preprocess(images, self.num_channels, do_normalize, name).to(device)
+        return encode_latents(self.vae, preprocess(images, self.vae.config.in_channels, do_normalize, name).to(device))
 
     def _require_vae(self, method):
         if self.vae is None:

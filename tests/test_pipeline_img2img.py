@@ -141,7 +141,7 @@ def test_img2img_bad_input():
         pipe(image=images(), latents=torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"image must have shape \(2, 3, 8, 8\)"):
         pipe(image=torch.rand(2, 3, 16, 16))
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"^image must have shape \(B, 3, H, W\)"):
         pipe(image=torch.rand(2, 1, 8, 8))
 
 
@@ -240,8 +240,19 @@ def test_condition_bad_input():
         pipe(num_inference_steps=2)
     with pytest.raises(ValueError, match="takes no condition"):
         make_pipe()(conditioning_image=images(channels=1))
-    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+    with pytest.raises(ValueError, match=r"^conditioning_image must have shape \(B, 1, H, W\)"):
         pipe(conditioning_image=images(channels=3))
+    # each error names the argument it is about, where both are images
+    both = dict(image=images(), conditioning_image=images(channels=1), strength=0.5)
+    for name, values, message in [
+        ("conditioning_image", torch.full((2, 1, 8, 8), float("nan")), "contains NaN or infinite values"),
+        ("image", torch.full((2, 3, 8, 8), float("nan")), "contains NaN or infinite values"),
+        ("conditioning_image", images(channels=1) * 255, r"must lie in \[0, 1\]"),
+        ("image", images() * 255, r"must lie in \[0, 1\]"),
+        ("conditioning_image", [], "is empty"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name} {message}"):
+            pipe(**{**both, name: values})
     with pytest.raises(ValueError, match="8x8 pixels"):
         pipe(conditioning_image=torch.rand(2, 1, 4, 4))
     with pytest.raises(ValueError, match=r"image \(3\), conditioning_image \(2\)"):
