@@ -271,18 +271,31 @@ class PipelineHubMixin:
         repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            save_model_card(folder, repo_id)
+            save_model_card(folder, repo_id, condition_shape=self.condition_shape)
             return upload_pipeline(repo_id, folder, token, commit_message, create_pr)
 
 
-def save_model_card(folder: str, repo_id: str, training: str | None = None) -> None:
+def save_model_card(folder: str, repo_id: str, training: str | None = None, condition_shape=None) -> None:
     """Write the model card (`README.md`, `library_name: pfgm_diffusers`, a loading example, and the `training`
     section in markdown if given) into `folder`."""
-    huggingface_hub.ModelCard(model_card_text(repo_id, training)).save(os.path.join(folder, MODEL_CARD))
+    card = model_card_text(repo_id, training, condition_shape)
+    huggingface_hub.ModelCard(card).save(os.path.join(folder, MODEL_CARD))
 
 
-def model_card_text(repo_id: str, training: str | None = None) -> str:
-    return _MODEL_CARD.format(repo_id=repo_id) + ("" if training is None else "\n" + training.rstrip() + "\n")
+def model_card_text(repo_id: str, training: str | None = None, condition_shape: tuple | None = None) -> str:
+    """The model card; `condition_shape` (C_cond, H, W) for an image-conditional model, whose card is tagged
+    image-to-image and whose example passes a condition (a call without one is refused)."""
+    if condition_shape is None:
+        kind, condition, call = "unconditional-image-generation", "", "batch_size=16, num_inference_steps=18"
+    else:
+        kind, call = "image-to-image", "conditioning_image=condition, num_inference_steps=18"
+        condition = (
+            f"# image-conditional: one {condition_shape[1]}x{condition_shape[2]} condition per image, (B, "
+            f"{condition_shape[0]}, H, W) in [0, 1] or PIL images, e.g. your measurements\n"
+            f"condition = torch.rand(16, {', '.join(map(str, condition_shape))})\n"
+        )
+    card = _MODEL_CARD.format(repo_id=repo_id, kind=kind, condition=condition, call=call)
+    return card + ("" if training is None else "\n" + training.rstrip() + "\n")
 
 
 _MODEL_CARD = """---
@@ -290,7 +303,7 @@ library_name: pfgm_diffusers
 tags:
 - pfgm
 - pfgm++
-- unconditional-image-generation
+- {kind}
 - diffusers
 ---
 
@@ -305,6 +318,6 @@ import torch
 import pfgm_diffusers  # the pipeline and its scheduler, registered with diffusers
 
 pipe = pfgm_diffusers.PFGMPipeline.from_pretrained("{repo_id}")
-images = pipe(batch_size=16, num_inference_steps=18, generator=torch.Generator().manual_seed(0)).images
+{condition}images = pipe({call}, generator=torch.Generator().manual_seed(0)).images
 ```
 """

@@ -256,6 +256,13 @@ class PFGMPipeline(PipelineHubMixin, InvertibleFlowMixin, DiffusionPipeline):
         dropout = self.config.get("conditioning_dropout_prob")
         check_guidance(guidance_scale, self.num_classes is not None, self._null_class, image_conditional, dropout)
 
+    @property
+    def condition_shape(self) -> tuple[int, int, int] | None:
+        """(channels, height, width) of the condition an image-conditional model takes (`conditioning_image`, one
+        per image, at the UNet's sample size); None for a model without one."""
+        channels = self.config.get("conditioning_channels")
+        return None if channels is None else (channels, *self._latent_shape(1)[2:])
+
     def prepare_conditioning_image(self, conditioning_image, batch_size, device=None, do_normalize=True):
         """The condition of an image-conditional model as a float32 (B, C_cond, H, W) tensor in model space; None for
         a model without one. Missing, unexpected or mis-shaped conditions are a ValueError."""

@@ -617,7 +617,9 @@ def test_diffusers_own_download_refuses_our_library(tmp_path, monkeypatch):
         DiffusionPipeline.download("someone/pfgmpp-tiny")
 
 
-def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch):
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """huggingface_hub's create/upload/download on a local folder: (the remote folder, the uploads made)."""
     remote = tmp_path / "remote"
     uploads = []
 
@@ -635,7 +637,11 @@ def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch
         "list_repo_files",
         lambda repo_id, **kwargs: [str(path.relative_to(remote)) for path in remote.rglob("*") if path.is_file()],
     )
+    return remote, uploads
 
+
+def test_push_to_hub_uploads_the_pipeline_files_then_loads(local_hub):
+    remote, uploads = local_hub
     pipe = make_pipe()
     pipe.push_to_hub("someone/pfgmpp-tiny", private=True)
     (repo_id, uploaded), *more = uploads
@@ -649,6 +655,7 @@ def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch
     ]
     card = huggingface_hub.ModelCard.load(remote / "README.md")
     assert card.data.library_name == "pfgm_diffusers" and "pfgm" in card.data.tags
+    assert "unconditional-image-generation" in card.data.tags and pipe.condition_shape is None
     assert "trust_remote_code" not in card.text
     # The loading example runs as written: `import pfgm_diffusers`, no install line naming an index it is not on
     assert (
@@ -660,6 +667,21 @@ def test_push_to_hub_uploads_the_pipeline_files_then_loads(tmp_path, monkeypatch
     loaded = PFGMPipeline.from_pretrained("someone/pfgmpp-tiny")
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(_pipeline_images(loaded), _pipeline_images(pipe))
+
+
+def test_the_card_of_an_image_conditional_model_passes_a_condition(local_hub):
+    remote, _ = local_hub
+    unet = tiny_unet(in_channels=4, out_channels=3)
+    pipe = PFGMPipeline(unet, PFGMScheduler(aug_dim=128), conditioning_channels=1)
+    assert pipe.condition_shape == (1, 8, 8)
+    pipe.push_to_hub("someone/pfgmpp-superres")
+    card = huggingface_hub.ModelCard.load(remote / "README.md")
+    assert "image-to-image" in card.data.tags and "unconditional-image-generation" not in card.data.tags
+    example = card.text.split("```python\n")[1].split("```")[0]
+    assert "condition = torch.rand(16, 1, 8, 8)" in example  # a call without a condition would be refused
+    namespace = {}
+    exec(example.replace("rand(16,", "rand(1,").replace("num_inference_steps=18", "num_inference_steps=2"), namespace)
+    assert len(namespace["images"]) == 1
 
 
 def test_diffusion_pipeline_loads_a_saved_folder_without_remote_code(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ def test_two_processes_train_a_class_and_image_conditional_digit_model(tmp_path,
     assert "2 process(es)" in log
     assert ": 1438 images (1 channel(s)" in log  # the training split: the 359 held-out digits stay unseen
     assert json.loads((out / "training_args.json").read_text())["digits_split"] == "train"
+    card = (out / "README.md").read_text()  # tagged image-to-image; its example passes a condition of this shape
+    assert "- image-to-image" in card and "condition = torch.rand(16, 1, 8, 8)" in card
     pipe = PFGMPipeline.from_pretrained(out)
     assert (pipe.unet.config.in_channels, pipe.unet.config.out_channels) == (2, 1)  # C + C_cond in, C out
     assert pipe.unet.config.num_class_embeds == 10

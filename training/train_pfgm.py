@@ -413,7 +413,8 @@ def main(argv=None, loss=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_outputs(args, accelerator.unwrap_model(unet), ema_model, scheduler, pipeline_config, global_step)
-        write_model_card(args, argv, repo_id, scheduler)
+        condition_shape = None if paired is None else (paired.conditioning_channels, sample_size, sample_size)
+        write_model_card(args, argv, repo_id, scheduler, condition_shape)
         if args.push_to_hub:
             push_to_hub(repo_id, args.output_dir, args.hub_token)
         lock.release()
@@ -717,7 +718,7 @@ def eval_pipeline(unet, scheduler, pipeline_config):
     return pipeline
 
 
-def write_model_card(args, argv, repo_id, scheduler):
+def write_model_card(args, argv, repo_id, scheduler, condition_shape=None):
     """`README.md`: loading, the training command (secrets hidden), D, the last evaluation's figures (the last line
     of metrics.jsonl) and the grid."""
     figures = metrics.last_record(args.output_dir)
@@ -746,7 +747,7 @@ def write_model_card(args, argv, repo_id, scheduler):
     if os.path.exists(inside(args.output_dir, "samples.png")):
         lines += ["![samples](samples.png)", ""]
     name = repo_id if repo_id is not None else os.path.basename(os.path.normpath(args.output_dir))
-    card = model_card_text(name, "\n".join(lines))
+    card = model_card_text(name, "\n".join(lines), condition_shape)
     atomic_write(inside(args.output_dir, "README.md"), card.encode(), folder=args.output_dir)
 
 
