@@ -134,6 +134,10 @@ def test_a_conditioning_image_column(tmp_path, unet_config):
         (dict(train_data_dir=None, conditioning_data_dir="x"), "--conditioning_data_dir pairs with --train_data_dir"),
         (dict(paired_task="superres", conditioning_data_dir="x"), "at most one source of conditions"),
         (dict(conditioning_data_dir="./folder/"), "--conditioning_data_dir './folder/' is --train_data_dir"),
+        (
+            dict(paired_task="superres", pretrained_vae_model_name_or_path="vae"),
+            "--paired_task (image-to-image) with --pretrained_vae_model_name_or_path is not supported",
+        ),
         (dict(digits_split="train"), "--digits_split train selects the embedded digits: drop it with your own"),
     ],
 )

@@ -458,8 +458,6 @@ def prepare_data(args, accelerator, objective):
         sample_conditions = paired_collate(dataset.__getitems__(first))["conditioning_pixel_values"]
     vae, num_channels, sample_size = None, images.num_channels, args.resolution  # what the UNet sees
     if args.pretrained_vae_model_name_or_path is not None:  # latent PFGM++: the VAE's latents, encoded once
-        if paired is not None:
-            raise ValueError("paired (image-to-image) data with --pretrained_vae_model_name_or_path is not supported")
         vae, dataset, (num_channels, sample_size, _) = encode_latents_once(args, accelerator, images)
         pipeline_config["vae"] = vae
     sampler = EpochSampler(len(dataset), seed=args.seed)

@@ -364,6 +364,8 @@ def check_paired_args(args):
     ]
     if len(sources) > 1:
         raise ValueError(f"give at most one source of conditions, got --{sources[0]} and --{sources[1]}")
+    if sources and args.pretrained_vae_model_name_or_path is not None:
+        raise ValueError(f"--{sources[0]} (image-to-image) with --pretrained_vae_model_name_or_path is not supported")
     if args.conditioning_image_column is not None and args.dataset_name is None:
         raise ValueError("--conditioning_image_column names a column of --dataset_name: give --dataset_name")
     if args.conditioning_data_dir is not None and args.train_data_dir is None:
