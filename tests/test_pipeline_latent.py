@@ -95,6 +95,21 @@ def test_invert_and_log_likelihood_work_on_the_encoded_images():
         pipe.log_likelihood(images[:1], dequantize=True)
 
 
+def test_img2img_on_a_latent_pipeline_starts_from_the_encoded_image():
+    pipe = latent_pipe()
+    images = run(pipe, output_type="pt")
+    on_latents = PFGMPipeline(unet=pipe.unet, scheduler=pipe.scheduler)  # the same flow without the VAE
+    on_latents.set_progress_bar_config(disable=True)
+    noise = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    common = dict(strength=0.5, num_inference_steps=6, latents=noise)
+    out = pipe(image=images, output_type="latent", **common)
+    encoded = encode_latents(pipe.vae, images * 2 - 1)
+    expected = on_latents(image=encoded, do_normalize=False, output_type="pt", **common)  # a pixel pipeline's "pt"
+    assert out.nfe == expected.nfe == 2 * 3 - 1  # Heun over the last 3 of 6 steps
+    torch.testing.assert_close((out.images / 2 + 0.5).clamp(0, 1), expected.images)
+    assert (pipe(image=1 - images, output_type="latent", **common).images - out.images).abs().max() > 1e-3
+
+
 def test_save_and_load_keep_the_vae(tmp_path):
     pipe = latent_pipe()
     pipe.save_pretrained(tmp_path)
