@@ -100,7 +100,7 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1, help="Training processes in parallel (seeds shared out).")
     parser.add_argument("--docs", default=None, help="Rewrite this file's image-to-image evidence section.")
     parser.add_argument("--plots_dir", default="docs", help="Where --docs puts its PNG plots.")
-    parser.add_argument("--command", default=None, help="The command the docs name (make evidence-img2img).")
+    parser.add_argument("--command", default=None, help="The command the docs name (default: the task's make target).")
     parser.add_argument("--report", default=None, help="Only write --docs from this results JSON (no training).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more than free cores crawl).")
     args = parser.parse_args(argv)
@@ -362,7 +362,9 @@ def write_docs(results, args):
     plots = img2img_report.plot_all(results, args.plots_dir)
     relative = os.path.relpath(args.plots_dir, os.path.dirname(os.path.abspath(args.docs)))
     plots = {kind: name if relative == "." else f"{relative}/{name}" for kind, name in plots.items()}
-    command = "make evidence-img2img" if args.command is None else args.command
+    task = results["settings"].get("task", "denoise")  # also for --report, whatever --task says
+    target = "evidence-img2img" if task == "denoise" else f"evidence-img2img-{task}"
+    command = f"make {target}" if args.command is None else args.command
     img2img_report.rewrite_docs(args.docs, img2img_report.section(results, plots, command), results)
     print(f"wrote the section of {args.docs} and {sorted(plots.values())}")
 

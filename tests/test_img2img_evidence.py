@@ -254,8 +254,16 @@ def test_report_renders_the_docs_from_a_results_json(tmp_path):
     assert text.startswith("# B\n\n" + img2img_report.START_MARKER)
     assert "![PSNR (dB) against NFE](img2img_nfe.png)" in text and (docs / "img2img_start.png").exists()
     assert "- D = 64, PSNR (dB): finite D better (D=64 20.50 ± 0.54 vs ∞ 18.50 ± 0.54)" in text
+    assert "Reproduce: `make evidence-img2img`" in text
     with pytest.raises(ValueError, match="give --docs"):
         img2img_evidence.main(["--report", str(tmp_path / "r.json")])
+    # a super-resolution JSON: its own section, plots and make target, whatever --task says
+    results["settings"].update(task="superres", factor=2, sigma_y=0.0, measurement_level=0.45)
+    (tmp_path / "r.json").write_text(json.dumps(results), encoding="utf-8")
+    img2img_evidence.main(argv)
+    text = (docs / "benchmarks.md").read_text(encoding="utf-8")
+    assert text.count(img2img_report.START_MARKER) == 1 and "<!-- img2img-evidence-superres:end -->" in text
+    assert "Reproduce: `make evidence-img2img-superres`" in text and (docs / "img2img_superres_start.png").exists()
 
 
 def test_the_training_split_of_the_digits_leaves_out_the_held_out_digits():
