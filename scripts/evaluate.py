@@ -30,6 +30,7 @@ classifier labels as the clean digit, each beside the same figure for the measur
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,13 +48,14 @@ from pfgm_diffusers.files import atomic_write_json, check_output_file
 from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
 from pfgm_diffusers.restart import blocks_from_json
 from pfgm_diffusers.restoration import evaluate_restoration
+from pfgm_diffusers.training.arguments import degradation as training_degradation
 from pfgm_diffusers.training.checkpoints import ARGS_NAME
 
 DIGITS_REFERENCE = "digits"
-IN_SAMPLE_NOTE = [
+IN_SAMPLE_NOTE = (
     "in-sample: the model trained on all 1797 embedded digits, these held-out ones included "
     "(train with --digits_split train to score digits it never saw)"
-]
+)
 
 
 def solver_choices():
@@ -273,27 +275,47 @@ def evaluate_paired(args):
     )
     seconds = time.perf_counter() - began
     settings = {key: value for key, value in vars(args).items() if key != "degradation"}
-    seen = trained_on_heldout_digits(args.model)
+    arguments = training_arguments(args.model)
     return {
         **metrics,
-        "trained_on_heldout_digits": seen,
+        "task": task_record(args.degradation),
+        # what the model's training_args.json says of its training (null without one): the data and the task
+        "trained_on_heldout_digits": None if arguments is None else trained_on_heldout_digits(arguments),
+        "trained_task": None if arguments is None else trained_task(arguments),
         "seconds": seconds,
         "settings": settings,
         "environment": environment(args.device),
     }
 
 
-def trained_on_heldout_digits(model):
-    """Whether the run that saved `model` trained on the digits a paired evaluation restores, from its
-    `training_args.json`: the embedded digits without `--digits_split train` (True), other data or the training
-    split (False), or None where no such file says (a Hub id, a pipeline saved by hand)."""
+def training_arguments(model):
+    """The arguments of the run that saved `model` (its `training_args.json`), or None where there is no such file
+    (a Hub id, a pipeline saved by hand)."""
     path = os.path.join(model, ARGS_NAME)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        arguments = json.load(f)
+        return json.load(f)
+
+
+def trained_on_heldout_digits(arguments):
+    """Whether a run trained on the digits a paired evaluation restores: the embedded digits without
+    `--digits_split train`."""
     own_data = arguments.get("dataset_name") is not None or arguments.get("train_data_dir") is not None
     return not own_data and arguments.get("digits_split", "all") != "train"  # before the flag: all 1797 digits
+
+
+def trained_task(arguments):
+    """The built-in task a run trained on (`task_record`), or None (no --paired_task: other conditions, or none)."""
+    recorded = {name: arguments.get(name) for name in ("paired_task", "paired_sigma_y", "paired_factor")}
+    task = training_degradation(argparse.Namespace(**recorded))  # the trainer's own defaults
+    return None if task is None else task_record(task)
+
+
+def task_record(degradation):
+    """A `Degradation` as a dict, without the pooling factor of a denoising task (which ignores it)."""
+    record = dataclasses.asdict(degradation)
+    return record if degradation.task == "superres" else {k: v for k, v in record.items() if k != "factor"}
 
 
 def paired_summary(results):
@@ -303,7 +325,10 @@ def paired_summary(results):
             f"(measurement: {scale * results['degraded_' + name]:.3g}{unit})"
         )
 
-    settings = results["settings"]
+    settings, trained = results["settings"], results["trained_task"]
+    notes = [IN_SAMPLE_NOTE] if results["trained_on_heldout_digits"] else []
+    if trained is not None and trained != results["task"]:
+        notes.append(f"the model was trained on another task: {trained}, evaluated on {results['task']}")
     return "\n".join(
         [
             f"{results['num_images']} held-out digits, {settings['paired_task']}, {results['nfe']:.1f} network "
@@ -311,8 +336,8 @@ def paired_summary(results):
             f"{pair('psnr', unit=' dB')}, {pair('ssim')}",
             f"labelled as the clean digit: {pair('accuracy', 100, ' %')}"
             + (" (the model was given the true labels)" if results["labels_given"] else ""),
+            *notes,
         ]
-        + IN_SAMPLE_NOTE * bool(results["trained_on_heldout_digits"])
     )
 
 

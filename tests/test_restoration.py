@@ -102,26 +102,37 @@ def test_evaluate_script_reports_restoration_beside_the_measurement(tmp_path, ca
     assert results["trained_on_heldout_digits"] is None and "in-sample" not in printed  # no training_args.json
 
 
+SUPERRES = {"paired_task": "superres", "paired_sigma_y": None, "paired_factor": None}  # the trainer's defaults
+DIGITS = {"dataset_name": None, "train_data_dir": None}
+
+
 @pytest.mark.parametrize(
-    "arguments, seen",
+    "arguments, seen, trained_task",
     [
-        ({"digits_split": "all", "dataset_name": None, "train_data_dir": None}, True),
-        ({"dataset_name": None, "train_data_dir": None}, True),  # a run from before --digits_split: all 1797
-        ({"digits_split": "train", "dataset_name": None, "train_data_dir": None}, False),
-        ({"digits_split": "all", "dataset_name": None, "train_data_dir": "my_digits"}, False),
-        ({"digits_split": "all", "dataset_name": "user/pairs", "train_data_dir": None}, False),
+        ({**DIGITS, **SUPERRES, "digits_split": "all"}, True, {"task": "superres", "sigma_y": 0.0, "factor": 2}),
+        ({**DIGITS, **SUPERRES}, True, {"task": "superres", "sigma_y": 0.0, "factor": 2}),  # before --digits_split
+        ({**DIGITS, **SUPERRES, "digits_split": "train"}, False, {"task": "superres", "sigma_y": 0.0, "factor": 2}),
+        ({**DIGITS, "digits_split": "train"}, False, None),  # no --paired_task: nothing to compare
+        ({**DIGITS, "paired_task": "denoise", "paired_sigma_y": 0.5}, True, {"task": "denoise", "sigma_y": 0.5}),
+        ({**DIGITS, **SUPERRES, "paired_factor": 4}, True, {"task": "superres", "sigma_y": 0.0, "factor": 4}),
+        ({**DIGITS, "train_data_dir": "my_digits", "digits_split": "all"}, False, None),
+        ({**DIGITS, "dataset_name": "user/pairs", "digits_split": "all"}, False, None),
     ],
 )
-def test_evaluate_script_says_when_the_model_trained_on_the_digits_it_restores(tmp_path, capsys, arguments, seen):
+def test_evaluate_script_says_what_the_model_trained_on(tmp_path, capsys, arguments, seen, trained_task):
     import json
 
     make_pipe(True).save_pretrained(tmp_path / "model")
     (tmp_path / "model" / "training_args.json").write_text(json.dumps(arguments))
     args = ["--model", str(tmp_path / "model"), "--paired_task", "superres", "--num_images", "2"]
     load_script("evaluate").main(args + ["--num_inference_steps", "1", "--output", str(tmp_path / "r.json")])
-    assert json.loads((tmp_path / "r.json").read_text())["trained_on_heldout_digits"] is seen
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["trained_on_heldout_digits"] is seen and results["trained_task"] == trained_task
+    assert results["task"] == {"task": "superres", "sigma_y": 0.0, "factor": 2}
     printed = capsys.readouterr().out
     assert ("in-sample: the model trained on all 1797 embedded digits" in printed) is seen
+    other = trained_task not in (None, results["task"])
+    assert (f"the model was trained on another task: {trained_task}, evaluated on " in printed) is other
 
 
 def test_sample_script_restores_conditions_and_starts_from_images(tmp_path):
