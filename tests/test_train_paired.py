@@ -1,6 +1,7 @@
 """Image-to-image training launched for real: the built-in digit tasks over two gloo processes with class labels and
 conditioning dropout, paired folders with the field objective, a `datasets` conditioning column, bad flags."""
 
+import importlib
 import json
 import os
 
@@ -158,3 +159,47 @@ def test_unmatched_paired_folders_are_refused_naming_the_files(tmp_path, unet_co
     with in_process(tmp_path) as train_pfgm:
         with pytest.raises(ValueError, match=r"1 image\(s\) without a condition \['3'\]"):
             train_pfgm.main([str(a) for a in args], loss=fail_if_called)
+
+
+def test_a_resume_on_other_data_of_the_same_channels_is_refused_and_an_older_checkpoint_still_resumes(
+    tmp_path, unet_config
+):
+    out = tmp_path / "out"
+    run = dict(paired_task="denoise", paired_sigma_y=0.3, digits_split="train", max_train_steps=1)
+    run.update(checkpointing_steps=1, save_images_steps=100)
+
+    def train(**overrides):
+        args = digits_args(unet_config, out, **{**run, **overrides})
+        with in_process(tmp_path) as train_pfgm:
+            train_pfgm.main([str(a) for a in args])
+
+    train()
+    # Each of these trains a network of the same channels on other data: nothing in the model config tells them apart
+    others = [
+        (dict(paired_task="superres", paired_sigma_y=None), "data setting paired_task: {'task': 'denoise', 'sigma_y'"),
+        (dict(paired_sigma_y=0.5), "'sigma_y': 0.3, 'factor': 2} there, {'task': 'denoise', 'sigma_y': 0.5"),
+        (dict(digits_split="all"), "data setting digits_split: 'train' there, 'all' here"),
+    ]
+    for overrides, message in others:
+        with pytest.raises(ValueError) as error:
+            train(resume_from_checkpoint="latest", max_train_steps=2, **overrides)
+        assert f"checkpoint '{out}/checkpoint-1' does not match this run: data setting " in str(error.value)
+        assert message in str(error.value)
+        assert not (out / "checkpoint-2").exists()
+    train(resume_from_checkpoint="latest", max_train_steps=2)  # the same data resumes
+    assert (out / "checkpoint-2").is_dir()
+
+    # A checkpoint written before the data settings were recorded has none: it resumes as it did then
+    path = out / "checkpoint-2" / "pfgm_training_state.json"
+    state = json.loads(path.read_text())
+    assert state["data_config"] == {
+        "digits_split": "train",
+        "conditioning": "paired_task",
+        "conditioning_image_column": None,
+        "paired_task": {"task": "denoise", "sigma_y": 0.3, "factor": 2},
+    }
+    del state["data_config"]
+    state["state_sha256"] = importlib.import_module("pfgm_diffusers.training.checkpoints").state_sha256(state)
+    path.write_text(json.dumps(state))
+    train(resume_from_checkpoint="latest", max_train_steps=3, digits_split="all")
+    assert (out / "checkpoint-3").is_dir()

@@ -560,8 +560,23 @@ def recorded_settings(args, accelerator, objective, scheduler, unet_config, clas
         unet_config=unet_config,
         scheduler_config=json.loads(scheduler.to_json_string()),
         loss_config=objective.settings(),
+        data_config=data_settings(args),
         num_processes=processes,
         global_batch_size=args.train_batch_size * processes * args.gradient_accumulation_steps,
+    )
+
+
+def data_settings(args):
+    """What the run trains on that the model's config cannot show: a resume with other values would go on training the
+    same network on other data (the held-out digits, another task of the same channels)."""
+    embedded = args.dataset_name is None and args.train_data_dir is None
+    task = degradation(args)
+    sources = ("conditioning_image_column", "conditioning_data_dir", "paired_task")
+    return dict(
+        digits_split=args.digits_split if embedded else None,
+        conditioning=next((name for name in sources if getattr(args, name) is not None), None),
+        conditioning_image_column=args.conditioning_image_column,
+        paired_task=None if task is None else dataclasses.asdict(task),
     )
 
 

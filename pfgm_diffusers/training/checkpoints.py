@@ -38,6 +38,10 @@ RUN_OUTPUTS = ("model_index.json", "unet", "scheduler", "vae", "samples", "sampl
 # another objective (the scheduler's config holds sigma_data and the sampler's range, loss_config the loss's settings)
 COMPATIBILITY_KEYS = ("objective", "aug_dim", "resolution", "class_names", "unet_config", "scheduler_config")
 COMPATIBILITY_KEYS += ("loss_config",)
+# Compared when the checkpoint has it: what the run trains on that no model config shows (the digits' split, the
+# source of conditions, a built-in task's settings: denoise and superres models have the same channels). Checkpoints
+# written before it was recorded have none, and still resume
+OPTIONAL_COMPATIBILITY_KEYS = ("data_config",)
 STATE_KEYS = ("global_step", "scheduler_config", "files")
 STATE_KEYS += tuple(key for key in COMPATIBILITY_KEYS if key not in STATE_KEYS)
 # The batch the checkpoint was trained with: a resume may change it (the lr schedule follows the optimizer step)
@@ -314,10 +318,12 @@ def state_sha256(state):
 def check_compatible(checkpoint, state, settings):
     """A ValueError naming every setting of this run that differs from the checkpoint's (COMPATIBILITY_KEYS), with the
     checkpoint's value and this run's: the model, the data's shape and classes, and every scheduler and loss setting
-    (sigma_data, the sigma range, P_mean...) that changes what the network learns."""
+    (sigma_data, the sigma range, P_mean...) that changes what the network learns, and the data settings
+    (OPTIONAL_COMPATIBILITY_KEYS) where the checkpoint records them."""
     names = dict(unet_config="model config ", scheduler_config="scheduler config ", loss_config="loss setting ")
+    names.update(data_config="data setting ")
     differences = []
-    for key in COMPATIBILITY_KEYS:
+    for key in COMPATIBILITY_KEYS + tuple(key for key in OPTIONAL_COMPATIBILITY_KEYS if key in state):
         saved, now = state[key], settings[key]
         if key in names and isinstance(saved, dict) and isinstance(now, dict):
             keys = sorted(k for k in set(saved) | set(now) if not k.startswith("_") and saved.get(k) != now.get(k))
