@@ -51,6 +51,13 @@ __all__ = [
 ]
 
 PAIRED_TASKS = ("superres", "denoise")
+# The trainer's flags that each give a source of conditions (at most one per run)
+CONDITION_FLAGS = ("conditioning_image_column", "conditioning_data_dir", "paired_task")
+
+
+def condition_sources(args) -> list[str]:
+    """The names of the `CONDITION_FLAGS` given in the trainer's `args`, in that order."""
+    return [name for name in CONDITION_FLAGS if getattr(args, name, None)]
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from pfgm_diffusers.latent_cache import LatentDataset, build_latent_cache, cache
 from pfgm_diffusers.paired import (
     PairedImages,
     PairedTrainingDataset,
+    condition_sources,
     load_paired_dataset,
     load_paired_folders,
     paired_collate,
@@ -571,10 +572,9 @@ def data_settings(args):
     same network on other data (the held-out digits, another task of the same channels)."""
     embedded = args.dataset_name is None and args.train_data_dir is None
     task = degradation(args)
-    sources = ("conditioning_image_column", "conditioning_data_dir", "paired_task")
     return dict(
         digits_split=args.digits_split if embedded else None,
-        conditioning=next((name for name in sources if getattr(args, name) is not None), None),
+        conditioning=next(iter(condition_sources(args)), None),
         conditioning_image_column=args.conditioning_image_column,
         paired_task=None if task is None else dataclasses.asdict(task),
     )

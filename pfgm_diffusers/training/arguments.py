@@ -18,7 +18,7 @@ from diffusers import UNet2DModel
 from pfgm_diffusers import PFGMScheduler
 from pfgm_diffusers.data import DIGITS_SPLITS
 from pfgm_diffusers.latent_cache import LATENT_SAMPLING
-from pfgm_diffusers.paired import PAIRED_TASKS, Degradation
+from pfgm_diffusers.paired import PAIRED_TASKS, Degradation, condition_sources
 from pfgm_diffusers.training import checkpoints, metrics
 from pfgm_diffusers.training.objectives import PFGMPPObjective, PoissonFieldObjective, StableTargetObjective
 from pfgm_diffusers.training.presets import (
@@ -359,9 +359,7 @@ def check_args(args):
 
 def check_paired_args(args):
     """The image-to-image flags: one source of conditions, each with the data it pairs with."""
-    sources = [
-        name for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task") if getattr(args, name)
-    ]
+    sources = condition_sources(args)
     if len(sources) > 1:
         raise ValueError(f"give at most one source of conditions, got --{sources[0]} and --{sources[1]}")
     if sources and args.pretrained_vae_model_name_or_path is not None:
@@ -433,9 +431,7 @@ def check_target(args):
             "--target stf with --class_conditional is not supported: its posterior must run over the images of each "
             "sample's class (stable_target's class_labels), and the trainer does not pass the reference's labels"
         )
-    conditions = [
-        name for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task") if getattr(args, name)
-    ]
+    conditions = condition_sources(args)
     if conditions:  # the posterior would have to be conditioned on the condition image too
         raise ValueError(
             f"--target stf with --{conditions[0]} is not supported: STF's posterior ignores the condition"

@@ -321,7 +321,7 @@ def check_compatible(checkpoint, state, settings):
     (sigma_data, the sigma range, P_mean...) that changes what the network learns, and the data settings
     (OPTIONAL_COMPATIBILITY_KEYS) where the checkpoint records them."""
     names = dict(unet_config="model config ", scheduler_config="scheduler config ", loss_config="loss setting ")
-    names.update(data_config="data setting ")
+    names["data_config"] = "data setting "
     differences = []
     for key in COMPATIBILITY_KEYS + tuple(key for key in OPTIONAL_COMPATIBILITY_KEYS if key in state):
         saved, now = state[key], settings[key]

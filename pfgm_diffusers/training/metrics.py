@@ -18,6 +18,7 @@ from ..data import ImageTransform
 from ..evaluation import DigitsMetrics
 from ..evaluation.fidelity import FidelityMetrics, FidelityUnavailableError, import_torch_fidelity
 from ..files import atomic_write, inside
+from ..paired import condition_sources
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,11 +32,7 @@ def check_metric_available(args) -> None:
     """At start-up: FID/KID for your own data need torch-fidelity; a ValueError naming the install line if absent."""
     if args.eval_steps is None:
         return
-    paired = [
-        name
-        for name in ("conditioning_image_column", "conditioning_data_dir", "paired_task")
-        if getattr(args, name, None)
-    ]
+    paired = condition_sources(args)
     if paired:
         raise ValueError(
             f"--eval_steps samples from the prior without a condition; with paired data (--{paired[0]}) measure the "
